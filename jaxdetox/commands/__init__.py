@@ -1,0 +1,1 @@
+"""Subcommands of the `jaxdetox` CLI: one module per command, each with `register(subparsers)`."""

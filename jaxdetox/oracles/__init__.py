@@ -1,0 +1,1 @@
+"""Toxicity oracles behind one protocol: `load(name).score(texts) -> (toxicity, ok)`."""
