@@ -1,0 +1,63 @@
+"""Losses of NADO-regularised fine-tuning (DESIGN.md §1): small pure per-token functions.
+
+`from jaxdetox import losses` exposes everything below; the submodules group them:
+`token` (vocabulary-level NLL, guided teacher, closed-form KL), `nado` (the auxiliary
+model's BCE, consistency and importance weights) and `chunked` (the memory-lean LM loss
+computed from hidden states and head weights).
+"""
+
+from jaxdetox.losses.chunked import (
+    DEFAULT_CHUNK_SIZE,
+    RegularizedLoss,
+    chunked_nll,
+    head_logits,
+    naive_nll,
+    regularized_lm_loss,
+    regularized_lm_loss_naive,
+)
+from jaxdetox.losses.nado import (
+    CONSISTENCY_KINDS,
+    bernoulli_kl,
+    nado_bce,
+    nado_consistency,
+    nado_labels,
+    one_step_expectation,
+    select_logits,
+    self_normalized_weights,
+    tempered_importance_weights,
+)
+from jaxdetox.losses.token import (
+    apply_mask,
+    guided_log_probs,
+    log_softmax,
+    soft_cross_entropy,
+    token_kl,
+    token_nll,
+    upcast,
+)
+
+__all__ = [
+    "CONSISTENCY_KINDS",
+    "DEFAULT_CHUNK_SIZE",
+    "RegularizedLoss",
+    "apply_mask",
+    "bernoulli_kl",
+    "chunked_nll",
+    "guided_log_probs",
+    "head_logits",
+    "log_softmax",
+    "naive_nll",
+    "nado_bce",
+    "nado_consistency",
+    "nado_labels",
+    "one_step_expectation",
+    "regularized_lm_loss",
+    "regularized_lm_loss_naive",
+    "select_logits",
+    "self_normalized_weights",
+    "soft_cross_entropy",
+    "tempered_importance_weights",
+    "token_kl",
+    "token_nll",
+    "upcast",
+]

@@ -1,0 +1,218 @@
+"""Memory-lean LM losses that start from hidden states and head weights, not logits.
+
+The regularised objective (DESIGN.md §1) needs, per token, three vocabulary-sized rows:
+student logits `h·Wᵀ`, reference logits `h_ref·W_refᵀ` and NADO logits `h_φ·W_φᵀ + b`.
+At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (DESIGN.md §2) we scan
+over chunks of tokens: each step builds the three rows for `chunk_size` tokens, reduces them
+to per-token NLL and KL, and is wrapped in `jax.checkpoint`, so the backward pass recomputes
+the chunk instead of keeping `[chunk, V]` residuals for every chunk. Only the student
+(`h`, its head) receives gradients; the teacher side is stop-gradient.
+
+A head is the pair `(w_vd, b_v | None)` that `model.unembed_weights()` returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jaxdetox.losses.token import guided_log_probs, token_kl, token_nll, upcast
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "RegularizedLoss",
+    "chunked_nll",
+    "head_logits",
+    "naive_nll",
+    "regularized_lm_loss",
+    "regularized_lm_loss_naive",
+]
+
+Head = tuple[Array, Array | None]
+
+# 512 tokens × 128k vocabulary × 4 bytes = 256 MiB per [chunk, V] row block.
+DEFAULT_CHUNK_SIZE = 512
+
+
+class RegularizedLoss(NamedTuple):
+    """Per-token terms of NLL + λ·KL; the caller applies λ and reduces."""
+
+    nll_bt: Array  # −log p_θ(y_t+1 | y_≤t), 0 where mask_bt is 0
+    kl_bt: Array  # KL(q(·|y_≤t) ‖ p_θ(·|y_≤t)), 0 where kl_mask_bt is 0
+
+
+def head_logits(h_nd: Array, head: Head) -> Array:
+    """Logits `h·Wᵀ + b` in (at least) float32: '...D,VD->...V' with float32 accumulation."""
+    w_vd, b_v = head
+    if h_nd.shape[-1] != w_vd.shape[-1]:
+        raise ValueError(
+            f"head_logits: hidden size {h_nd.shape[-1]} does not match head weight "
+            f"w_vd {w_vd.shape} (expected [V, {h_nd.shape[-1]}])"
+        )
+    out_dtype = jnp.promote_types(jnp.result_type(h_nd, w_vd), jnp.float32)
+    logits = jnp.einsum("...d,vd->...v", h_nd, w_vd, preferred_element_type=out_dtype)
+    if b_v is not None:
+        logits = logits + upcast(b_v)
+    return logits
+
+
+def _check_tokens(name: str, x: Array, bt: tuple[int, ...], extra: int) -> None:
+    if x.shape[:2] != bt or x.ndim != 2 + extra:
+        want = "[B, T, D]" if extra else "[B, T]"
+        raise ValueError(f"{name} must be {want} with B, T = {bt}, got shape {x.shape}")
+
+
+def _map_token_chunks(
+    fn: Callable[..., tuple[Array, ...]],
+    per_token: tuple[Array, ...],
+    chunk_size: int,
+) -> tuple[Array, ...]:
+    """Applies `fn` to `[chunk_size, ...]` slices of `[B, T, ...]` arrays; returns `[B, T]` outputs.
+
+    B·T need not be divisible by `chunk_size`: the tail is padded with zeros, which every
+    caller's mask zeroes, and sliced off again.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, t = per_token[0].shape[:2]
+    n = b * t
+    chunk_size = min(chunk_size, n)
+    n_chunks = math.ceil(n / chunk_size)
+    pad = n_chunks * chunk_size - n
+
+    def to_chunks(x: Array) -> Array:
+        x = x.reshape((n,) + x.shape[2:])
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+
+    # The checkpoint keeps only the chunk's inputs (already held as scan operands) for the
+    # backward pass, which rebuilds the [chunk, V] rows one chunk at a time.
+    body = jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False)
+    _, outs = jax.lax.scan(
+        lambda carry, xs: (carry, body(xs)), None, tuple(map(to_chunks, per_token))
+    )
+    return tuple(o.reshape(n_chunks * chunk_size)[:n].reshape(b, t) for o in outs)
+
+
+def _masks(mask_bt: Array, kl_mask_bt: Array | None) -> tuple[Array, Array]:
+    mask = jnp.asarray(mask_bt) != 0
+    kl_mask = mask if kl_mask_bt is None else jnp.asarray(kl_mask_bt) != 0
+    return mask, kl_mask
+
+
+def _frozen(head: Head) -> Head:
+    w, b = head
+    return jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b)
+
+
+def _regularized_terms(
+    h: Array,
+    head: Head,
+    h_ref: Array,
+    ref_head: Head,
+    h_nado: Array,
+    nado_head: Head,
+    targets: Array,
+    mask: Array,
+    kl_mask: Array,
+    alpha: float | Array,
+) -> tuple[Array, Array]:
+    """NLL and KL(q ‖ p_θ) for a block of tokens (any leading shape); shared by both forms."""
+    student = head_logits(h, head)
+    teacher = guided_log_probs(
+        head_logits(jax.lax.stop_gradient(h_ref), _frozen(ref_head)),
+        head_logits(jax.lax.stop_gradient(h_nado), _frozen(nado_head)),
+        alpha,
+    )
+    return token_nll(student, targets, mask), token_kl(teacher, student, kl_mask)
+
+
+def regularized_lm_loss(
+    h_btd: Array,
+    head: Head,
+    h_ref_btd: Array,
+    ref_head: Head,
+    h_nado_btd: Array,
+    nado_head: Head,
+    targets_bt: Array,
+    mask_bt: Array,
+    *,
+    kl_mask_bt: Array | None = None,
+    alpha: float | Array = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> RegularizedLoss:
+    """Per-token NLL and KL(q ‖ p_θ), q = guided(ref, NADO), computed in token chunks.
+
+    Equals `regularized_lm_loss_naive` (values and gradients) without materialising any
+    `[B, T, V]` tensor. `mask_bt` selects NLL tokens, `kl_mask_bt` (default: `mask_bt`) KL
+    tokens. Loss = Σ mask·nll + λ·Σ kl_mask·kl, formed by the caller.
+    """
+    bt = h_btd.shape[:2]
+    _check_tokens("regularized_lm_loss: h_btd", h_btd, bt, 1)
+    _check_tokens("regularized_lm_loss: h_ref_btd", h_ref_btd, bt, 1)
+    _check_tokens("regularized_lm_loss: h_nado_btd", h_nado_btd, bt, 1)
+    _check_tokens("regularized_lm_loss: targets_bt", targets_bt, bt, 0)
+    mask, kl_mask = _masks(mask_bt, kl_mask_bt)
+    _check_tokens("regularized_lm_loss: mask_bt", mask, bt, 0)
+    _check_tokens("regularized_lm_loss: kl_mask_bt", kl_mask, bt, 0)
+
+    def chunk(
+        h: Array, h_ref: Array, h_nado: Array, tgt: Array, m: Array, km: Array
+    ) -> tuple[Array, Array]:
+        return _regularized_terms(h, head, h_ref, ref_head, h_nado, nado_head, tgt, m, km, alpha)
+
+    nll, kl = _map_token_chunks(
+        chunk, (h_btd, h_ref_btd, h_nado_btd, targets_bt, mask, kl_mask), chunk_size
+    )
+    return RegularizedLoss(nll, kl)
+
+
+def regularized_lm_loss_naive(
+    h_btd: Array,
+    head: Head,
+    h_ref_btd: Array,
+    ref_head: Head,
+    h_nado_btd: Array,
+    nado_head: Head,
+    targets_bt: Array,
+    mask_bt: Array,
+    *,
+    kl_mask_bt: Array | None = None,
+    alpha: float | Array = 1.0,
+) -> RegularizedLoss:
+    """Reference form of `regularized_lm_loss` with full `[B, T, V]` logits (tests, small V)."""
+    mask, kl_mask = _masks(mask_bt, kl_mask_bt)
+    nll, kl = _regularized_terms(
+        h_btd, head, h_ref_btd, ref_head, h_nado_btd, nado_head, targets_bt, mask, kl_mask, alpha
+    )
+    return RegularizedLoss(nll, kl)
+
+
+def chunked_nll(
+    h_btd: Array,
+    head: Head,
+    targets_bt: Array,
+    mask_bt: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Array:
+    """Plain per-token cross-entropy from hidden states, in token chunks (the memory baseline)."""
+    bt = h_btd.shape[:2]
+    _check_tokens("chunked_nll: h_btd", h_btd, bt, 1)
+    _check_tokens("chunked_nll: targets_bt", targets_bt, bt, 0)
+    mask = jnp.asarray(mask_bt) != 0
+
+    def chunk(h: Array, tgt: Array, m: Array) -> tuple[Array]:
+        return (token_nll(head_logits(h, head), tgt, m),)
+
+    return _map_token_chunks(chunk, (h_btd, targets_bt, mask), chunk_size)[0]
+
+
+def naive_nll(h_btd: Array, head: Head, targets_bt: Array, mask_bt: Array) -> Array:
+    """Per-token cross-entropy with full `[B, T, V]` logits (reference for `chunked_nll`)."""
+    return token_nll(head_logits(h_btd, head), targets_bt, jnp.asarray(mask_bt) != 0)
