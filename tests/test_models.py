@@ -1,0 +1,143 @@
+"""Logits parity with transformers PyTorch, KV-cache decode, packing and dtype policy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_models_helpers import CONFIGS, hf_logits, left_padded_batch, make_hf_model
+
+from jaxdetox.models import ModelConfig, init_cache, load_pretrained, random_init
+from jaxdetox.models.hf import abstract_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """name -> (HF torch model, our LanguageModel loaded from its save_pretrained dir)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            hf = make_hf_model(name)
+            d = tmp_path_factory.mktemp(name)
+            hf.save_pretrained(str(d))
+            cache[name] = (hf, load_pretrained(d))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_parity_unpadded_and_left_padded(loaded, name):
+    hf, lm = loaded(name)
+    rng = np.random.default_rng(1)
+    tokens, segments = left_padded_batch(rng, 3, 9, pads=[0, 3, 5])
+    ours = np.asarray(lm.logits(tokens, segment_ids=segments))
+    assert ours.dtype == np.float32 and ours.shape == (3, 9, lm.config.vocab_size)
+    ref = hf_logits(hf, tokens, segments)
+    real = segments != 0
+    assert np.abs(ours - ref)[real].max() <= TOL
+    # Unpadded: the default segment ids/positions must match HF's defaults.
+    unpadded = rng.integers(0, lm.config.vocab_size, (2, 9)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(lm.logits(unpadded)), hf_logits(hf, unpadded), atol=TOL)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "mistral_window"])
+def test_kv_cache_decode_equals_full_forward(loaded, name):
+    _, lm = loaded(name)
+    tokens, segments = left_padded_batch(np.random.default_rng(2), 2, 10, pads=[0, 3])
+    full = np.asarray(lm.logits(tokens, segment_ids=segments))
+    model = lm.model
+    step = jax.jit(lambda t, s, c: model(t, segment_ids_bt=s, cache=c))
+    cache = init_cache(lm.config, batch=2, max_len=12)
+    prefill = 6
+    logits, cache = model(tokens[:, :prefill], segment_ids_bt=segments[:, :prefill], cache=cache)
+    got = [np.asarray(logits)]
+    for t in range(prefill, 10):
+        logits, cache = step(tokens[:, t : t + 1], segments[:, t : t + 1], cache)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    real = segments != 0
+    assert np.abs(got - full)[real].max() <= 1e-5
+    assert int(cache.index) == 10
+    np.testing.assert_array_equal(np.asarray(cache.segment_ids)[:, :10], segments)
+    np.testing.assert_array_equal(np.asarray(cache.positions)[1, 3:10], np.arange(7))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_packed_segments_equal_separate_documents(loaded, name):
+    _, lm = loaded(name)
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 96, (1, 5)).astype(np.int32)
+    b = rng.integers(0, 96, (1, 4)).astype(np.int32)
+    packed = np.concatenate([a, b, np.zeros((1, 2), np.int32)], axis=1)
+    segments = np.array([[1] * 5 + [2] * 4 + [0] * 2], np.int32)
+    positions = np.array([list(range(5)) + list(range(4)) + [0, 0]], np.int32)
+    got = np.asarray(lm.logits(packed, segment_ids=segments, positions=positions))
+    np.testing.assert_allclose(got[:, :5], np.asarray(lm.logits(a)), atol=1e-5)
+    np.testing.assert_allclose(got[:, 5:9], np.asarray(lm.logits(b)), atol=1e-5)
+
+
+def test_hidden_states_and_unembed_give_logits(loaded):
+    _, lm = loaded("llama_gqa")
+    tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+    h_btd, cache = lm.model.hidden_states(jnp.asarray(tokens))
+    assert cache is None and h_btd.shape == (2, 6, 32)
+    w_vd, bias_v = lm.model.unembed_weights()
+    assert bias_v is None and w_vd.shape == (96, 32)
+    np.testing.assert_allclose(np.asarray(h_btd @ w_vd.T), np.asarray(lm.logits(tokens)), atol=1e-5)
+
+
+def test_bf16_compute_smoke():
+    base = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        initializer_range=0.2,
+    )
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
+    ref = np.asarray(random_init(base, seed=0).logits(tokens))
+    for param_dtype in ("float32", "bfloat16"):
+        lm = random_init(base.replace(dtype="bfloat16", param_dtype=param_dtype), seed=0)
+        leaf = jax.tree.leaves(lm.split()[1])[0]
+        assert leaf.dtype == jnp.dtype(param_dtype)
+        got = np.asarray(lm.logits(tokens))
+        assert got.dtype == np.float32 and np.isfinite(got).all()
+        # bf16 has ~3 significant digits: close to fp32, far from identical.
+        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_full_size_shapes_match_hf_parameter_counts():
+    # Llama-3-8B and GPT-2 small, built abstractly (no memory): parameter counts match HF's.
+    llama3 = {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "max_position_embeddings": 131072,
+    }
+    gpt2 = {"model_type": "gpt2", "vocab_size": 50257}
+    for hf, expected in ((llama3, 8_030_261_248), (gpt2, 124_439_808)):
+        model = abstract_model(ModelConfig.from_hf(hf))
+        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+        assert count == expected
