@@ -1,0 +1,43 @@
+"""Jit-compiled batched sampling with a KV cache: warpers, guided (NADO) decoding, drivers.
+
+- `SamplingConfig`, `SampleOutput` (types.py)
+- `warp_logits` and friends (warpers.py): temperature / top-k / top-p as in transformers
+- `sample_loop` (decode.py): prefill + decode, one pure function, jit-able
+- `Sampler`, `sample_prompts` (sampler.py): bucketing, compile cache, sharding, progress bar
+- `generate(lm, tokens, ...)` (generate.py): `LanguageModel.generate` (DESIGN.md §4)
+"""
+
+from jaxdetox.sampling.decode import (
+    DecodeModel,
+    FunctionalLM,
+    repeat_kv_cache,
+    sample_loop,
+)
+from jaxdetox.sampling.sampler import Sampler, bucket_length, left_pad, sample_prompts
+from jaxdetox.sampling.types import SampleOutput, SamplingConfig, StaticSpec
+from jaxdetox.sampling.warpers import (
+    apply_temperature,
+    select_tokens,
+    top_k_filter,
+    top_p_filter,
+    warp_logits,
+)
+
+__all__ = [
+    "DecodeModel",
+    "FunctionalLM",
+    "SampleOutput",
+    "Sampler",
+    "SamplingConfig",
+    "StaticSpec",
+    "apply_temperature",
+    "bucket_length",
+    "left_pad",
+    "repeat_kv_cache",
+    "sample_loop",
+    "sample_prompts",
+    "select_tokens",
+    "top_k_filter",
+    "top_p_filter",
+    "warp_logits",
+]

@@ -1,0 +1,280 @@
+"""The sampling loop: prefill + KV-cache decode of a batch, as one pure, jit-able function.
+
+`sample_loop` is traced once per static configuration (model graph, batch size, prompt
+bucket, `StaticSpec`); parameters, prompts and the runtime values (temperature, top-p,
+alpha, seed) are arguments, so fresh parameters each training iteration reuse the same
+executable. Compilation caching and bucketing live in `jaxdetox/sampling/sampler.py`.
+
+Layout of one call (`B` prompts, bucket length `P`, `k` samples each, `T` new tokens):
+1. prefill the left-padded prompts once, keeping only the last position's logits;
+2. repeat logits and cache `k` times along the batch (`N = B*k` rows, row `i` continues
+   prompt `i // k`), so the prompt is never re-encoded per sample;
+3. draw token 0 from the prefill logits, then a `lax.while_loop` feeds the previous token
+   and draws the next one, until `T` tokens or every row has emitted a stop token.
+The cache holds `P + T - 1` slots: the last drawn token is never fed back.
+
+Randomness: row `r` (global id `row_base * k + sample`) at step `t` uses
+`fold_in(fold_in(key(seed), r), t)`, so draws depend neither on the batch layout nor on
+the sharding, and the same prompt index always gets the same completions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jaxdetox.losses import guided_log_probs
+from jaxdetox.sampling import warpers
+from jaxdetox.sampling.types import RuntimeValues, SampleOutput, StaticSpec
+
+Cache = Any
+Params = Any
+
+
+class DecodeModel(Protocol):
+    """A causal LM in pure-function form. Hashable: it is a static argument of the jit."""
+
+    def apply(
+        self,
+        params: Params,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: Cache,
+        last_only: bool,
+    ) -> tuple[jax.Array, Cache]:
+        """Run the model over `tokens_bt` writing into `cache`; logits of the last position only if `last_only`."""
+        ...
+
+    def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
+        """An empty cache for `batch` rows and `max_len` slots."""
+        ...
+
+    def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
+        """Repeat every batch row `repeats` times (row i -> rows i*repeats ... i*repeats+repeats-1)."""
+        ...
+
+
+def repeat_kv_cache(cache: Cache, repeats: int) -> Cache:
+    """`repeat_cache` for caches following the KVCache contract (docs/interfaces.md).
+
+    Leaves named `k` / `v` are `[L, B, S, KVH, Dh]` (batch axis 1), scalars (`index`) are
+    shared, every other leaf (`segment_ids`, `positions`) is `[B, S]`.
+    """
+
+    def repeat_leaf(path: tuple, leaf: jax.Array) -> jax.Array:
+        if leaf.ndim == 0:
+            return leaf
+        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
+        axis = 1 if name in ("k", "v") else 0
+        return jnp.repeat(leaf, repeats, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(repeat_leaf, cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalLM:
+    """`DecodeModel` from plain functions following the model call contract.
+
+    `apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache) -> (logits_btv, cache)`
+    and `init_cache_fn(batch, max_len, dtype) -> cache` (a KVCache-contract pytree). Keep
+    one instance per model: instances compare by the identity of the functions, and a new
+    one means a new compilation.
+    """
+
+    apply_fn: Callable[..., tuple[jax.Array, Cache]]
+    init_cache_fn: Callable[[int, int, Any], Cache]
+
+    def apply(
+        self,
+        params: Params,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: Cache,
+        last_only: bool,
+    ) -> tuple[jax.Array, Cache]:
+        """Call `apply_fn`; slice the last position when `last_only`."""
+        logits_btv, cache = self.apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache)
+        return (logits_btv[:, -1:] if last_only else logits_btv), cache
+
+    def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
+        """Call `init_cache_fn` (params are not needed for the shapes here)."""
+        del params
+        return self.init_cache_fn(batch, max_len, dtype)
+
+    def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
+        """KVCache-contract repeat."""
+        return repeat_kv_cache(cache, repeats)
+
+
+def prompt_positions(segment_ids_bp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions (running count of real tokens, pads clipped to 0) and per-row prompt lengths."""
+    real_bp = (segment_ids_bp != 0).astype(jnp.int32)
+    positions_bp = jnp.maximum(jnp.cumsum(real_bp, axis=1) - 1, 0)
+    return positions_bp, real_bp.sum(axis=1)
+
+
+def _token_log_prob(logits_nv: jax.Array, tokens_n: jax.Array) -> jax.Array:
+    """log_softmax(logits)[token] per row, in float32."""
+    log_probs_nv = jax.nn.log_softmax(logits_nv.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_probs_nv, tokens_n[:, None], axis=-1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """One step's draw for every row."""
+
+    tokens_n: jax.Array
+    logprobs_n: jax.Array
+    model_logprobs_n: jax.Array
+    base_logprobs_n: jax.Array | None
+
+
+def _draw(
+    spec: StaticSpec,
+    values: RuntimeValues,
+    keys_n: jax.Array,
+    step: jax.Array,
+    base_logits_nv: jax.Array,
+    nado_logits_nv: jax.Array | None,
+) -> _Draw:
+    """Choose the next token of every row and its log-probs (sampling, model, base)."""
+    if nado_logits_nv is None:
+        # Warp the raw logits (not log_softmax) so masks match transformers bit for bit.
+        model_nv = base_logits_nv.astype(jnp.float32)
+    else:
+        model_nv = guided_log_probs(base_logits_nv, nado_logits_nv, values.alpha)
+    step_keys_n = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_n, step)
+    if spec.greedy:
+        tokens_n = warpers.select_tokens(step_keys_n, model_nv, greedy=True)
+        logprobs_n = jnp.zeros(tokens_n.shape, jnp.float32)  # a point mass
+    else:
+        warped_nv = warpers.warp_logits(
+            model_nv,
+            temperature=values.temperature,
+            top_k=spec.top_k,
+            top_p=values.top_p,
+            use_top_p=spec.use_top_p,
+        )
+        tokens_n = warpers.select_tokens(step_keys_n, warped_nv, greedy=False)
+        logprobs_n = _token_log_prob(warped_nv, tokens_n)
+    base_n = None if nado_logits_nv is None else _token_log_prob(base_logits_nv, tokens_n)
+    return _Draw(tokens_n, logprobs_n, _token_log_prob(model_nv, tokens_n), base_n)
+
+
+def sample_loop(
+    model: DecodeModel,
+    nado: DecodeModel | None,
+    spec: StaticSpec,
+    params: Params,
+    nado_params: Params | None,
+    prompt_bp: jax.Array,
+    segment_ids_bp: jax.Array,
+    row_base_b: jax.Array,
+    values: RuntimeValues,
+) -> SampleOutput:
+    """Prefill + decode `spec.num_samples` completions per left-padded prompt (jit-able).
+
+    `prompt_bp` int32 `[B, P]` left-padded, `segment_ids_bp` 1 on real tokens and 0 on
+    padding, `row_base_b` int32 `[B]` the global index of each prompt (it seeds its rows).
+    With `nado` set, tokens are drawn from the guided distribution of DESIGN.md §1 and both
+    models keep their own cache.
+    """
+    batch, prompt_len = prompt_bp.shape
+    k, num_new = spec.num_samples, spec.max_new_tokens
+    rows = batch * k
+    cache_len = prompt_len + num_new - 1
+    cache_dtype = spec.cache_jnp_dtype
+    prompt_bp = prompt_bp.astype(jnp.int32)
+    segment_ids_bp = segment_ids_bp.astype(jnp.int32)
+    positions_bp, prompt_lens_b = prompt_positions(segment_ids_bp)
+
+    def prefill(m: DecodeModel, p: Params) -> tuple[jax.Array, Cache]:
+        cache = m.init_cache(p, batch, cache_len, cache_dtype)
+        logits_b1v, cache = m.apply(p, prompt_bp, positions_bp, segment_ids_bp, cache, True)
+        logits_nv = jnp.repeat(logits_b1v[:, -1].astype(jnp.float32), k, axis=0)
+        return logits_nv, m.repeat_cache(cache, k)
+
+    base_logits_nv, lm_cache = prefill(model, params)
+    nado_logits_nv, nado_cache = prefill(nado, nado_params) if nado is not None else (None, None)
+
+    prompt_lens_n = jnp.repeat(prompt_lens_b, k)
+    row_ids_n = (
+        row_base_b.astype(jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32)
+    ).reshape(-1)
+    root_key = jax.random.key(values.seed)
+    keys_n = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root_key, row_ids_n)
+    eos_e = jnp.asarray(spec.eos_token_ids, jnp.int32)
+    pad = jnp.int32(spec.pad_token_id)
+    guided = nado is not None
+
+    def record(state: dict, step: jax.Array, draw: _Draw) -> dict:
+        """Write step `step`'s draw; rows that already stopped get padding and zeros."""
+        done_n = state["done"]
+        tokens_n = jnp.where(done_n, pad, draw.tokens_n)
+        put = lambda buf, col, fill: buf.at[:, step].set(jnp.where(done_n, fill, col))  # noqa: E731
+        new = dict(state)
+        new["tokens"] = put(state["tokens"], tokens_n, pad)
+        new["logprobs"] = put(state["logprobs"], draw.logprobs_n, 0.0)
+        new["model_logprobs"] = put(state["model_logprobs"], draw.model_logprobs_n, 0.0)
+        if guided:
+            new["base_logprobs"] = put(state["base_logprobs"], draw.base_logprobs_n, 0.0)
+        new["lengths"] = state["lengths"] + (~done_n).astype(jnp.int32)
+        stop_n = jnp.any(tokens_n[:, None] == eos_e[None, :], axis=-1) if eos_e.size else False
+        new["done"] = done_n | stop_n
+        new["last"] = tokens_n
+        new["step"] = step + 1
+        return new
+
+    zeros_nt = jnp.zeros((rows, num_new), jnp.float32)
+    state = {
+        "tokens": jnp.full((rows, num_new), pad, jnp.int32),
+        "logprobs": zeros_nt,
+        "model_logprobs": zeros_nt,
+        "lengths": jnp.zeros((rows,), jnp.int32),
+        "done": jnp.zeros((rows,), bool),
+        "lm_cache": lm_cache,
+        "nado_cache": nado_cache,
+    }
+    if guided:
+        state["base_logprobs"] = zeros_nt
+    step0 = jnp.int32(0)
+    state = record(state, step0, _draw(spec, values, keys_n, step0, base_logits_nv, nado_logits_nv))
+
+    def cond(state: dict) -> jax.Array:
+        return (state["step"] < num_new) & ~jnp.all(state["done"])
+
+    def body(state: dict) -> dict:
+        step = state["step"]
+        tokens_n1 = state["last"][:, None]
+        # The token drawn at step s-1 sits at position prompt_len + s - 1.
+        positions_n1 = (prompt_lens_n + step - 1)[:, None]
+        segments_n1 = jnp.ones_like(tokens_n1)
+        logits_n1v, lm_cache = model.apply(
+            params, tokens_n1, positions_n1, segments_n1, state["lm_cache"], False
+        )
+        nado_logits_nv, nado_cache = None, None
+        if guided:
+            nado_logits_n1v, nado_cache = nado.apply(
+                nado_params, tokens_n1, positions_n1, segments_n1, state["nado_cache"], False
+            )
+            nado_logits_nv = nado_logits_n1v[:, -1]
+        draw = _draw(spec, values, keys_n, step, logits_n1v[:, -1], nado_logits_nv)
+        new = record(state, step, draw)
+        new["lm_cache"], new["nado_cache"] = lm_cache, nado_cache
+        return new
+
+    state = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(
+        tokens=state["tokens"],
+        lengths=state["lengths"],
+        logprobs=state["logprobs"],
+        model_logprobs=state["model_logprobs"],
+        base_logprobs=state.get("base_logprobs"),
+        prompt_index=jnp.repeat(row_base_b.astype(jnp.int32), k),
+    )

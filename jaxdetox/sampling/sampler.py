@@ -1,0 +1,267 @@
+"""Host-side sampling: prompt bucketing, a compile cache that counts compilations, sharded
+inputs, and `sample_prompts`, the batched driver with a progress bar.
+
+A `Sampler` is made once per model graph (and NADO graph) and called with parameters each
+time, so Phase-2 loops that update parameters every iteration reuse the executables. Each
+executable is keyed by everything that fixes the compiled program: the static sampling
+spec, batch size, prompt bucket, and shapes/dtypes/shardings of all arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdetox.sampling.decode import DecodeModel, Params, sample_loop
+from jaxdetox.sampling.types import SampleOutput, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_length(length: int, multiple: int) -> int:
+    """Round a prompt length up to a multiple of `multiple` (at least `multiple`)."""
+    return max(multiple, int(math.ceil(length / multiple)) * multiple)
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], length: int, pad_token_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to `length`: int32 tokens `[B, length]` and segment ids (0 = pad)."""
+    tokens_bp = np.full((len(prompts), length), pad_token_id, np.int32)
+    segment_ids_bp = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        if n == 0:
+            raise ValueError(f"sampling: prompt {row} is empty; every prompt needs >= 1 token")
+        if n > length:
+            raise ValueError(f"sampling: prompt {row} has {n} tokens, more than {length}")
+        tokens_bp[row, length - n :] = np.asarray(prompt, np.int32)
+        segment_ids_bp[row, length - n :] = 1
+    return tokens_bp, segment_ids_bp
+
+
+def _leaf_signature(leaf: Any) -> tuple:
+    """Shape, dtype and (for committed jax arrays) sharding of one argument leaf."""
+    sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+    return (tuple(np.shape(leaf)), str(jnp.result_type(leaf)), sharding)
+
+
+def _signature(tree: Any) -> tuple:
+    """Hashable description of a pytree's structure, shapes, dtypes and shardings."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple(_leaf_signature(leaf) for leaf in leaves))
+
+
+class Sampler:
+    """Compiled, bucketed sampling for one model (plus an optional NADO for guided decoding).
+
+    `mesh` (optional) shards the batch over `batch_axes`; parameters keep whatever sharding
+    they arrive with (place them with `jaxdetox.sharding` first).
+    """
+
+    def __init__(
+        self,
+        model: DecodeModel,
+        nado: DecodeModel | None = None,
+        *,
+        mesh: Mesh | None = None,
+        batch_axes: tuple[str, ...] | str | None = None,
+    ) -> None:
+        """Hold the models; nothing is compiled until the first call."""
+        self.model = model
+        self.nado = nado
+        self.mesh = mesh
+        if mesh is not None and batch_axes is None:
+            batch_axes = _default_batch_axes(mesh)
+        self.batch_axes = batch_axes
+        self._executables: dict[tuple, Any] = {}
+        self.compile_count = 0
+        self.compile_seconds = 0.0
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batch sizes are padded to a multiple of this (the data-parallel device count)."""
+        if self.mesh is None or self.batch_axes is None:
+            return 1
+        axes = (self.batch_axes,) if isinstance(self.batch_axes, str) else self.batch_axes
+        return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+    def _place_batch(self, array: np.ndarray) -> jax.Array:
+        """Put a batch-leading array on the mesh (batch sharded) or the default device."""
+        if self.mesh is None:
+            return jnp.asarray(array)
+        spec = PartitionSpec(self.batch_axes, *([None] * (array.ndim - 1)))
+        return jax.device_put(array, NamedSharding(self.mesh, spec))
+
+    def sample_padded(
+        self,
+        params: Params,
+        prompt_bp: np.ndarray,
+        segment_ids_bp: np.ndarray,
+        config: SamplingConfig,
+        *,
+        nado_params: Params | None = None,
+        row_base: np.ndarray | None = None,
+    ) -> SampleOutput:
+        """Sample from already left-padded prompts (`[B, P]`, segment ids 0 on padding).
+
+        `P` is used as is (pad it to a bucket yourself, or use `sample`); `B` must be a
+        multiple of `batch_multiple`. `row_base` (default `arange(B)`) seeds the rows.
+        """
+        if (self.nado is None) != (nado_params is None):
+            raise ValueError("sampling: pass nado_params exactly when the Sampler has a nado")
+        batch = prompt_bp.shape[0]
+        if batch % self.batch_multiple:
+            raise ValueError(
+                f"sampling: batch {batch} is not a multiple of the {self.batch_multiple} "
+                "data-parallel devices; use `sample`, which pads the batch"
+            )
+        row_base = np.arange(batch, dtype=np.int32) if row_base is None else row_base
+        args = (
+            params,
+            nado_params,
+            self._place_batch(np.asarray(prompt_bp, np.int32)),
+            self._place_batch(np.asarray(segment_ids_bp, np.int32)),
+            self._place_batch(np.asarray(row_base, np.int32)),
+            config.runtime_values(),
+        )
+        spec = config.static_spec()
+        key = (spec, _signature(args))
+        executable = self._executables.get(key)
+        if executable is None:
+            executable = self._compile(spec, args)
+            self._executables[key] = executable
+        return executable(*args)
+
+    def _compile(self, spec: Any, args: tuple) -> Any:
+        """Trace, lower and compile the sampling loop for these argument shapes; log it."""
+        start = time.perf_counter()
+
+        def run(params, nado_params, prompt_bp, segment_ids_bp, row_base_b, values):  # noqa: ANN001, ANN202
+            return sample_loop(
+                self.model, self.nado, spec, params, nado_params,
+                prompt_bp, segment_ids_bp, row_base_b, values,
+            )  # fmt: skip
+
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                executable = jax.jit(run).lower(*args).compile()
+        else:
+            executable = jax.jit(run).lower(*args).compile()
+        seconds = time.perf_counter() - start
+        self.compile_count += 1
+        self.compile_seconds += seconds
+        batch, prompt_len = args[2].shape
+        logger.info(
+            "sampler compile #%d: batch=%d prompt_bucket=%d new=%d k=%d guided=%s (%.1f s)",
+            self.compile_count, batch, prompt_len, spec.max_new_tokens, spec.num_samples,
+            self.nado is not None, seconds,
+        )  # fmt: skip
+        return executable
+
+    def sample(
+        self,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        config: SamplingConfig,
+        *,
+        nado_params: Params | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> SampleOutput:
+        """Sample `config.num_samples` completions for each prompt (token lists), one batch.
+
+        Prompts are left-padded to a bucket of `config.prompt_bucket`, the batch is padded
+        to `batch_size` (default: a multiple of the data-parallel devices) with dummy rows
+        that are dropped. `prompt_ids` (default `0..B-1`) are the prompts' global indices;
+        they seed the draws, so a prompt gets the same completions in any batch.
+        """
+        num = len(prompts)
+        target = batch_size or num
+        target = int(math.ceil(target / self.batch_multiple)) * self.batch_multiple
+        if target < num:
+            raise ValueError(f"sampling: {num} prompts do not fit batch_size={batch_size}")
+        prompt_len = bucket_length(max(len(p) for p in prompts), config.prompt_bucket)
+        filler = [[config.pad_token_id]] * (target - num)
+        prompt_bp, segment_ids_bp = left_pad(
+            list(prompts) + filler, prompt_len, config.pad_token_id
+        )
+        ids = np.arange(num) if prompt_ids is None else np.asarray(prompt_ids)
+        row_base = np.concatenate([ids, np.zeros(target - num, ids.dtype)]).astype(np.int32)
+        out = self.sample_padded(
+            params, prompt_bp, segment_ids_bp, config, nado_params=nado_params, row_base=row_base
+        )
+        rows = num * config.num_samples
+        return jax.tree.map(lambda x: x[:rows], out)
+
+
+def _default_batch_axes(mesh: Mesh) -> tuple[str, ...] | None:
+    """Mesh axes the batch is sharded over: the rules table's `batch` entry if available."""
+    try:
+        from jaxdetox import sharding as rules_module
+
+        rules = dict(rules_module.LOGICAL_AXIS_RULES)
+        axes = rules.get("batch")
+    except (ImportError, AttributeError):
+        axes = ("data", "fsdp")
+    if axes is None:
+        return None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.shape) or None
+
+
+def sample_prompts(
+    sampler: Sampler,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    batch_size: int = 32,
+    nado_params: Params | None = None,
+    progress: bool = True,
+    description: str = "sampling",
+) -> SampleOutput:
+    """Sample completions for many prompts in fixed-size batches, as numpy arrays.
+
+    Prompts are processed longest first (similar lengths share a bucket, so less padding);
+    outputs come back in the input order, `num_samples` consecutive rows per prompt. Each
+    prompt's draws are seeded by its index, so results do not depend on `batch_size`.
+    Shows a tqdm bar with prompts/s, tokens/s and the ETA.
+    """
+    from tqdm.auto import tqdm
+
+    k = config.num_samples
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    parts: list[tuple[np.ndarray, SampleOutput]] = []
+    new_tokens = 0
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress) as bar:
+        for begin in range(0, len(order), batch_size):
+            ids = order[begin : begin + batch_size]
+            out = sampler.sample(
+                params,
+                [prompts[i] for i in ids],
+                config,
+                nado_params=nado_params,
+                prompt_ids=ids,
+                batch_size=batch_size,
+            )
+            out = jax.tree.map(np.asarray, out)
+            parts.append((np.asarray(ids), out))
+            new_tokens += int(out.lengths.sum())
+            bar.update(len(ids))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+    # Scatter the batches back to input order: prompt i owns rows i*k .. i*k + k - 1.
+    rows = np.concatenate([(ids[:, None] * k + np.arange(k)).reshape(-1) for ids, _ in parts])
+    inverse = np.empty_like(rows)
+    inverse[rows] = np.arange(len(rows))
+    merged = jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *[o for _, o in parts])
+    return merged

@@ -1,0 +1,91 @@
+"""Logits warpers vs transformers' Temperature/TopK/TopP warpers on fixed logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from jaxdetox.sampling import select_tokens, top_k_filter, top_p_filter, warp_logits
+
+
+def _logits(batch=6, vocab=97, seed=0, scale=3.0):
+    return np.random.default_rng(seed).normal(size=(batch, vocab)).astype(np.float32) * scale
+
+
+def _hf(warpers, logits):
+    scores = torch.from_numpy(logits.copy())
+    for w in warpers:
+        scores = w(None, scores)
+    return scores.numpy()
+
+
+def _assert_same(ours, ref):
+    ours = np.asarray(ours)
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    keep = ~np.isneginf(ref)
+    np.testing.assert_allclose(ours[keep], ref[keep], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40, 97, 200])
+def test_top_k_matches_transformers(k):
+    logits = _logits()
+    _assert_same(top_k_filter(jnp.asarray(logits), k), _hf([TopKLogitsWarper(k)], logits))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.62, 0.9, 0.999])
+def test_top_p_matches_transformers(p):
+    logits = _logits(seed=1)
+    _assert_same(top_p_filter(jnp.asarray(logits), p), _hf([TopPLogitsWarper(p)], logits))
+
+
+@pytest.mark.parametrize(
+    "temperature,k,p",
+    [(0.7, 0, 1.0), (1.3, 10, 1.0), (0.5, 0, 0.8), (2.0, 20, 0.7), (1.0, 3, 0.95)],
+)
+def test_chained_warpers_match_transformers(temperature, k, p):
+    logits = _logits(seed=2, batch=8, vocab=257)
+    ref_warpers = [TemperatureLogitsWarper(temperature)]
+    ref_warpers += [TopKLogitsWarper(k)] if k else []
+    ref_warpers += [TopPLogitsWarper(p)] if p < 1 else []
+    ours = warp_logits(jnp.asarray(logits), temperature=temperature, top_k=k, top_p=p)
+    _assert_same(ours, _hf(ref_warpers, logits))
+
+
+def test_warpers_traced_values_under_jit():
+    """temperature and top_p are runtime values: one compile serves all of them."""
+    logits = _logits(seed=3)
+    traces = []
+
+    @jax.jit
+    def warped(logits, t, p):
+        traces.append(1)
+        return warp_logits(logits, temperature=t, top_k=7, top_p=p, use_top_p=True)
+
+    for t, p in [(0.8, 0.5), (1.5, 0.9)]:
+        ref = _hf([TemperatureLogitsWarper(t), TopKLogitsWarper(7), TopPLogitsWarper(p)], logits)
+        _assert_same(warped(jnp.asarray(logits), t, p), ref)
+    assert len(traces) == 1
+
+
+def test_top_p_keeps_at_least_one_token():
+    logits = np.array([[10.0, 0.0, -1.0, -2.0]], np.float32)  # top token has ~0.9999
+    out = np.asarray(top_p_filter(jnp.asarray(logits), 0.01))
+    assert np.isfinite(out[0, 0]) and np.isneginf(out[0, 1:]).all()
+
+
+def test_select_tokens_greedy_and_per_row_keys():
+    logits = jnp.asarray(_logits(seed=4))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(0), jnp.arange(6))
+    np.testing.assert_array_equal(
+        select_tokens(keys, logits, greedy=True), np.argmax(np.asarray(logits), -1)
+    )
+    a = select_tokens(keys, logits, greedy=False)
+    # A row's draw depends on its own key only, not on the other rows in the batch.
+    b = select_tokens(keys[2:4], logits[2:4], greedy=False)
+    np.testing.assert_array_equal(np.asarray(a)[2:4], b)
