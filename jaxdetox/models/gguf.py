@@ -85,6 +85,13 @@ def is_gguf_path(path: str | os.PathLike) -> bool:
     return False
 
 
+def is_gguf_source(spec: str | os.PathLike) -> bool:
+    """Whether `load_pretrained(spec)` means a GGUF: a GGUF file, or `"default"` (not a local path)."""
+    if str(spec) == "default" and not Path(spec).exists():
+        return True
+    return is_gguf_path(spec) and not Path(spec).is_dir()
+
+
 def unpermute_rope_rows(w_oi: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation, giving HF's rotate-half RoPE row order.
 
@@ -307,7 +314,9 @@ class GGUFCheckpoint:
 
 def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Open a GGUF file (or `"default"` for the built-in SmolLM2-135M-Instruct) for import."""
-    return GGUFCheckpoint(default_model_path() if str(path) == "default" else path)
+    if str(path) == "default" and not Path(path).exists():
+        path = default_model_path()
+    return GGUFCheckpoint(path)
 
 
 def load_gguf(

@@ -259,9 +259,18 @@ def load_pretrained(
     tokenizer: bool = True,
     revision: str | None = None,
 ) -> LanguageModel:
-    """Load an HF checkpoint (local dir or hub id) into a `LanguageModel`, placed on `mesh`."""
+    """Load an HF checkpoint (local dir or hub id) into a `LanguageModel`, placed on `mesh`.
+
+    A `.gguf` file (llama.cpp) or `"default"` (the built-in SmolLM2-135M-Instruct) goes through
+    `jaxdetox.models.gguf.load_gguf`.
+    """
+    from jaxdetox.models.gguf import is_gguf_source, load_gguf
     from jaxdetox.models.lm import LanguageModel
 
+    if is_gguf_source(path_or_hub_id):
+        return load_gguf(
+            path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer
+        )
     directory = resolve_checkpoint(path_or_hub_id, revision)
     hf_config = read_config(directory)
     ckpt = SafetensorsCheckpoint(directory)
