@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10,<5",  # runs without TensorFlow via array_record sources
     "grain>=0.2.18",
     "pyarrow>=20",
+    "datasets>=3",  # HF datasets saved to disk (data pipelines); installs pandas, dill
     "alt-profanity-check==1.9.1",  # the built-in offline toxicity oracle
     "pyyaml>=6",
     "tqdm>=4.66",

@@ -1,0 +1,41 @@
+"""A tiny byte-level BPE tokenizer trained offline, wrapped as a transformers fast tokenizer."""
+
+from __future__ import annotations
+
+import functools
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "She said that the weather would be nice tomorrow, and then it rained.",
+    "People who ask questions in the meeting get answers from the team.",
+    "A long time ago the city built a bridge over the river near the old mill.",
+    "Thanks for the help with the report, I owe you one!",
+    "Prices rose by 3% in 2024; analysts expect a further rise.",
+]
+
+
+@functools.cache
+def make_tokenizer(vocab_size: int = 320, bos_prefix: bool = False):
+    """BPE over bytes (any text encodes, decode∘encode is the identity), with <pad>=0, <s>=1,
+    </s>=2. `bos_prefix=True` makes it prepend <s> like Llama tokenizers; else it adds nothing,
+    like GPT-2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    if bos_prefix:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
