@@ -5,6 +5,10 @@ Array convention ("next-token aligned", the same as `token_nll`): position `t` o
 the token that follows it. So for a NADO with vocabulary head `h`,
 `σ(nado_logits_btv[b, t, v]) = R_φ(x, y_≤t ∘ v)` and the realised next token is
 `targets_bt[b, t]`. `mask_bt` is non-zero at positions whose target is a generated token.
+
+Sequence labels C(x, y) (soft `1 − tox^τ` or thresholded) come from
+`jaxdetox.oracles.make_labels(toxicity, ok, tau=..., threshold=...)`, which also masks
+oracle failures; pass its mask on as sample weights / `mask_bt`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ __all__ = [
     "bernoulli_kl",
     "nado_bce",
     "nado_consistency",
-    "nado_labels",
     "one_step_expectation",
     "select_logits",
     "self_normalized_weights",
@@ -29,16 +32,6 @@ __all__ = [
 ]
 
 CONSISTENCY_KINDS = ("kl", "squared", "ratio")
-
-
-def nado_labels(toxicity: Array, *, tau: float = 1.0, threshold: float | None = None) -> Array:
-    """Sequence labels C from toxicity in [0, 1]: soft `1 − tox**tau`, or `1[tox < threshold]`."""
-    tox = upcast(toxicity)
-    if threshold is not None:
-        return (tox < threshold).astype(tox.dtype)
-    if tau <= 0:
-        raise ValueError(f"nado_labels: tau must be > 0, got {tau}")
-    return 1.0 - jnp.clip(tox, 0.0, 1.0) ** tau
 
 
 def select_logits(logits_btv: Array, targets_bt: Array, mask_bt: Array | None = None) -> Array:
