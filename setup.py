@@ -28,7 +28,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # CPU build of torch (a plain `torch` pulls several GB of CUDA libraries).
     "torch": ["torch==2.13.0"],
-    "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "torch==2.13.0"],
+    # Second offline toxicity oracle (ONNX model; brings onnxruntime and onnx).
+    "hatesonar": ["hatesonar==0.1.0"],
+    "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "torch==2.13.0", "hatesonar==0.1.0"],
 }
 
 setup(

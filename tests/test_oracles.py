@@ -267,3 +267,21 @@ def test_detoxify_without_package_or_weights_is_a_clear_error(monkeypatch, tmp_p
     tox, ok = oracle.score(["a", "b", "c"])
     np.testing.assert_allclose(tox, 0.25)
     assert ok.all()
+
+
+# ---------------------------------------------------------------- hatesonar (optional extra)
+
+
+def test_hatesonar_offline_oracle():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("hatesonar")
+    rows = [json.loads(line) for line in (FIXTURES / "toxic_benign.jsonl").open()]
+    texts = [r["text"] for r in rows] + ["Ünïcödé, emoji 🙂 and\ttabs are fine", ""]
+    oracle = oracles.load("hatesonar")
+    assert oracle.oracle_id.startswith("hatesonar/hatesonar==0.1.0@")
+    tox, ok = oracle.score(texts)
+    assert ok.all() and ((tox >= 0) & (tox <= 1)).all()
+    small, _ = oracles.load("hatesonar", batch_size=7).score(texts)
+    np.testing.assert_allclose(small, tox, atol=1e-6)  # batching does not change scores
+    # A weaker, tweet-trained model: 0.91 on this fixture when written.
+    assert auroc(tox[: len(rows)], [r["label"] for r in rows]) >= 0.85

@@ -9,7 +9,8 @@ labels, mask = oracles.make_labels(toxicity, ok, tau=1.0)  # or threshold=0.5
 
 Names: "default" / "profanity-check" (offline, alt-profanity-check), "hf:<dir>" (any local HF
 sequence-classification checkpoint, e.g. ToxiGen-RoBERTa), "perspective" (API key in
-$PERSPECTIVE_API_KEY), "detoxify" (local weights only).
+$PERSPECTIVE_API_KEY), "detoxify" (local weights only),
+"hatesonar" (offline, optional extra).
 """
 
 from __future__ import annotations
@@ -63,11 +64,18 @@ def _detoxify(**kwargs: object) -> Oracle:
     return DetoxifyOracle(**kwargs)
 
 
+def _hatesonar(**kwargs: object) -> Oracle:
+    from jaxdetox.oracles.hatesonar import HateSonarOracle
+
+    return HateSonarOracle(**kwargs)
+
+
 _FACTORIES: dict[str, Callable[..., Oracle]] = {
     "default": _profanity,
     "profanity-check": _profanity,
     "perspective": _perspective,
     "detoxify": _detoxify,
+    "hatesonar": _hatesonar,
 }
 
 
