@@ -117,7 +117,13 @@ class GGUFCheckpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        self._reader = GGUFReader(self.path, "r")
+        reader = GGUFReader(self.path, "r")
+        # The reader keeps every vocabulary string as its own numpy view (~150 MB for a 49k
+        # vocabulary); keep plain Python values and the tensors' memory-mapped data instead, so
+        # that memory is free again before the weights are dequantized.
+        self._metadata = {key: field.contents() for key, field in reader.fields.items()}
+        self._tensors = {t.name: t for t in reader.tensors}
+        del reader
         arch = self.metadata("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -125,19 +131,17 @@ class GGUFCheckpoint:
                 f"(general.architecture must be one of {SUPPORTED_ARCHITECTURES})"
             )
         self.architecture = arch
-        self._tensors = {t.name: t for t in self._reader.tensors}
         self._hf_to_gguf = self._build_name_map()
         self.config = self._build_config()
 
     # ---- metadata -------------------------------------------------------------------------
     def metadata(self, key: str, default: Any = ...) -> Any:
         """The value of GGUF metadata field `key` (scalars as Python values, arrays as lists)."""
-        field = self._reader.fields.get(key)
-        if field is None:
+        if key not in self._metadata:
             if default is ...:
                 raise KeyError(f"{self.path}: GGUF metadata field {key!r} is missing")
             return default
-        return field.contents()
+        return self._metadata[key]
 
     def _arch(self, key: str, default: Any = ...) -> Any:
         return self.metadata(f"{self.architecture}.{key}", default)
@@ -190,8 +194,8 @@ class GGUFCheckpoint:
             raise NotImplementedError(
                 f"{self.path}: attention.value_length={value_dim} differs from head_dim={head_dim}"
             )
-        if "tokenizer.ggml.tokens" in self._reader.fields:
-            vocab_default = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+        if "tokenizer.ggml.tokens" in self._metadata:
+            vocab_default = len(self._metadata["tokenizer.ggml.tokens"])
         else:
             vocab_default = int(self._tensors["token_embd.weight"].shape[-1])
         has = self._hf_to_gguf.__contains__
