@@ -82,11 +82,11 @@ def all_sequences(vocab: int, length: int) -> np.ndarray:
     return np.array(list(itertools.product(range(vocab), repeat=length)), dtype=np.int32)
 
 
-def aligned(tables: list[np.ndarray], seqs: np.ndarray) -> np.ndarray:
-    """Stack `tables[t][y_1..y_t]` over t → [N, T, V] (next-token aligned)."""
+def aligned(tables: list, seqs: np.ndarray, xp=np):  # noqa: ANN001
+    """Stack `tables[t][y_1..y_t]` over t → [N, T, V] (next-token aligned); xp = np or jnp."""
     n, v = len(seqs), tables[0].shape[-1]
-    rows = [np.broadcast_to(tables[t][tuple(seqs[:, :t].T)], (n, v)) for t in range(seqs.shape[1])]
-    return np.stack(rows, axis=1)
+    rows = [xp.broadcast_to(tables[t][tuple(seqs[:, :t].T)], (n, v)) for t in range(seqs.shape[1])]
+    return xp.stack(rows, axis=1)
 
 
 def prefix_counts(
