@@ -431,20 +431,33 @@ def _chat_ids(tok, question: str) -> list[int]:
     return tok(text)["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def default_lm(default_path):
+    """Our JAX model, loaded through the public entry point."""
+    from jaxdetox.models import load_pretrained
+
+    return load_pretrained("default")
+
+
 @pytest.mark.slow
-def test_default_torch_greedy_answer(default_ckpt, hf_gguf_model):
-    """Sanity of the reference itself (and of our tokenizer + chat template)."""
-    tok = default_ckpt.tokenizer()
-    ids = torch.tensor([_chat_ids(tok, "What is the capital of France?")])
+def test_default_greedy_answer_torch_and_jax(default_lm, hf_gguf_model):
+    """The reference answers correctly, and our model's greedy tokens are the same."""
+    tok = default_lm.tokenizer
+    ids = _chat_ids(tok, "What is the capital of France?")
     with torch.no_grad():
-        out = hf_gguf_model.generate(ids, max_new_tokens=7, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+        ref = hf_gguf_model.generate(torch.tensor([ids]), max_new_tokens=7, do_sample=False)
+    ref_new = ref[0, len(ids) :].tolist()
+    assert "Paris" in tok.decode(ref_new)
+    try:
+        ours = default_lm.generate(np.asarray([ids], np.int32), max_new_tokens=7, temperature=0.0)
+    except NotImplementedError as e:
+        pytest.skip(f"no sampler yet: {e}")
+    assert np.asarray(ours)[0, len(ids) :].tolist() == ref_new
 
 
 @pytest.mark.slow
-def test_default_logits_parity_jax_vs_transformers(default_path, default_ckpt, hf_gguf_model):
-    tok = default_ckpt.tokenizer()
-    lm = jgguf.load_gguf(default_path, tokenizer=False)
+def test_default_logits_parity_jax_vs_transformers(default_lm, hf_gguf_model):
+    tok, lm = default_lm.tokenizer, default_lm
     assert lm.config.num_layers == 30 and lm.config.tie_word_embeddings
     prompts = [
         _chat_ids(tok, "What is the capital of France?"),
