@@ -94,8 +94,7 @@ def finalize_packed_batch(
 
     Input keys: `tokens`, `tokens_segment_ids`, `tokens_positions`, `loss_mask` (per-token
     target mask of the source documents, packed alongside the tokens). A short last batch is
-    filled up to `batch_size` rows with copies of its first row that carry no loss (an
-    all-padding row would attend to nothing, which can put NaN into a forward pass).
+    filled up to `batch_size` rows of padding (segment id 0 everywhere, no loss).
     """
     tokens_bt = packed["tokens"].astype(np.int32)
     segment_ids_bt = packed["tokens_segment_ids"].astype(np.int32)
@@ -103,12 +102,10 @@ def finalize_packed_batch(
     targets_bt, loss_mask_bt = next_token_targets(tokens_bt, segment_ids_bt, packed["loss_mask"])
     fill = 0 if batch_size is None else batch_size - len(tokens_bt)
     if fill > 0:
-        first = lambda x: np.repeat(x[:1], fill, axis=0)  # noqa: E731
-        tokens_bt, segment_ids_bt, positions_bt, targets_bt = (
-            np.concatenate([x, first(x)])
-            for x in (tokens_bt, segment_ids_bt, positions_bt, targets_bt)
+        pad = lambda x: np.concatenate([x, np.zeros((fill,) + x.shape[1:], x.dtype)])  # noqa: E731
+        tokens_bt, segment_ids_bt, positions_bt, targets_bt, loss_mask_bt = map(
+            pad, (tokens_bt, segment_ids_bt, positions_bt, targets_bt, loss_mask_bt)
         )
-        loss_mask_bt = np.concatenate([loss_mask_bt, np.zeros_like(first(loss_mask_bt))])
     return {
         "tokens_bt": tokens_bt,
         "segment_ids_bt": segment_ids_bt,

@@ -505,34 +505,36 @@ class SampleArrays:
         )
 
     def batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        """The padded batch of sample `rows` (filled to `batch_size` with invalid rows)."""
+        """The padded batch of sample `rows`, filled up to `batch_size` with padding rows
+        (`valid_b=False`, segment id 0, prompt id -1)."""
         n = len(rows)
         if n > batch_size:
             raise ValueError(f"{n} rows do not fit a batch of {batch_size}")
         valid_b = np.arange(batch_size) < n
-        rows = np.concatenate([rows, np.full(batch_size - n, rows[0])]).astype(np.int64)
+        rows = np.asarray(rows, np.int64)
         P, C = self.prompt_len, self.completion_len
         T = P + C
         tokens_bt = np.zeros((batch_size, T), np.int32)
         segment_ids_bt = np.zeros((batch_size, T), np.int32)
         completion_bt = np.zeros((batch_size, T), bool)
         logprobs = {name: np.zeros((batch_size, T), np.float32) for name in self._logprobs}
-        for b, r in enumerate(rows):
+        for b, r in enumerate(rows[:n]):  # filler rows stay all padding: segment id 0, no loss
             p0, p1 = self._prompt_off[r], self._prompt_off[r + 1]
             c0, c1 = self._completion_off[r], self._completion_off[r + 1]
             lp, lc = p1 - p0, c1 - c0
             tokens_bt[b, P - lp : P] = self._prompt[p0:p1]
             tokens_bt[b, P : P + lc] = self._completion[c0:c1]
             segment_ids_bt[b, P - lp : P + lc] = 1
-            # Filler rows repeat a real row (an all-padding row would attend to nothing, which
-            # can put NaN into a forward pass) but carry no loss and no log-probs.
-            completion_bt[b, P : P + lc] = valid_b[b]
+            completion_bt[b, P : P + lc] = True
             for name, (values, offsets) in self._logprobs.items():
                 v0, v1 = offsets[r], offsets[r + 1]
-                if v1 > v0 and valid_b[b]:
-                    # The log-prob of completion token j sits at the position predicting it.
+                if v1 > v0:  # the log-prob of completion token j sits where j is predicted
                     logprobs[name][b, P - 1 : P - 1 + lc] = values[v0:v1]
         targets_bt, loss_mask_bt = next_token_targets(tokens_bt, segment_ids_bt, completion_bt)
+
+        def fill(column: np.ndarray, value: Any) -> np.ndarray:
+            return np.concatenate([column, np.full(batch_size - n, value, column.dtype)])
+
         out = {
             "tokens_bt": tokens_bt,
             "segment_ids_bt": segment_ids_bt,
@@ -543,17 +545,17 @@ class SampleArrays:
             "model_logprobs_bt": logprobs["model_logprobs"],
             "sampling_logprob_b": logprobs["sampling_logprobs"].sum(axis=1),
             "model_logprob_b": logprobs["model_logprobs"].sum(axis=1),
-            "prompt_ids_b": self.prompt_ids[rows],
-            "sample_index_b": self.sample_index[rows].astype(np.int32),
-            "prompt_lengths_b": np.where(valid_b, self.prompt_lengths[rows], 0).astype(np.int32),
-            "completion_lengths_b": np.where(valid_b, self.completion_lengths[rows], 0).astype(
-                np.int32
-            ),
+            "prompt_ids_b": fill(self.prompt_ids[rows], -1),
+            "sample_index_b": fill(self.sample_index[rows], -1).astype(np.int32),
+            "prompt_lengths_b": fill(self.prompt_lengths[rows], 0),
+            "completion_lengths_b": fill(self.completion_lengths[rows], 0),
             "valid_b": valid_b,
         }
         if self.ok is not None:
-            ok_b = self.ok[rows].astype(bool) & valid_b
+            ok_b = fill(self.ok[rows].astype(bool), False)
             out["ok_b"] = ok_b
             # Failed or missing scores are masked by ok_b; 0 keeps NaN out of the loss arithmetic.
-            out["toxicity_b"] = np.where(ok_b, self.toxicity[rows], 0.0).astype(np.float32)
+            out["toxicity_b"] = np.where(ok_b, fill(self.toxicity[rows], 0.0), 0.0).astype(
+                np.float32
+            )
         return out
