@@ -19,7 +19,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -354,61 +354,21 @@ def convert_gguf_to_hf(
     out_dir: str | os.PathLike,
     *,
     max_shard_bytes: int = 2 << 30,
-    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a GGUF file as an HF checkpoint directory (config.json, safetensors, tokenizer files).
 
     Tensors are dequantized and written one shard at a time, so at most `max_shard_bytes` of fp32
     weights are in memory; more than one shard gets a `model.safetensors.index.json`.
     """
-    from safetensors.numpy import save_file
     from transformers import GenerationConfig
+
+    from jaxdetox.models.hf import write_safetensors
 
     ckpt = open_gguf(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_files: list[str] = []
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def flush(final: bool) -> None:
-        if not shards[-1] and not final:
-            return
-        name = f"model-{len(shard_files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
-        shard_files.append(name)
-        for key in shards[-1]:
-            weight_map[key] = name
-        shards[-1] = {}
-
-    size = 0
-    for name, w in ckpt.tensors():
-        if progress:
-            progress(name)
-        if size and size + w.nbytes > max_shard_bytes:
-            flush(final=False)
-            size = 0
-        shards[-1][name] = w
-        size += w.nbytes
-        total += w.nbytes
-    flush(final=True)
-    # HF's names: one file is `model.safetensors`; shards are `model-0000i-of-0000n.safetensors`.
-    n = len(shard_files)
-    final_names = {
-        f: "model.safetensors"
-        if n == 1
-        else f"{f.removesuffix('.safetensors')}-of-{n:05d}.safetensors"
-        for f in shard_files
-    }
-    for f, final in final_names.items():
-        (out / f).rename(out / final)
-    if n > 1:
-        weight_map = {k: final_names[f] for k, f in weight_map.items()}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-    (out / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True))
+    write_safetensors(out, ckpt.tensors(), max_shard_bytes=max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n")
     GenerationConfig(
         bos_token_id=ckpt.config.get("bos_token_id"),
         eos_token_id=ckpt.config.get("eos_token_id"),

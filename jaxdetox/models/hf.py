@@ -315,12 +315,22 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write config.json + safetensors (sharded with an index above `max_shard_bytes`)."""
-    from safetensors.numpy import save_file
-
     config: ModelConfig = model.config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True) + "\n")
+    write_safetensors(out, to_hf_tensors(model), max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def write_safetensors(
+    out: Path, named_tensors: Iterable[tuple[str, np.ndarray]], *, max_shard_bytes: int
+) -> None:
+    """Write HF-named tensors as `model.safetensors`, or shards + index above `max_shard_bytes`."""
+    from safetensors.numpy import save_file
+
     # Stream: a shard is written as soon as it is full, so host memory holds one shard.
     meta = {"format": "pt"}
     written: list[tuple[Path, list[str]]] = []
@@ -333,7 +343,7 @@ def save_pretrained(
         written.append((tmp, list(pending)))
         pending.clear()
 
-    for name, tensor in to_hf_tensors(model):
+    for name, tensor in named_tensors:
         if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
             flush()
         pending[name] = tensor
@@ -349,6 +359,3 @@ def save_pretrained(
             weight_map.update({name: file for name in names})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
