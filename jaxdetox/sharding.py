@@ -125,6 +125,13 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     )
 
 
+def place_variable(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None) -> jax.Array:
+    """device_put a host array for `var` with its logical sharding (default device if no mesh)."""
+    if mesh is None:
+        return jax.device_put(value)
+    return jax.device_put(value, named_sharding(mesh, _var_axes(var), var.shape))
+
+
 def shard_state(state: Any, mesh: Mesh) -> Any:
     """Place every array of an nnx State on `mesh` according to its logical axes."""
     return jax.device_put(state, state_shardings(state, mesh))

@@ -229,11 +229,7 @@ def from_hf_tensors(
             value = value.astype(var.dtype, copy=False)
             if value.shape != var.shape:  # a bug in a TensorMap, not in the checkpoint
                 raise AssertionError(f"{path}: mapped shape {value.shape} != {var.shape}")
-            if mesh is None:
-                placed[path] = jax.device_put(value)
-            else:
-                axes = sharding._var_axes(var)
-                placed[path] = jax.device_put(value, sharding.named_sharding(mesh, axes, var.shape))
+            placed[path] = sharding.place_variable(value, var, mesh)
     missing = set(variables) - set(placed)
     if missing:
         raise AssertionError(f"no HF tensor maps to parameters {sorted(missing)}")

@@ -43,8 +43,9 @@ def param(
     else:
         value = jnp.ones(shape, dtype)
     # eager_sharding=False: construction never needs a mesh; placement is done by
-    # jaxdetox.sharding (jit out_shardings at init, device_put per tensor at load).
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    # jaxdetox.sharding (device_put per tensor at load and at `build_model`). `init` is
+    # kept so `build_model` can fill an abstract model on the host without compiling RNGs.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, init=init)
 
 
 # ----------------------------------------------------------------------------- norms

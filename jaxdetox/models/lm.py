@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +21,36 @@ from jax.sharding import Mesh
 
 from jaxdetox import sharding
 from jaxdetox.models.config import ModelConfig
-from jaxdetox.models.hf import abstract_model, family_module
+from jaxdetox.models.hf import abstract_model
 
 
 def build_model(
     config: ModelConfig, rngs: nnx.Rngs | int = 0, *, mesh: Mesh | None = None
 ) -> nnx.Module:
-    """A randomly initialised model of `config.family` (HF's init: N(0, initializer_range))."""
-    cls = family_module(config).MODEL_CLASS
-    if mesh is None:
-        return cls(config, rngs=rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs))
-    key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
+    """A randomly initialised model of `config.family` (HF's init: N(0, initializer_range)).
+
+    Built abstractly, then each parameter is drawn on the host with numpy (seeded by `rngs`
+    and the parameter's path, so values do not depend on the mesh) and placed with its
+    sharding. This avoids compiling one RNG kernel per parameter shape, which dominated
+    start-up time for small models on CPU.
+    """
+    if isinstance(rngs, nnx.Rngs):
+        seed = [int(x) for x in np.asarray(jax.random.key_data(rngs.params())).ravel()]
+    else:
+        seed = [int(rngs)]
     graphdef, abs_state = nnx.split(abstract_model(config))
-    shardings = sharding.state_shardings(abs_state, mesh)
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def init(key: jax.Array) -> Any:
-        return nnx.split(cls(config, rngs=nnx.Rngs(params=key)))[1]
-
-    return nnx.merge(graphdef, init(key))
+    flat = []
+    for path, var in nnx.to_flat_state(abs_state):
+        name = ".".join(str(p) for p in path)
+        kind = var.get_metadata().get("init", "normal")
+        if kind == "normal":
+            rng = np.random.default_rng([*seed, zlib.crc32(name.encode())])
+            value = rng.standard_normal(var.shape, dtype=np.float32) * config.initializer_range
+        else:
+            value = np.full(var.shape, 1.0 if kind == "ones" else 0.0, np.float32)
+        value = value.astype(var.dtype)
+        flat.append((path, var.replace(sharding.place_variable(value, var, mesh))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def random_init(
