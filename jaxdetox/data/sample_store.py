@@ -40,6 +40,7 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "jaxdetox.sample_store"
 _META_KEY = b"jaxdetox"
 _KEY = ["prompt_id", "sample_index"]
+_LOGPROB_COLUMNS = ("sampling_logprobs", "model_logprobs", "base_logprobs")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 SAMPLES_SCHEMA = pa.schema(
@@ -54,6 +55,8 @@ SAMPLES_SCHEMA = pa.schema(
         # and under the untempered model; importance weights need both.
         ("sampling_logprobs", pa.list_(pa.float32())),
         ("model_logprobs", pa.list_(pa.float32())),
+        # Guided decoding only: the log-prob under the base LM alone (else null).
+        ("base_logprobs", pa.list_(pa.float32())),
     ]
 )
 LABELS_SCHEMA = pa.schema(
@@ -91,6 +94,10 @@ def _ragged(
     if len(rows) != n:
         raise ValueError(f"{name}: expected {n} rows, got {len(rows)}")
     return rows
+
+
+def _with_row(table: pa.Table) -> pa.Table:
+    return table.append_column("__row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
 def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]) -> None:
@@ -212,10 +219,14 @@ class SampleStore:
     def cleanup(self) -> int:
         """Delete temporary files left by crashed writers; returns how many. Run it only when
         no writer is active (a live writer's temporary file looks the same)."""
-        removed = 0
-        for p in self.root.glob("**/.*.tmp-*"):
-            p.unlink()
-            removed += 1
+        removed, stack = 0, [self.root]
+        while stack:  # explicit walk: epath refuses recursive globs (costly on object stores)
+            for p in stack.pop().iterdir():
+                if p.is_dir():
+                    stack.append(p)
+                elif p.name.startswith(".") and ".tmp-" in p.name:
+                    p.unlink()
+                    removed += 1
         return removed
 
     # ------------------------------------------------------------------------ writing
@@ -234,6 +245,7 @@ class SampleStore:
         completion_texts: Sequence[str],
         sampling_logprobs: Any = None,
         model_logprobs: Any = None,
+        base_logprobs: Any = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> str:
         """Commit one chunk of N samples; returns its path.
@@ -262,6 +274,7 @@ class SampleStore:
         for name, values in (
             ("sampling_logprobs", sampling_logprobs),
             ("model_logprobs", model_logprobs),
+            ("base_logprobs", base_logprobs),
         ):
             rows = _ragged(name, values, lengths, n, np.float32)
             if rows is not None and any(len(r) != len(c) for r, c in zip(rows, completions)):
@@ -359,23 +372,19 @@ class SampleStore:
         if oracle is None:
             return samples
         labels = self.read_labels(iteration, oracle)
-        joined = samples.join(labels, keys=_KEY, join_type="left outer")
+        # Join on the keys only (arrow cannot carry list columns through a join), then attach.
+        keys = _with_row(samples.select(_KEY))
+        joined = keys.join(labels, keys=_KEY, join_type="left outer").sort_by("__row")
         if joined.num_rows != samples.num_rows:
             raise DataError(f"iteration {iteration}: labels of {oracle!r} have duplicate keys")
-        extra = len(labels) - pa.compute.sum(joined["ok"].is_valid()).as_py()
+        extra = labels.num_rows - pa.compute.sum(joined["ok"].is_valid()).as_py()
         if extra:
             raise DataError(
                 f"iteration {iteration}: {extra} labels of {oracle!r} have no matching sample"
             )
-        joined = joined.set_column(
-            joined.schema.get_field_index("toxicity"),
-            "toxicity",
-            pa.compute.fill_null(joined["toxicity"], float("nan")),
-        )
-        joined = joined.set_column(
-            joined.schema.get_field_index("ok"), "ok", pa.compute.fill_null(joined["ok"], False)
-        )
-        return joined.sort_by([(k, "ascending") for k in _KEY])
+        toxicity = pa.compute.fill_null(joined["toxicity"], float("nan"))
+        ok = pa.compute.fill_null(joined["ok"], False)
+        return samples.append_column("toxicity", toxicity).append_column("ok", ok)
 
     def done_prompt_ids(self, iteration: int) -> np.ndarray:
         """Prompt ids that already have samples in `iteration` (to skip when resuming)."""
@@ -386,9 +395,8 @@ class SampleStore:
         """Samples of `iteration` without a committed label from `oracle` (to label next)."""
         samples = self.read_samples(iteration)
         labels = self.read_labels(iteration, oracle).select(_KEY)
-        return samples.join(labels, keys=_KEY, join_type="left anti").sort_by(
-            [(k, "ascending") for k in _KEY]
-        )
+        missing = _with_row(samples.select(_KEY)).join(labels, keys=_KEY, join_type="left anti")
+        return samples.take(np.sort(missing["__row"].to_numpy()))
 
     # ------------------------------------------------------------------------ batches
 
@@ -421,7 +429,7 @@ class SampleStore:
         completion_len: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-    ) -> grain.MapDataset:
+    ) -> grain.IterDataset:
         """Fixed-shape numpy batches of this host's share of `iteration` (a grain dataset:
         `iter()` it; its iterator state is checkpointable like the corpus pipeline's).
 
@@ -445,7 +453,9 @@ class SampleStore:
         if shuffle:
             rows = rows.shuffle(seed=seed)
         rows = rows.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
-        return rows.map(lambda idx: arrays.batch(np.asarray(idx), batch_size))
+        batches = rows.map(lambda idx: arrays.batch(np.asarray(idx), batch_size))
+        # A short read-ahead: grain's default (hundreds of batches) only costs memory here.
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 class SampleArrays:
@@ -478,7 +488,7 @@ class SampleArrays:
         self.prompt_lengths = np.diff(self._prompt_off).astype(np.int32)
         self.completion_lengths = np.diff(self._completion_off).astype(np.int32)
         self._logprobs = {}
-        for name in ("sampling_logprobs", "model_logprobs"):
+        for name in _LOGPROB_COLUMNS:
             values, offsets = flat(name)
             lengths = np.diff(offsets)
             bad = np.flatnonzero((lengths != 0) & (lengths != self.completion_lengths))
@@ -541,10 +551,9 @@ class SampleArrays:
             "positions_bt": positions_from_segments(segment_ids_bt),
             "targets_bt": targets_bt,
             "loss_mask_bt": loss_mask_bt,
-            "sampling_logprobs_bt": logprobs["sampling_logprobs"],
-            "model_logprobs_bt": logprobs["model_logprobs"],
-            "sampling_logprob_b": logprobs["sampling_logprobs"].sum(axis=1),
-            "model_logprob_b": logprobs["model_logprobs"].sum(axis=1),
+            **{f"{name}_bt": value for name, value in logprobs.items()},
+            # Sequence log-probs (importance weights, DESIGN.md §1): sums over the completion.
+            **{f"{name[:-1]}_b": value.sum(axis=1) for name, value in logprobs.items()},
             "prompt_ids_b": fill(self.prompt_ids[rows], -1),
             "sample_index_b": fill(self.sample_index[rows], -1).astype(np.int32),
             "prompt_lengths_b": fill(self.prompt_lengths[rows], 0),
