@@ -123,6 +123,21 @@ def test_generic_txt_and_jsonl_prompts():
         load_prompt_records(FIXTURES / "missing_field.jsonl")
 
 
+def test_builtin_demo_prompts_load_with_meta_filters():
+    import jaxdetox.assets
+    from jaxdetox.assets import load_prompts as asset_rows
+    from jaxdetox.data.readers import JsonlSource
+
+    path = Path(jaxdetox.assets.__file__).parent / "prompts.jsonl"
+    prompts = load_prompt_records(JsonlSource(path), id_field="id", meta_fields=("split", "kind"))
+    train_toxic = prompts.filter(meta={"split": "train", "kind": "toxic"})
+    expected = asset_rows(split="train", kind="toxic")
+    assert list(train_toxic.texts) == [r["text"] for r in expected]
+    assert train_toxic.keys == tuple(f"id:{r['id']}" for r in expected)
+    with pytest.raises(KeyError, match="no meta column 'lang'"):
+        prompts.filter(meta={"lang": "en"})
+
+
 def test_filters():
     prompts = load_rtp(RTP)
     tox = prompts.filter(min_toxicity=0.5)
@@ -211,6 +226,15 @@ def test_prompt_batches_left_padded():
     with pytest.raises(ValueError, match="more than pad_to=4"):
         next(prompt_batches(tp, 4, pad_to=4))
 
+    assert set(batches[0].arrays()) == {
+        "prompt_ids_b",
+        "sample_index_b",
+        "tokens_bt",
+        "segment_ids_bt",
+        "positions_bt",
+        "lengths_b",
+        "valid_b",
+    }
     rep = batches[0].repeat(3)
     assert rep.tokens_bt.shape == (15, batches[0].tokens_bt.shape[1])
     assert rep.sample_index_b.tolist() == [0, 1, 2] * 5

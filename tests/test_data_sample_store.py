@@ -310,6 +310,12 @@ def test_batches_determinism_resume_and_hosts(tmp_path):
         per_host.append(keys)
     assert not set(per_host[0]) & set(per_host[1])
     assert len(per_host[0]) + len(per_host[1]) == len(set(per_host[0]) | set(per_host[1])) == 10 * K
+    # Uneven shards (30 samples over 4 hosts) still give every host the same number of batches.
+    counts = {
+        host: sum(1 for _ in store.batches(0, 4, process_index=host, process_count=4))
+        for host in range(4)
+    }
+    assert set(counts.values()) == {2}
 
 
 def test_empty_iteration_and_fixed_lengths(tmp_path):

@@ -91,10 +91,16 @@ class PromptSet:
         min_toxicity: float | None = None,
         max_toxicity: float | None = None,
         challenging: bool | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> PromptSet:
-        """Prompts with toxicity in [min, max] (unscored prompts fail any bound) and/or the
-        `challenging` flag equal to the given value."""
+        """Prompts with toxicity in [min, max] (unscored prompts fail any bound), the
+        `challenging` flag equal to the given value, and `meta` columns equal to the given
+        values (e.g. `meta={"split": "train"}`)."""
         keep = np.ones(len(self), bool)
+        for name, value in (meta or {}).items():
+            if name not in self.meta:
+                raise KeyError(f"{self.source}: no meta column '{name}'; has {sorted(self.meta)}")
+            keep &= np.array([v == value for v in self.meta[name]], bool)
         with np.errstate(invalid="ignore"):
             if min_toxicity is not None:
                 keep &= self.toxicity >= min_toxicity
@@ -105,7 +111,8 @@ class PromptSet:
         if not keep.any():
             raise EmptySplitError(
                 f"{self.source}: no prompt of {len(self)} passes the filter (min_toxicity="
-                f"{min_toxicity}, max_toxicity={max_toxicity}, challenging={challenging})"
+                f"{min_toxicity}, max_toxicity={max_toxicity}, challenging={challenging}, "
+                f"meta={meta})"
             )
         return self.take(np.flatnonzero(keep))
 
@@ -269,10 +276,12 @@ def load_prompt_records(
     toxicity_field: str | None = None,
     challenging_field: str | None = None,
     id_field: str | None = None,
+    meta_fields: Sequence[str] = (),
     split: str = "train",
     data_dir: str | os.PathLike | None = None,
 ) -> PromptSet:
-    """Generic prompts from jsonl/txt/json/parquet/HF/tfds records with the named fields.
+    """Generic prompts from jsonl/txt/json/parquet/HF/tfds records with the named fields;
+    `meta_fields` are kept as extra columns (filterable with `PromptSet.filter(meta=...)`).
 
     Without `id_field`, a prompt's identity is its text (duplicate texts are merged).
     """
@@ -291,14 +300,15 @@ def load_prompt_records(
         )
         chal = bool(get_field(record, challenging_field, where)) if challenging_field else False
         key = f"id:{get_field(record, id_field, where)}" if id_field else f"text:{text}"
-        return {"key": key, "text": text, "toxicity": tox, "challenging": chal}
+        extra = {f: get_field(record, f, where) for f in meta_fields}
+        return {"key": key, "text": text, "toxicity": tox, "challenging": chal, **extra}
 
     rows, seen = [], set()
     for row in _rows(source, parse):
         if row["key"] not in seen:
             seen.add(row["key"])
             rows.append(row)
-    return _prompt_set(rows, source.name)
+    return _prompt_set(rows, source.name, meta_fields=meta_fields)
 
 
 def load_prompts(
@@ -417,6 +427,12 @@ class PromptBatch:
     lengths_b: np.ndarray  # int32 [B]
     valid_b: np.ndarray  # bool [B]; False on rows that only fill the last batch
     texts: tuple[str, ...]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The numeric fields by name (e.g. for `corpora.to_global`)."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "texts"
+        }
 
     def unpadded_tokens(self) -> list[np.ndarray]:
         """Each row's prompt tokens without padding."""

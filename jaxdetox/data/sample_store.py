@@ -433,8 +433,8 @@ class SampleStore:
         """Fixed-shape numpy batches of this host's share of `iteration` (a grain dataset:
         `iter()` it; its iterator state is checkpointable like the corpus pipeline's).
 
-        `batch_size` is per host. Without `drop_remainder` the last batch is filled with rows
-        marked `valid_b=False` (and zero masks).
+        `batch_size` is per host; all hosts get the same number of batches. Without
+        `drop_remainder` the last batch is filled with padding rows marked `valid_b=False`.
         """
         import grain
 
@@ -444,12 +444,12 @@ class SampleStore:
         arrays = self.arrays(
             iteration, oracle=oracle, prompt_len=prompt_len, completion_len=completion_len
         )
-        rows = grain.MapDataset.range(arrays.num_rows)[process_index::process_count]
-        if len(rows) == 0:
-            raise EmptySplitError(
-                f"iteration {iteration}: {arrays.num_rows} samples leave none for host "
-                f"{process_index} of {process_count}"
-            )
+        # Every host gets the same number of rows (-1 = a padding row) and so the same number
+        # of batches: hosts that ran out early would leave the others waiting in a collective.
+        per_host = -(-arrays.num_rows // process_count)
+        mine = np.arange(arrays.num_rows)[process_index::process_count]
+        mine = np.concatenate([mine, np.full(per_host - len(mine), -1)])
+        rows = grain.MapDataset.source(mine)
         if shuffle:
             rows = rows.shuffle(seed=seed)
         rows = rows.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
@@ -515,20 +515,22 @@ class SampleArrays:
         )
 
     def batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        """The padded batch of sample `rows`, filled up to `batch_size` with padding rows
-        (`valid_b=False`, segment id 0, prompt id -1)."""
-        n = len(rows)
-        if n > batch_size:
-            raise ValueError(f"{n} rows do not fit a batch of {batch_size}")
-        valid_b = np.arange(batch_size) < n
+        """The padded batch of sample `rows` (row index -1 = none), filled up to `batch_size`;
+        missing rows are all padding (`valid_b=False`, segment id 0, prompt id -1)."""
         rows = np.asarray(rows, np.int64)
+        if len(rows) > batch_size:
+            raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, np.int64)])
+        valid_b = rows >= 0
+        safe_b = np.where(valid_b, rows, 0)
         P, C = self.prompt_len, self.completion_len
         T = P + C
         tokens_bt = np.zeros((batch_size, T), np.int32)
         segment_ids_bt = np.zeros((batch_size, T), np.int32)
         completion_bt = np.zeros((batch_size, T), bool)
         logprobs = {name: np.zeros((batch_size, T), np.float32) for name in self._logprobs}
-        for b, r in enumerate(rows[:n]):  # filler rows stay all padding: segment id 0, no loss
+        for b in np.flatnonzero(valid_b):
+            r = rows[b]
             p0, p1 = self._prompt_off[r], self._prompt_off[r + 1]
             c0, c1 = self._completion_off[r], self._completion_off[r + 1]
             lp, lc = p1 - p0, c1 - c0
@@ -542,8 +544,8 @@ class SampleArrays:
                     logprobs[name][b, P - 1 : P - 1 + lc] = values[v0:v1]
         targets_bt, loss_mask_bt = next_token_targets(tokens_bt, segment_ids_bt, completion_bt)
 
-        def fill(column: np.ndarray, value: Any) -> np.ndarray:
-            return np.concatenate([column, np.full(batch_size - n, value, column.dtype)])
+        def take(column: np.ndarray, missing: Any, dtype: Any) -> np.ndarray:
+            return np.where(valid_b, column[safe_b], missing).astype(dtype)
 
         out = {
             "tokens_bt": tokens_bt,
@@ -554,17 +556,15 @@ class SampleArrays:
             **{f"{name}_bt": value for name, value in logprobs.items()},
             # Sequence log-probs (importance weights, DESIGN.md §1): sums over the completion.
             **{f"{name[:-1]}_b": value.sum(axis=1) for name, value in logprobs.items()},
-            "prompt_ids_b": fill(self.prompt_ids[rows], -1),
-            "sample_index_b": fill(self.sample_index[rows], -1).astype(np.int32),
-            "prompt_lengths_b": fill(self.prompt_lengths[rows], 0),
-            "completion_lengths_b": fill(self.completion_lengths[rows], 0),
+            "prompt_ids_b": take(self.prompt_ids, -1, np.int64),
+            "sample_index_b": take(self.sample_index, -1, np.int32),
+            "prompt_lengths_b": take(self.prompt_lengths, 0, np.int32),
+            "completion_lengths_b": take(self.completion_lengths, 0, np.int32),
             "valid_b": valid_b,
         }
         if self.ok is not None:
-            ok_b = fill(self.ok[rows].astype(bool), False)
+            ok_b = take(self.ok, False, bool)
             out["ok_b"] = ok_b
             # Failed or missing scores are masked by ok_b; 0 keeps NaN out of the loss arithmetic.
-            out["toxicity_b"] = np.where(ok_b, fill(self.toxicity[rows], 0.0), 0.0).astype(
-                np.float32
-            )
+            out["toxicity_b"] = np.where(ok_b, self.toxicity[safe_b], 0.0).astype(np.float32)
         return out
