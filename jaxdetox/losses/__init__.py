@@ -7,9 +7,9 @@ computed from hidden states and head weights).
 """
 
 from jaxdetox.losses.chunked import (
-    DEFAULT_CHUNK_SIZE,
     RegularizedLoss,
     chunked_nll,
+    default_chunk_size,
     head_logits,
     naive_nll,
     regularized_lm_loss,
@@ -37,11 +37,11 @@ from jaxdetox.losses.token import (
 
 __all__ = [
     "CONSISTENCY_KINDS",
-    "DEFAULT_CHUNK_SIZE",
     "RegularizedLoss",
     "apply_mask",
     "bernoulli_kl",
     "chunked_nll",
+    "default_chunk_size",
     "guided_log_probs",
     "head_logits",
     "log_softmax",
