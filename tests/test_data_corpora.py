@@ -287,8 +287,12 @@ def test_to_global_on_eight_devices():
         assert len(rows) == 4  # split over the data axis, replicated over tensor
 
 
-def test_jsonl_source_pickles_for_worker_processes():
+def test_jsonl_source_and_pipeline_pickle_for_worker_processes():
     import pickle
+
+    ds = corpus_dataset(_config(), make_tokenizer(), process_index=0, process_count=1)
+    clone_ds = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(next(iter(clone_ds))["tokens_bt"], next(iter(ds))["tokens_bt"])
 
     src = JsonlSource(CORPUS)
     _ = src[3]  # opens the descriptor

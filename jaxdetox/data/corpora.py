@@ -118,6 +118,15 @@ class TokenizeDocument:
         }
 
 
+def _read_record(source: RecordSource, index: int) -> tuple[int, dict[str, Any]]:
+    # Module-level (not a lambda) so the pipeline pickles into grain worker processes.
+    return int(index), source[int(index)]
+
+
+def _non_empty(doc: dict[str, np.ndarray]) -> bool:
+    return len(doc["tokens"]) > 0
+
+
 def host_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """(process_index, process_count), defaulting to JAX's view of the job."""
     if process_index is None or process_count is None:
@@ -161,10 +170,8 @@ def corpus_dataset(
         # Shuffle after sharding and before repeat: grain reshuffles every epoch.
         indices = indices.shuffle(seed=config.seed)
     indices = indices.repeat(config.num_epochs)
-    docs = indices.map(lambda i: (int(i), source[int(i)])).map(
-        TokenizeDocument(tokenizer, config, source)
-    )
-    docs = docs.filter(lambda d: len(d["tokens"]) > 0)
+    docs = indices.map(functools.partial(_read_record, source))
+    docs = docs.map(TokenizeDocument(tokenizer, config, source)).filter(_non_empty)
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=64)
     packed = pack_documents(docs.to_iter_dataset(read), config.seq_len)
     host_batch = config.global_batch_size // process_count

@@ -381,6 +381,8 @@ def tokenize_prompts(
     `truncate_left` keeps the last tokens (the text the continuation follows); `drop` skips
     long prompts, as the paper's code skips prompt groups longer than 30 tokens.
     """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be ≥ 1 or None, got {max_tokens}")
     if overflow not in ("truncate_left", "truncate_right", "drop"):
         raise ValueError(f"overflow must be truncate_left, truncate_right or drop, not {overflow}")
     prefix = special_prefix(tokenizer) if add_special_tokens else []

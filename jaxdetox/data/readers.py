@@ -29,7 +29,9 @@ class RecordSource(Protocol):
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
-    def describe(self, index: int) -> str: ...
+    def describe(self, index: int) -> str:
+        """Where record `index` comes from, for error messages (e.g. `prompts.jsonl:12`)."""
+        ...
 
 
 def flat_field_names(record: Mapping[str, Any], prefix: str = "") -> list[str]:

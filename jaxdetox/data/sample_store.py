@@ -17,6 +17,7 @@ NADO and LM steps (conventions in `packing.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -116,12 +117,27 @@ def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]
                 os.fsync(f.fileno())  # local files; object stores commit on close
             except (AttributeError, OSError, ValueError):
                 pass
-        tmp.replace(path)
+        _commit(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def _commit(tmp: epath.Path, path: epath.Path) -> None:
+    """Move `tmp` to `path` atomically, refusing to replace a chunk another writer committed."""
+    if "://" in str(path):  # object stores: the upload itself is atomic
+        tmp.replace(path)
+        return
+    try:
+        os.link(os.fspath(tmp), os.fspath(path))  # fails if `path` exists (no clobber)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already committed (the store is append-only)") from None
+    except OSError:  # a file system without hard links: plain atomic rename
+        tmp.replace(path)
+        return
+    tmp.unlink()
 
 
 def _fsync_dir(directory: epath.Path) -> None:
@@ -453,7 +469,7 @@ class SampleStore:
         if shuffle:
             rows = rows.shuffle(seed=seed)
         rows = rows.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
-        batches = rows.map(lambda idx: arrays.batch(np.asarray(idx), batch_size))
+        batches = rows.map(functools.partial(_batch_of_rows, arrays, batch_size))
         # A short read-ahead: grain's default (hundreds of batches) only costs memory here.
         return batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
@@ -568,3 +584,10 @@ class SampleArrays:
             # Failed or missing scores are masked by ok_b; 0 keeps NaN out of the loss arithmetic.
             out["toxicity_b"] = np.where(ok_b, self.toxicity[safe_b], 0.0).astype(np.float32)
         return out
+
+
+def _batch_of_rows(
+    arrays: SampleArrays, batch_size: int, rows: np.ndarray
+) -> dict[str, np.ndarray]:
+    # Module-level (not a lambda) so the pipeline pickles into grain worker processes.
+    return arrays.batch(np.asarray(rows), batch_size)
