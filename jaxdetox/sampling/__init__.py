@@ -7,12 +7,14 @@
 - `generate(lm, tokens, ...)` (generate.py): `LanguageModel.generate` (DESIGN.md §4)
 """
 
+from jaxdetox.sampling.adapters import NnxLM
 from jaxdetox.sampling.decode import (
     DecodeModel,
     FunctionalLM,
     repeat_kv_cache,
     sample_loop,
 )
+from jaxdetox.sampling.generate import generate, lm_sampler, special_tokens
 from jaxdetox.sampling.sampler import Sampler, bucket_length, left_pad, sample_prompts
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig, StaticSpec
 from jaxdetox.sampling.warpers import (
@@ -26,17 +28,21 @@ from jaxdetox.sampling.warpers import (
 __all__ = [
     "DecodeModel",
     "FunctionalLM",
+    "NnxLM",
     "SampleOutput",
     "Sampler",
     "SamplingConfig",
     "StaticSpec",
     "apply_temperature",
     "bucket_length",
+    "generate",
     "left_pad",
+    "lm_sampler",
     "repeat_kv_cache",
     "sample_loop",
     "sample_prompts",
     "select_tokens",
+    "special_tokens",
     "top_k_filter",
     "top_p_filter",
     "warp_logits",

@@ -209,8 +209,8 @@ def sample_loop(
     ).reshape(-1)
     root_key = jax.random.key(values.seed)
     keys_n = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root_key, row_ids_n)
-    eos_e = jnp.asarray(spec.eos_token_ids, jnp.int32)
-    pad = jnp.int32(spec.pad_token_id)
+    stop_e = values.stop_ids
+    pad = values.pad_token_id
     guided = nado is not None
 
     def record(state: dict, step: jax.Array, draw: _Draw) -> dict:
@@ -225,8 +225,7 @@ def sample_loop(
         if guided:
             new["base_logprobs"] = put(state["base_logprobs"], draw.base_logprobs_n, 0.0)
         new["lengths"] = state["lengths"] + (~done_n).astype(jnp.int32)
-        stop_n = jnp.any(tokens_n[:, None] == eos_e[None, :], axis=-1) if eos_e.size else False
-        new["done"] = done_n | stop_n
+        new["done"] = done_n | jnp.any(tokens_n[:, None] == stop_e[None, :], axis=-1)
         new["last"] = tokens_n
         new["step"] = step + 1
         return new

@@ -20,8 +20,9 @@ class SamplingConfig:
     """How to sample completions; `temperature=0` is greedy decoding.
 
     Fields that fix shapes or code paths (`max_new_tokens`, `num_samples`, `top_k`,
-    greedy-or-not, top-p-or-not, stop tokens, `cache_dtype`) are compiled in; `temperature`,
-    `top_p`, `alpha` and `seed` are runtime values and never trigger a recompile.
+    greedy-or-not, top-p-or-not, `cache_dtype`, the number of stop tokens rounded up to a
+    multiple of 4) are compiled in; `temperature`, `top_p`, `alpha`, `seed`, the stop-token
+    values and `pad_token_id` are runtime values and never trigger a recompile.
     """
 
     max_new_tokens: int = 20
@@ -68,14 +69,17 @@ class SamplingConfig:
             top_k=self.top_k,
             greedy=self.greedy,
             use_top_p=(not self.greedy) and self.top_p < 1.0,
-            eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
             cache_dtype=self.cache_dtype,
         )
 
     def runtime_values(self) -> RuntimeValues:
         """The traced part of this config (changing it does not recompile)."""
+        # Stop ids padded with -1 (never a token) to a multiple of 4: few distinct shapes.
+        num_stop = 4 * max(1, -(-len(self.eos_token_ids) // 4))
+        stop_ids = list(self.eos_token_ids) + [-1] * (num_stop - len(self.eos_token_ids))
         return RuntimeValues(
+            stop_ids=jnp.asarray(stop_ids, jnp.int32),
+            pad_token_id=jnp.int32(self.pad_token_id),
             temperature=jnp.float32(self.temperature if self.temperature > 0 else 1.0),
             top_p=jnp.float32(self.top_p),
             alpha=jnp.float32(self.alpha),
@@ -92,8 +96,6 @@ class StaticSpec:
     top_k: int
     greedy: bool
     use_top_p: bool
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
     cache_dtype: str
 
     @property
@@ -104,8 +106,10 @@ class StaticSpec:
 
 @struct.dataclass
 class RuntimeValues:
-    """Traced sampling parameters (scalars)."""
+    """Traced sampling parameters."""
 
+    stop_ids: jax.Array  # int32 [E], -1 = unused slot
+    pad_token_id: jax.Array
     temperature: jax.Array
     top_p: jax.Array
     alpha: jax.Array

@@ -1,0 +1,191 @@
+"""The sampler on the real model families vs transformers PyTorch `generate` and forwards.
+
+Tiny random HF models (GPT-2, Llama with GQA) are built locally, saved with
+`save_pretrained` and loaded with `jaxdetox.models.load_pretrained`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxdetox import losses, sharding
+from jaxdetox.models import load_pretrained
+from jaxdetox.sampling import NnxLM, Sampler, SamplingConfig, lm_sampler, warp_logits
+
+VOCAB = 96
+PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 90]]
+HF_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_head=4, n_layer=2, n_positions=64, eos_token_id=1
+    ),
+    "llama_gqa": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (HF torch model, our LanguageModel loaded from its save_pretrained dir)."""
+    built = {}
+
+    def get(name, seed=0):
+        if (name, seed) not in built:
+            torch.manual_seed(seed)
+            hf = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name]()).eval()
+            with torch.no_grad():  # larger weights than HF's init: sharper, less tied logits
+                for p in hf.parameters():
+                    p.mul_(4.0) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+            directory = tmp_path_factory.mktemp(f"{name}_{seed}")
+            hf.save_pretrained(str(directory))
+            built[(name, seed)] = (hf, load_pretrained(directory))
+        return built[(name, seed)]
+
+    return get
+
+
+def _hf_greedy(hf, prompts, new, eos, pad):
+    """transformers greedy generate on a left-padded batch; new tokens padded to `new`."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    gen = out[:, width:].numpy()
+    return np.pad(gen, ((0, 0), (0, new - gen.shape[1])), constant_values=pad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_greedy_matches_transformers_left_padded_with_eos(models, name):
+    hf, lm = models(name)
+    sampler, params, _ = lm_sampler(lm)
+    no_stop = _hf_greedy(hf, PROMPTS, 8, eos=None, pad=0)
+    out = sampler.sample(params, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0.0))
+    np.testing.assert_array_equal(np.asarray(out.tokens), no_stop)
+    # Stop at a token that row 0 emits mid-way; finished rows are padded like HF's.
+    eos = int(no_stop[0, 3])
+    ref = _hf_greedy(hf, PROMPTS, 8, eos=eos, pad=0)
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0, eos_token_ids=(eos,))
+    out = sampler.sample(params, PROMPTS, config)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert int(out.lengths[0]) == 1 + list(no_stop[0]).index(eos)
+
+
+def test_lm_generate_matches_transformers_unpadded(models):
+    hf, lm = models("gpt2")
+    tokens = np.array([[3, 4, 5, 6], [60, 61, 62, 63]], np.int32)
+    ours = np.asarray(lm.generate(tokens, max_new_tokens=6))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(tokens, dtype=torch.long), do_sample=False, max_new_tokens=6)
+    ref = ref.numpy()
+    assert ours.shape == (2, 10) and ours.dtype == np.int32
+    np.testing.assert_array_equal(ours[:, : ref.shape[1]], ref)
+
+
+def _completion_logits(lm, prompts, out, k):
+    """Teacher-forced logits predicting each completion token (left-padded prompt + completion)."""
+    rows = [p for p in prompts for _ in range(k)]
+    new = out.tokens.shape[1]
+    width = max(map(len, rows)) + new
+    tokens = np.zeros((len(rows), width), np.int32)
+    segs = np.zeros_like(tokens)
+    for r, prompt in enumerate(rows):
+        m = int(out.lengths[r])
+        full = list(prompt) + list(out.tokens[r, :m])
+        start = width - new - len(prompt)
+        tokens[r, start : start + len(full)] = full
+        segs[r, start : start + len(full)] = 1
+    logits = np.asarray(lm.logits(tokens, segment_ids=segs))
+    return logits[:, width - new - 1 : width - 1]
+
+
+def _take(logp, tokens):
+    return np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
+
+
+@pytest.mark.slow
+def test_logprobs_equal_teacher_forced_forward(models):
+    _, lm = models("llama_gqa")
+    sampler, params, _ = lm_sampler(lm)
+    config = SamplingConfig(
+        max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, num_samples=2, seed=4,
+        eos_token_ids=(1,),
+    )  # fmt: skip
+    out = jax.tree.map(np.asarray, sampler.sample(params, PROMPTS, config))
+    logits = _completion_logits(lm, PROMPTS, out, 2)
+    mask = np.asarray(out.mask)
+    model_lp = _take(jax.nn.log_softmax(logits), out.tokens)
+    warped = warp_logits(jnp.asarray(logits), temperature=0.9, top_k=20, top_p=0.95)
+    sample_lp = _take(jax.nn.log_softmax(warped), out.tokens)
+    np.testing.assert_allclose(out.model_logprobs[mask], model_lp[mask], atol=1e-4)
+    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_guided_decoding_logprobs_with_two_model_caches(models):
+    """Guided rows: log q from the LM and a NADO (here a second Llama, logits = h_φ)."""
+    _, lm = models("llama_gqa")
+    _, nado = models("gpt2", seed=1)  # a different family and cache shape on purpose
+    sampler, params, nado_params = lm_sampler(lm, nado)
+    config = SamplingConfig(max_new_tokens=5, temperature=1.0, num_samples=2, alpha=2.0, seed=1)
+    out = jax.tree.map(np.asarray, sampler.sample(params, PROMPTS, config, nado_params=nado_params))
+    base = _completion_logits(lm, PROMPTS, out, 2)
+    h_nado = _completion_logits(nado, PROMPTS, out, 2)
+    log_q = losses.guided_log_probs(jnp.asarray(base), jnp.asarray(h_nado), alpha=2.0)
+    np.testing.assert_allclose(out.model_logprobs, _take(log_q, out.tokens), atol=1e-4)
+    np.testing.assert_allclose(out.logprobs, out.model_logprobs, atol=1e-5)  # T=1, no filter
+    np.testing.assert_allclose(
+        out.base_logprobs, _take(jax.nn.log_softmax(base), out.tokens), atol=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_sharded_8_devices_same_tokens_as_one_device(models):
+    _, lm = models("llama_gqa")
+    decode_model, params = NnxLM.from_module(lm.model)
+    config = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=30, num_samples=2, seed=3)
+    prompts = PROMPTS * 2
+    single = jax.tree.map(np.asarray, Sampler(decode_model).sample(params, prompts, config))
+    mesh = sharding.make_mesh((2, 2, 2))  # data x fsdp x tensor
+    sharded_params = sharding.shard_state(params, mesh)
+    sampler = Sampler(decode_model, mesh=mesh)
+    assert sampler.batch_multiple == 4
+    out = sampler.sample(sharded_params, prompts, config)
+    assert len(out.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(out.tokens), single.tokens)
+    np.testing.assert_allclose(np.asarray(out.model_logprobs), single.model_logprobs, atol=1e-4)
+
+
+def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
+    _, lm = models("gpt2")
+    sampler, _, _ = lm_sampler(lm)
+    before = sampler.compile_count
+    a = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4)
+    b = lm.generate(np.array([[3, 4, 5, 6, 7, 8, 9]]), max_new_tokens=4, temperature=0.7, seed=2)
+    assert sampler.compile_count - before <= 2  # greedy and sampling paths, one bucket
+    c = lm.generate(np.array([[9, 8, 7, 6, 5]]), max_new_tokens=4, temperature=1.3, seed=5)
+    assert sampler.compile_count - before <= 2
+    assert a.shape == (1, 7) and b.shape == (1, 11) and c.shape == (1, 9)
+    bf16 = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4, cache_dtype="bfloat16")
+    assert bf16.shape == (1, 7) and (np.asarray(bf16) < VOCAB).all()
