@@ -148,6 +148,19 @@ def test_append_only_and_duplicate_keys(tmp_path):
         _write_iteration(store, 1, {"../escape": [1]})
 
 
+def test_commit_never_replaces_a_chunk_another_writer_committed(tmp_path):
+    from etils import epath
+
+    from jaxdetox.data.sample_store import _commit
+
+    final, tmp = epath.Path(tmp_path / "c.parquet"), epath.Path(tmp_path / ".c.parquet.tmp-1")
+    final.write_text("committed by writer A")
+    tmp.write_text("from writer B")
+    with pytest.raises(FileExistsError, match="append-only"):
+        _commit(tmp, final)
+    assert final.read_text() == "committed by writer A"
+
+
 def test_crash_mid_write_leaves_nothing_visible_and_resumes(tmp_path, monkeypatch):
     import jaxdetox.data.sample_store as ss
 

@@ -13,6 +13,10 @@ chunk entirely or not at all. A sample's key is (prompt_id, sample_index); resum
 means skipping the prompts `done_prompt_ids` lists (sampling) or the keys `unlabelled` does
 not list (labelling). `batches()` reads an iteration back as fixed-shape numpy batches for the
 NADO and LM steps (conventions in `packing.py`).
+
+Multi-host: each host commits its own rows under chunk names that include its process index,
+every host reads all committed chunks (a shared directory) and `batches()` gives each host a
+disjoint share with the same number of batches; `corpora.to_global` makes global arrays.
 """
 
 from __future__ import annotations
