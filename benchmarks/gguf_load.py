@@ -1,4 +1,5 @@
-"""Load time and peak host memory of the built-in GGUF: our importer vs transformers' GGUF loader.
+"""Load time and peak host memory of the built-in GGUF: our importer vs transformers' GGUF loader,
+and `jaxdetox convert default OUT`.
 
 Each measurement runs in a fresh subprocess (peak RSS is per process); both run in the same
 invocation, so their ratio is comparable on a shared machine. Writes
@@ -33,10 +34,10 @@ if mode == "ours":
     tokens = np.asarray([lm.tokenizer("What is the capital of France?")["input_ids"]], np.int32)
 elif mode == "convert":
     import tempfile
-    from jaxdetox.models.gguf import convert_gguf_to_hf
+    from jaxdetox.cli import main
     base = rss(); t = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        convert_gguf_to_hf("default", d)
+        assert main(["convert", "default", d]) == 0  # `jaxdetox convert default OUT`
     load_s = time.perf_counter() - t; params = None
 else:
     import torch

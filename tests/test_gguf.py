@@ -284,13 +284,17 @@ def test_load_pretrained_gguf_logits_match_torch(tiny):
     np.testing.assert_allclose(np.asarray(lm.logits(tokens)), ref, atol=1e-5)
 
 
-def test_convert_writes_hf_checkpoint(tiny, tmp_path):
+def test_convert_command_writes_hf_checkpoint(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from jaxdetox.cli import main
+
     model, path = tiny
-    out = jgguf.convert_gguf_to_hf(path, tmp_path / "hf")
+    out = tmp_path / "hf"
+    assert main(["convert", str(path), str(out), "--verify", "--tol", "1e-5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["tie_word_embeddings"] == model.config.tie_word_embeddings
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokens = torch.tensor([[1, 9, 40, 200, 3, 77, 2]])
     with torch.no_grad():
@@ -301,23 +305,6 @@ def test_convert_writes_hf_checkpoint(tiny, tmp_path):
     text = " the ²³ 12 in"
     assert tok(text)["input_ids"] == reference_bpe_ids(text, _tiny_tokens(), MERGES)
     assert tok.chat_template == CHAT_TEMPLATE
-
-
-def test_convert_shards_when_over_limit(tmp_path):
-    from safetensors.numpy import load_file
-
-    model = _tiny_hf_model(tie=True, seed=2)
-    path = write_tiny_gguf(model, tmp_path / "t.gguf")
-    out = jgguf.convert_gguf_to_hf(path, tmp_path / "hf", max_shard_bytes=40_000)
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    files = sorted(set(index["weight_map"].values()))
-    assert len(files) > 1 and all((out / f).is_file() for f in files)
-    assert files[0].endswith(f"-of-{len(files):05d}.safetensors")
-    merged = {k: v for f in files for k, v in load_file(out / f).items()}
-    assert set(merged) == set(index["weight_map"])
-    np.testing.assert_array_equal(
-        merged["model.norm.weight"], model.state_dict()["model.norm.weight"].numpy()
-    )
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -3,6 +3,8 @@
     jaxdetox convert path/to/hf_dir out_dir                      # exact re-save
     jaxdetox convert path/to/hf_dir out_dir --dtype bfloat16     # cast parameters
     jaxdetox convert path/to/hf_dir out_dir --verify             # compare logits with transformers
+    jaxdetox convert model.gguf out_dir                          # llama.cpp GGUF (Llama) -> HF dir
+    jaxdetox convert default out_dir                             # the built-in SmolLM2-135M-Instruct
 
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` and with
 `jaxdetox.models.load_pretrained(out_dir)`. New input formats plug into `load_source`.
@@ -24,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="HF checkpoint dir or hub id")
+    p.add_argument(
+        "source", help="HF checkpoint dir, hub id, Llama .gguf file, or 'default' (built-in GGUF)"
+    )
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument(
         "--dtype",

