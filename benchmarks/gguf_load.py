@@ -23,6 +23,8 @@ mode = sys.argv[1]
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
 if mode == "ours":
     import jax, numpy as np
+    import gguf  # the libraries load_pretrained imports lazily: count them as imports, not load
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
     from jaxdetox.models import load_pretrained
     from jaxdetox.models.gguf import default_model_path
     path = default_model_path()
