@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from test_models_helpers import CONFIGS, hf_logits, left_padded_batch, make_hf_model
 
-from jaxdetox.models import ModelConfig, init_cache, load_pretrained, random_init
+from jaxdetox.models import LanguageModel, ModelConfig, init_cache, load_pretrained, random_init
 from jaxdetox.models.hf import abstract_model
 
 TOL = 1e-4
@@ -141,3 +142,54 @@ def test_full_size_shapes_match_hf_parameter_counts():
         model = abstract_model(ModelConfig.from_hf(hf))
         count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
         assert count == expected
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "linear_rope"])
+def test_rope_scaling_parity_at_large_positions(loaded, name):
+    # Far positions make every frequency band matter (low bands barely turn at t < 10).
+    hf, lm = loaded(name)
+    tokens = np.random.default_rng(5).integers(0, 96, (1, 8)).astype(np.int32)
+    positions = (np.arange(8, dtype=np.int32) * 997 + 3000)[None]
+    ours = np.asarray(lm.logits(tokens, positions=positions))
+    with torch.no_grad():
+        ref = hf(
+            torch.tensor(tokens, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        ).logits.numpy()
+    np.testing.assert_allclose(ours, ref, atol=TOL)
+    # The scaling is really exercised: unscaled RoPE gives different logits here.
+    unscaled = lm.config.replace(rope_type="default")
+    plain = LanguageModel(unscaled, nnx.merge(*_with_config(lm.model, unscaled)))
+    assert np.abs(np.asarray(plain.logits(tokens, positions=positions)) - ours).max() > 1e-3
+
+
+def _with_config(model, config):
+    """(graphdef built for `config`, the model's state): same weights, other static config."""
+    _, state = nnx.split(model)
+    new = nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0)))
+    return nnx.graphdef(new), state
+
+
+@pytest.mark.slow
+def test_remat_gradients_equal_and_compile_once(loaded):
+    _, lm = loaded("gpt2")
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 96, (2, 6)), jnp.int32)
+
+    def loss(params, graphdef):
+        logits, _ = nnx.merge(graphdef, params)(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+    graphdef, params = nnx.split(lm.model, nnx.Param)
+    remat_def, _ = _with_config(lm.model, lm.config.replace(remat=True))
+    g_plain = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef)
+    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, remat_def)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert float(jnp.abs(g_plain["layers"]["attn"]["wq"][...]).max()) > 0
+
+    from jaxdetox.models.lm import _logits
+
+    before = _logits._cache_size()
+    lm.logits(np.zeros((2, 5), np.int32))
+    lm.logits(np.ones((2, 5), np.int32))
+    assert _logits._cache_size() == before + 1
