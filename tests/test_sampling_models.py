@@ -13,7 +13,8 @@ import transformers
 
 from jaxdetox import losses, sharding
 from jaxdetox.models import load_pretrained
-from jaxdetox.sampling import NnxLM, Sampler, SamplingConfig, lm_sampler, warp_logits
+from jaxdetox.models.nado import NadoConfig, init_nado
+from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, lm_sampler, warp_logits
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 90]]
@@ -105,6 +106,13 @@ def test_lm_generate_matches_transformers_unpadded(models):
 
 def _completion_logits(lm, prompts, out, k):
     """Teacher-forced logits predicting each completion token (left-padded prompt + completion)."""
+    tokens, segs, first = _completion_rows(prompts, out, k)
+    logits = np.asarray(lm.logits(tokens, segment_ids=segs))
+    return logits[:, first - 1 : tokens.shape[1] - 1]
+
+
+def _completion_rows(prompts, out, k):
+    """Left-padded prompt + completion rows, segment ids, and the first completion column."""
     rows = [p for p in prompts for _ in range(k)]
     new = out.tokens.shape[1]
     width = max(map(len, rows)) + new
@@ -116,8 +124,7 @@ def _completion_logits(lm, prompts, out, k):
         start = width - new - len(prompt)
         tokens[r, start : start + len(full)] = full
         segs[r, start : start + len(full)] = 1
-    logits = np.asarray(lm.logits(tokens, segment_ids=segs))
-    return logits[:, width - new - 1 : width - 1]
+    return tokens, segs, width - new
 
 
 def _take(logp, tokens):
@@ -143,27 +150,42 @@ def test_logprobs_equal_teacher_forced_forward(models):
 
 
 @pytest.mark.slow
-def test_guided_decoding_logprobs_with_two_model_caches(models):
-    """Guided rows: log q from the LM and a NADO (here a second Llama, logits = h_φ)."""
+@pytest.mark.parametrize("variant", ["separate", "shared"])
+def test_guided_decoding_with_nado_model(models, variant):
+    """The real NADO: own body + cache (separate) or a head on the LM's hidden states."""
     _, lm = models("llama_gqa")
-    _, nado = models("gpt2", seed=1)  # a different family and cache shape on purpose
+    nado_config = NadoConfig.for_lm(lm.config, variant, num_layers=1, head_init="normal")
+    nado = init_nado(nado_config, seed=3)
+    nado.head.w[...] = 50.0 * nado.head.w[...]  # |h_φ| ~ 1: guidance visibly reshapes p
     sampler, params, nado_params = lm_sampler(lm, nado)
-    config = SamplingConfig(max_new_tokens=5, temperature=1.0, num_samples=2, alpha=2.0, seed=1)
-    out = jax.tree.map(np.asarray, sampler.sample(params, PROMPTS, config, nado_params=nado_params))
-    base = _completion_logits(lm, PROMPTS, out, 2)
-    h_nado = _completion_logits(nado, PROMPTS, out, 2)
-    log_q = losses.guided_log_probs(jnp.asarray(base), jnp.asarray(h_nado), alpha=2.0)
-    np.testing.assert_allclose(out.model_logprobs, _take(log_q, out.tokens), atol=1e-4)
-    np.testing.assert_allclose(out.logprobs, out.model_logprobs, atol=1e-5)  # T=1, no filter
-    np.testing.assert_allclose(
-        out.base_logprobs, _take(jax.nn.log_softmax(base), out.tokens), atol=1e-4
+    config = SamplingConfig(
+        max_new_tokens=4, temperature=0.8, top_k=40, num_samples=2, seed=2, alpha=2.0
     )
+    out = jax.tree.map(np.asarray, sampler.sample(params, PROMPTS, config, nado_params=nado_params))
+    tokens, segs, first = _completion_rows(PROMPTS, out, 2)
+    base = np.asarray(lm.logits(tokens, segment_ids=segs))
+    if variant == "shared":
+        h_lm, _ = lm.model.hidden_states(jnp.asarray(tokens), segment_ids_bt=jnp.asarray(segs))
+        h_nado, _ = nado(jnp.asarray(tokens), lm_hidden_btd=h_lm)
+    else:
+        h_nado, _ = nado(jnp.asarray(tokens), segment_ids_bt=jnp.asarray(segs))
+    cols = slice(first - 1, tokens.shape[1] - 1)
+    base, h_nado = base[:, cols], np.asarray(h_nado)[:, cols]
+    assert np.abs(h_nado).mean() > 0.3
+    log_q = losses.guided_log_probs(jnp.asarray(base), jnp.asarray(h_nado), alpha=2.0)
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(out.model_logprobs[mask], _take(log_q, out.tokens)[mask], atol=1e-4)
+    warped = warp_logits(log_q, temperature=0.8, top_k=40)
+    sample_lp = _take(jax.nn.log_softmax(warped), out.tokens)
+    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=1e-4)
+    base_lp = _take(jax.nn.log_softmax(base), out.tokens)
+    np.testing.assert_allclose(out.base_logprobs[mask], base_lp[mask], atol=1e-4)
 
 
 @pytest.mark.slow
 def test_sharded_8_devices_same_tokens_as_one_device(models):
     _, lm = models("llama_gqa")
-    decode_model, params = NnxLM.from_module(lm.model)
+    decode_model, params = decode_model_for(lm.model)
     config = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=30, num_samples=2, seed=3)
     prompts = PROMPTS * 2
     single = jax.tree.map(np.asarray, Sampler(decode_model).sample(params, prompts, config))

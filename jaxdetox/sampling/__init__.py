@@ -7,7 +7,7 @@
 - `generate(lm, tokens, ...)` (generate.py): `LanguageModel.generate` (DESIGN.md §4)
 """
 
-from jaxdetox.sampling.adapters import NnxLM
+from jaxdetox.sampling.adapters import NnxLM, NnxSharedNado, decode_model_for
 from jaxdetox.sampling.decode import (
     DecodeModel,
     FunctionalLM,
@@ -29,12 +29,14 @@ __all__ = [
     "DecodeModel",
     "FunctionalLM",
     "NnxLM",
+    "NnxSharedNado",
     "SampleOutput",
     "Sampler",
     "SamplingConfig",
     "StaticSpec",
     "apply_temperature",
     "bucket_length",
+    "decode_model_for",
     "generate",
     "left_pad",
     "lm_sampler",

@@ -1,9 +1,13 @@
-"""`DecodeModel` for the Flax NNX model families (jaxdetox/models): graphdef + params.
+"""`DecodeModel`s for the Flax NNX models (jaxdetox/models): graphdef + params as arguments.
 
-`NnxLM` holds only the graphdef (hashable, compared by structure), so every model with the
-same architecture shares compiled samplers, and parameters travel as arguments. The
+An adapter holds only the graphdef (hashable, compared by structure), so every model with
+the same architecture shares compiled samplers, and parameters travel as arguments. The
 prefill computes logits for the last position only (hidden states -> one unembedding row
 per prompt) instead of `[B, P, V]`.
+
+- `NnxLM`: Llama / GPT-2 `CausalLM`s and the separate-body `NadoModel` (own KV cache).
+- `NnxSharedNado`: the shared-backbone `NadoModel` (a head on the LM's hidden states).
+- `decode_model_for(module)` picks the right one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
 
 def _constrain_cache(cache: Any) -> Any:
     """Batch-shard a `KVCache` by its logical axes when a mesh is set (no-op otherwise)."""
+    if cache is None:
+        return None
     return jax.tree.map(
         sharding.constrain,
         cache,
@@ -29,21 +35,40 @@ def _constrain_cache(cache: Any) -> Any:
     )
 
 
+def _project(module: nnx.Module, h_btd: jax.Array) -> jax.Array:
+    """float32 logits `h @ w_vd.T (+ bias)` from the module's `unembed_weights()`."""
+    w_vd, bias_v = module.unembed_weights()
+    logits_btv = jnp.einsum(
+        "BTD,VD->BTV", h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=jnp.float32
+    )
+    return logits_btv if bias_v is None else logits_btv + bias_v.astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class NnxLM:
-    """A jaxdetox causal LM (Llama, GPT-2, or anything with the same call convention).
-
-    The module must provide `hidden_states(...)`, `unembed_weights()` and `config`
-    (docs/interfaces.md); `init_cache` comes from `jaxdetox.models.init_cache`.
-    """
+    """A module with the causal-LM call convention, `hidden_states` and `unembed_weights`
+    (docs/interfaces.md); its cache comes from `module.init_cache` if it has one, else
+    `jaxdetox.models.init_cache(module.config, ...)`."""
 
     graphdef: nnx.GraphDef
+    reads_lm_hidden = False
 
-    @classmethod
-    def from_module(cls, module: nnx.Module) -> tuple[NnxLM, Params]:
-        """Split a module into the decode model and its parameters."""
-        graphdef, params = nnx.split(module, nnx.Param)
-        return cls(graphdef), params
+    def hidden_states(
+        self,
+        params: Params,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: Cache,
+    ) -> tuple[jax.Array, Cache]:
+        """Final hidden states `[B, T, D]` and the updated cache."""
+        return nnx.merge(self.graphdef, params).hidden_states(
+            tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
+        )
+
+    def project(self, params: Params, h_btd: jax.Array) -> jax.Array:
+        """Vocabulary logits of hidden states, float32."""
+        return _project(nnx.merge(self.graphdef, params), h_btd)
 
     def apply(
         self,
@@ -54,28 +79,53 @@ class NnxLM:
         cache: Cache,
         last_only: bool,
     ) -> tuple[jax.Array, Cache]:
-        """Merge params into the graph and run it; float32 logits."""
-        model = nnx.merge(self.graphdef, params)
-        kwargs = dict(positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache)
-        if not last_only:
-            return model(tokens_bt, **kwargs)
-        h_btd, cache = model.hidden_states(tokens_bt, **kwargs)
-        w_vd, bias_v = model.unembed_weights()
-        h_b1d = h_btd[:, -1:]
-        logits_b1v = jnp.einsum(
-            "BTD,VD->BTV", h_b1d, w_vd.astype(h_b1d.dtype), preferred_element_type=jnp.float32
-        )
-        if bias_v is not None:
-            logits_b1v = logits_b1v + bias_v.astype(jnp.float32)
-        return logits_b1v, cache
+        """Float32 logits (last position only if `last_only`) and the updated cache."""
+        h_btd, cache = self.hidden_states(params, tokens_bt, positions_bt, segment_ids_bt, cache)
+        return self.project(params, h_btd[:, -1:] if last_only else h_btd), cache
 
     def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
-        """An empty `KVCache` for the module's config, batch-sharded under a mesh."""
-        from jaxdetox.models import init_cache
+        """An empty KV cache, batch-sharded under a mesh."""
+        module = nnx.merge(self.graphdef, params)
+        if hasattr(module, "init_cache"):
+            cache = module.init_cache(batch, max_len, dtype)
+        else:
+            from jaxdetox.models import init_cache
 
-        config = nnx.merge(self.graphdef, params).config
-        return _constrain_cache(init_cache(config, batch, max_len, dtype))
+            cache = init_cache(module.config, batch, max_len, dtype)
+        return _constrain_cache(cache)
 
     def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
         """Repeat rows for k samples per prompt, keeping the batch sharding."""
         return _constrain_cache(repeat_kv_cache(cache, repeats))
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxSharedNado:
+    """The shared-backbone NADO: only a head, applied to the LM's final hidden states."""
+
+    graphdef: nnx.GraphDef
+    reads_lm_hidden = True
+
+    def project(self, params: Params, h_btd: jax.Array) -> jax.Array:
+        """NADO logits `h_φ` of the LM's hidden states, float32."""
+        return _project(nnx.merge(self.graphdef, params), h_btd)
+
+    def apply(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, Cache]:
+        """Not callable on tokens: the sampler feeds it the LM's hidden states."""
+        raise TypeError("a shared-backbone NADO reads the LM's hidden states; use project()")
+
+    def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
+        """No cache of its own."""
+        return None
+
+    def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
+        """No cache of its own."""
+        return None
+
+
+def decode_model_for(module: nnx.Module) -> tuple[NnxLM | NnxSharedNado, Params]:
+    """`(decode_model, params)` for an LM or NADO module (shared NADO -> `NnxSharedNado`)."""
+    graphdef, params = nnx.split(module, nnx.Param)
+    if getattr(getattr(module, "config", None), "variant", None) == "shared":
+        return NnxSharedNado(graphdef), params
+    return NnxLM(graphdef), params

@@ -36,7 +36,13 @@ Params = Any
 
 
 class DecodeModel(Protocol):
-    """A causal LM in pure-function form. Hashable: it is a static argument of the jit."""
+    """A causal LM in pure-function form. Hashable: it is a static argument of the jit.
+
+    Optional extras (see `adapters.py`): `hidden_states(params, tokens, positions, segments,
+    cache) -> (h_btd, cache)` and `project(params, h_btd) -> logits` on an LM, and
+    `reads_lm_hidden = True` on a NADO whose head reads the LM's hidden states (it then
+    needs only `project`, `init_cache`/`repeat_cache` returning None).
+    """
 
     def apply(
         self,
@@ -167,6 +173,43 @@ def _draw(
     return _Draw(tokens_n, logprobs_n, _token_log_prob(model_nv, tokens_n), base_n)
 
 
+def _forward(
+    model: DecodeModel,
+    nado: DecodeModel | None,
+    params: Params,
+    nado_params: Params | None,
+    tokens_bt: jax.Array,
+    positions_bt: jax.Array,
+    segment_ids_bt: jax.Array,
+    lm_cache: Cache,
+    nado_cache: Cache,
+    last_only: bool,
+) -> tuple[jax.Array, jax.Array | None, Cache, Cache]:
+    """Last-position float32 logits `[B, V]` of the LM (and NADO), and both updated caches.
+
+    A NADO with `reads_lm_hidden` (the shared-backbone variant) has no body and no cache:
+    its head reads the LM's final hidden states, so the LM runs once for both.
+    """
+    if nado is not None and getattr(nado, "reads_lm_hidden", False):
+        h_btd, lm_cache = model.hidden_states(
+            params, tokens_bt, positions_bt, segment_ids_bt, lm_cache
+        )
+        h_b1d = h_btd[:, -1:]
+        base_b1v = model.project(params, h_b1d)
+        nado_b1v = nado.project(nado_params, h_b1d)
+        return base_b1v[:, -1], nado_b1v[:, -1], lm_cache, nado_cache
+    base_b1v, lm_cache = model.apply(
+        params, tokens_bt, positions_bt, segment_ids_bt, lm_cache, last_only
+    )
+    nado_bv = None
+    if nado is not None:
+        nado_b1v, nado_cache = nado.apply(
+            nado_params, tokens_bt, positions_bt, segment_ids_bt, nado_cache, last_only
+        )
+        nado_bv = nado_b1v[:, -1].astype(jnp.float32)
+    return base_b1v[:, -1].astype(jnp.float32), nado_bv, lm_cache, nado_cache
+
+
 def sample_loop(
     model: DecodeModel,
     nado: DecodeModel | None,
@@ -182,8 +225,8 @@ def sample_loop(
 
     `prompt_bp` int32 `[B, P]` left-padded, `segment_ids_bp` 1 on real tokens and 0 on
     padding, `row_base_b` int32 `[B]` the global index of each prompt (it seeds its rows).
-    With `nado` set, tokens are drawn from the guided distribution of DESIGN.md §1 and both
-    models keep their own cache.
+    With `nado` set, tokens are drawn from the guided distribution of DESIGN.md §1; a
+    separate NADO keeps its own cache, a shared-head NADO reads the LM's hidden states.
     """
     batch, prompt_len = prompt_bp.shape
     k, num_new = spec.num_samples, spec.max_new_tokens
@@ -194,14 +237,19 @@ def sample_loop(
     segment_ids_bp = segment_ids_bp.astype(jnp.int32)
     positions_bp, prompt_lens_b = prompt_positions(segment_ids_bp)
 
-    def prefill(m: DecodeModel, p: Params) -> tuple[jax.Array, Cache]:
-        cache = m.init_cache(p, batch, cache_len, cache_dtype)
-        logits_b1v, cache = m.apply(p, prompt_bp, positions_bp, segment_ids_bp, cache, True)
-        logits_nv = jnp.repeat(logits_b1v[:, -1].astype(jnp.float32), k, axis=0)
-        return logits_nv, m.repeat_cache(cache, k)
-
-    base_logits_nv, lm_cache = prefill(model, params)
-    nado_logits_nv, nado_cache = prefill(nado, nado_params) if nado is not None else (None, None)
+    lm_cache = model.init_cache(params, batch, cache_len, cache_dtype)
+    nado_cache = (
+        nado.init_cache(nado_params, batch, cache_len, cache_dtype) if nado is not None else None
+    )
+    base_logits_bv, nado_logits_bv, lm_cache, nado_cache = _forward(
+        model, nado, params, nado_params,
+        prompt_bp, positions_bp, segment_ids_bp, lm_cache, nado_cache, last_only=True,
+    )  # fmt: skip
+    # k samples per prompt: repeat the prefilled state, never the prefill itself.
+    base_logits_nv = jnp.repeat(base_logits_bv, k, axis=0)
+    nado_logits_nv = None if nado is None else jnp.repeat(nado_logits_bv, k, axis=0)
+    lm_cache = model.repeat_cache(lm_cache, k)
+    nado_cache = nado.repeat_cache(nado_cache, k) if nado is not None else None
 
     prompt_lens_n = jnp.repeat(prompt_lens_b, k)
     row_ids_n = (
@@ -254,16 +302,12 @@ def sample_loop(
         # The token drawn at step s-1 sits at position prompt_len + s - 1.
         positions_n1 = (prompt_lens_n + step - 1)[:, None]
         segments_n1 = jnp.ones_like(tokens_n1)
-        logits_n1v, lm_cache = model.apply(
-            params, tokens_n1, positions_n1, segments_n1, state["lm_cache"], False
-        )
-        nado_logits_nv, nado_cache = None, None
-        if guided:
-            nado_logits_n1v, nado_cache = nado.apply(
-                nado_params, tokens_n1, positions_n1, segments_n1, state["nado_cache"], False
-            )
-            nado_logits_nv = nado_logits_n1v[:, -1]
-        draw = _draw(spec, values, keys_n, step, logits_n1v[:, -1], nado_logits_nv)
+        base_logits_nv, nado_logits_nv, lm_cache, nado_cache = _forward(
+            model, nado, params, nado_params,
+            tokens_n1, positions_n1, segments_n1, state["lm_cache"], state["nado_cache"],
+            last_only=False,
+        )  # fmt: skip
+        draw = _draw(spec, values, keys_n, step, base_logits_nv, nado_logits_nv)
         new = record(state, step, draw)
         new["lm_cache"], new["nado_cache"] = lm_cache, nado_cache
         return new

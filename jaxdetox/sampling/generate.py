@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdetox.sampling.adapters import NnxLM
+from jaxdetox.sampling.adapters import decode_model_for
 from jaxdetox.sampling.sampler import Sampler
 from jaxdetox.sampling.types import SamplingConfig
 
@@ -20,13 +20,13 @@ _SAMPLERS: dict[tuple, Sampler] = {}
 def lm_sampler(lm: Any, nado: Any = None) -> tuple[Sampler, Any, Any]:
     """`(sampler, lm_params, nado_params)` for a `LanguageModel` (and optional NADO module).
 
-    `nado` may be a `LanguageModel`-like object (with `.model`) or an NNX module with the
-    causal-LM call convention whose logits are the NADO's `h_φ`.
+    `nado`: a `NadoModel` (separate body with its own cache, or shared head on the LM's
+    hidden states), or any module / `LanguageModel` whose logits serve as `h_φ`.
     """
-    model, params = NnxLM.from_module(lm.model)
+    model, params = decode_model_for(lm.model)
     nado_model, nado_params = None, None
     if nado is not None:
-        nado_model, nado_params = NnxLM.from_module(getattr(nado, "model", nado))
+        nado_model, nado_params = decode_model_for(getattr(nado, "model", nado))
     mesh = getattr(lm, "mesh", None)
     key = (model, nado_model, mesh)
     if key not in _SAMPLERS:
