@@ -30,7 +30,14 @@ EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0"],
     # Second offline toxicity oracle (ONNX model; brings onnxruntime and onnx).
     "hatesonar": ["hatesonar==0.1.0"],
-    "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.15", "torch==2.13.0", "hatesonar==0.1.0"],
+    "dev": [
+        "pytest>=8",
+        "pytest-xdist>=3",
+        "ruff>=0.15",
+        "torch==2.13.0",
+        "hatesonar==0.1.0",
+        "accelerate>=1.10",  # transformers needs it to load GGUF files (the GGUF parity reference)
+    ],
 }
 
 setup(
