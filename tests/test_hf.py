@@ -212,3 +212,26 @@ def test_index_naming_a_missing_shard(tmp_path):
     )
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
         load_pretrained(tmp_path)
+
+
+def test_hub_id_resolves_through_snapshot_download(hf_dirs, monkeypatch):
+    # No network here: stand in for the Hub download and check what we ask it for.
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(hf_dirs["llama_tied"][0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    lm = load_pretrained("someone/tiny-llama", revision="v1")
+    assert calls[0][:2] == ("someone/tiny-llama", "v1")
+    assert {"*.safetensors", "*.json"} <= set(calls[0][2])
+    tokens = np.arange(6, dtype=np.int32).reshape(1, 6)
+    np.testing.assert_allclose(
+        np.asarray(lm.logits(tokens)), hf_logits(hf_dirs["llama_tied"][1], tokens), atol=1e-4
+    )
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="someone/not-cached.*HF Hub"):
+        load_pretrained("someone/not-cached")  # HF_HUB_OFFLINE=1 in tests

@@ -160,7 +160,14 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str], revision: str | N
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-    return Path(snapshot_download(str(path_or_hub_id), revision=revision, allow_patterns=patterns))
+    try:
+        local = snapshot_download(str(path_or_hub_id), revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, auth, network: all mean "cannot get it"
+        raise CheckpointError(
+            f"{path_or_hub_id!r}: not a local directory, and fetching it from the HF Hub "
+            f"failed ({type(e).__name__}: {e})"
+        ) from e
+    return Path(local)
 
 
 # ----------------------------------------------------------------------------- import
