@@ -190,9 +190,10 @@ def test_guided_decoding_samples_the_enumerated_teacher():
     )
 
 
-def test_seed_reproducible_and_batch_layout_invariant(sampler, params):
+def test_seed_reproducible_and_batch_layout_invariant(sampler, params, capsys):
     config = dataclasses.replace(SHARED, temperature=1.0, top_p=0.95, seed=5)
-    a = sample_prompts(sampler, params, PROMPTS, config, batch_size=4, progress=False)
+    a = sample_prompts(sampler, params, PROMPTS, config, batch_size=4, progress=True)
+    assert "tok_s=" in capsys.readouterr().err  # the progress bar reports tokens/s
     b = sample_prompts(sampler, params, PROMPTS, config, batch_size=2, progress=False)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)

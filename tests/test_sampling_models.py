@@ -203,11 +203,11 @@ def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
     _, lm = models("gpt2")
     sampler, _, _ = lm_sampler(lm)
     before = sampler.compile_count
-    a = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4)
-    b = lm.generate(np.array([[3, 4, 5, 6, 7, 8, 9]]), max_new_tokens=4, temperature=0.7, seed=2)
-    assert sampler.compile_count - before <= 2  # greedy and sampling paths, one bucket
-    c = lm.generate(np.array([[9, 8, 7, 6, 5]]), max_new_tokens=4, temperature=1.3, seed=5)
-    assert sampler.compile_count - before <= 2
-    assert a.shape == (1, 7) and b.shape == (1, 11) and c.shape == (1, 9)
+    sample = dict(max_new_tokens=4, temperature=0.7, top_p=0.9)
+    a = lm.generate(np.array([[3, 4, 5], [6, 7, 8]]), seed=1, **sample)
+    b = lm.generate(np.array([[3, 4, 5, 6, 7, 8, 9]] * 2), seed=2, **sample)
+    c = lm.generate(np.array([[9, 8, 7, 6, 5]] * 2), **{**sample, "temperature": 1.3})
+    assert sampler.compile_count - before == 1  # one bucket, runtime temperature/seed
+    assert a.shape == (2, 7) and b.shape == (2, 11) and c.shape == (2, 9)
     bf16 = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4, cache_dtype="bfloat16")
     assert bf16.shape == (1, 7) and (np.asarray(bf16) < VOCAB).all()

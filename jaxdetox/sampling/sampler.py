@@ -238,6 +238,8 @@ def sample_prompts(
     """
     from tqdm.auto import tqdm
 
+    if not prompts:
+        raise ValueError("sample_prompts: no prompts given")
     k = config.num_samples
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     parts: list[tuple[np.ndarray, SampleOutput]] = []
