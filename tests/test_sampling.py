@@ -124,6 +124,7 @@ def _chi_square_pvalue(counts, probs, min_expected=5.0):
     return stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
 
 
+@pytest.mark.slow
 def test_first_token_frequencies_chi_square(sampler, params):
     n = 4000
     config = SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=8, num_samples=n, seed=3)
@@ -209,6 +210,7 @@ def test_seed_reproducible_and_batch_layout_invariant(sampler, params, capsys):
     np.testing.assert_array_equal(direct.tokens, a.tokens)
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(params):
     sampler = Sampler(toy_model())
     config = SamplingConfig(max_new_tokens=3, temperature=0.9, top_p=0.9, prompt_bucket=16)
@@ -223,6 +225,7 @@ def test_compiles_once_per_bucket(params):
     assert sampler.compile_count == 2
 
 
+@pytest.mark.slow
 def test_sharded_over_8_devices_matches_one_device(params):
     assert jax.device_count() >= 8
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))

@@ -199,6 +199,7 @@ def test_sharded_8_devices_same_tokens_as_one_device(models):
     np.testing.assert_allclose(np.asarray(out.model_logprobs), single.model_logprobs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
     _, lm = models("gpt2")
     sampler, _, _ = lm_sampler(lm)
