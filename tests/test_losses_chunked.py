@@ -53,9 +53,10 @@ def vjp_all(inputs, cot_nll, cot_kl, chunk_size):
 @pytest.mark.parametrize(
     ("b", "t", "d", "v", "chunk", "student_bias"),
     [
-        (2, 5, 8, 11, 3, False),  # 10 tokens, chunk 3: padded tail
-        (3, 7, 16, 37, 4, True),  # 21 tokens, chunk 4
-        (1, 6, 4, 5, 6, False),  # divides exactly
+        (2, 5, 8, 11, 4, False),  # 2 time steps per chunk, T = 5: padded tail
+        (3, 7, 16, 37, 6, True),  # 2 steps per chunk, T = 7
+        (1, 6, 4, 5, 3, False),  # divides exactly
+        (4, 3, 8, 13, 2, False),  # chunk_size < B: one time step per chunk
         (2, 3, 8, 13, None, True),  # default chunk (128) larger than B·T
     ],
 )
@@ -127,6 +128,7 @@ def test_chunked_nll_equals_naive():
     np.testing.assert_allclose(reg.nll_bt.sum(), vn, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_inputs_compute_in_float32():
     x = make_inputs(2, 2, 6, 16, 23, dtype=jnp.bfloat16)
     out = jax.jit(functools.partial(losses.regularized_lm_loss, chunk_size=5))(**x)
@@ -134,6 +136,15 @@ def test_bf16_inputs_compute_in_float32():
     ref = jax.jit(losses.regularized_lm_loss_naive)(**x)
     np.testing.assert_allclose(out.kl_bt, ref.kl_bt, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.nll_bt, ref.nll_bt, rtol=1e-5, atol=1e-5)
+    # bf16 weights: the head gradient comes back in bf16 but is summed over chunks in
+    # float32, so it is the float32 gradient of the same inputs rounded once.
+    x32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, x)
+    ones = jnp.ones(x["mask_bt"].shape, jnp.float32)
+    _, g16 = vjp_all(x, ones, ones, 1)  # one time step per chunk: 6 chunks to sum
+    _, g32 = vjp_all(x32, ones, ones, 0)
+    w16, w32 = np.asarray(g16["head"][0].astype(jnp.float32)), np.asarray(g32["head"][0])
+    assert g16["head"][0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(w16, w32, rtol=2**-8, atol=1e-6)
 
 
 def test_extreme_teacher_and_kl_mask_default():

@@ -3,7 +3,8 @@
 The regularised objective (DESIGN.md §1) needs, per token, three vocabulary-sized rows:
 student logits `h·Wᵀ`, reference logits `h_ref·W_refᵀ` and NADO logits `h_φ·W_φᵀ + b`.
 At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (DESIGN.md §2) we scan
-over chunks of tokens: each step builds the three rows for `chunk_size` tokens, reduces them
+over chunks of tokens (time slices of the whole batch): each step builds the three rows for
+about `chunk_size` tokens, reduces them
 to per-token NLL and KL, and is wrapped in `jax.checkpoint`, so the backward pass recomputes
 the chunk instead of keeping `[chunk, V]` residuals for every chunk. Only the student
 (`h`, its head) receives gradients; the teacher side is stop-gradient.
@@ -13,6 +14,7 @@ A head is the pair `(w_vd, b_v | None)` that `model.unembed_weights()` returns.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -66,8 +68,9 @@ def default_chunk_size(hidden_size: int) -> int:
 
     The backward pass must hold one float32 [V, D] gradient of the head anyway; tying the
     chunk to D keeps the few [chunk, V] blocks of a step small next to it. Measured on
-    XLA:CPU (benchmarks/kl_memory.py, V = 128256, D = 2048) the regularised loss then needs
-    no more temp memory than plain chunked CE at chunk ≤ D/8, 1.14× at D/4, 1.6× at D/2.
+    XLA:CPU (benchmarks/kl_memory.py, V = 128256, D = 2048, float32) the regularised loss
+    then needs the same temp memory as plain chunked CE (chunk ≤ D/8: ratio 1.00), while
+    chunk D/4 gives 1.28× and D/2 1.50×.
     Floor 128 keeps matmuls MXU/GEMM-efficient.
     """
     return int(min(MAX_CHUNK, max(MIN_CHUNK, 2 ** int(math.log2(max(hidden_size // 8, 1))))))
@@ -84,41 +87,58 @@ def _map_token_chunks(
     per_token: tuple[Array, ...],
     chunk_size: int | None,
 ) -> tuple[Array, ...]:
-    """Applies `fn` to `[chunk_size, ...]` slices of `[B, T, ...]` arrays; returns `[B, T]` outputs.
+    """Applies `fn` to `[B, c, ...]` time slices of `[B, T, ...]` arrays; returns `[B, T]` outputs.
 
-    `per_token[0]` is the student's `[B, T, D]` hidden states (its D picks the default chunk).
-
-    B·T need not be divisible by `chunk_size`: the tail is padded with zeros, which every
-    caller's mask zeroes, and sliced off again.
+    A step covers `c = max(1, chunk_size // B)` time steps of every row, i.e. about
+    `chunk_size` tokens. Chunking along T (not along the flattened B·T) keeps the batch axis
+    in every step, so a batch sharded over devices stays sharded: each device works on its
+    own rows at every step. T need not be divisible by `c`: the tail is padded with zeros,
+    which every caller's mask zeroes, and sliced off again (the pad copies the inputs; when
+    `c` divides T nothing is copied). `per_token[0]` is the student's `[B, T, D]` hidden
+    states (its D picks the default chunk size).
     """
     b, t = per_token[0].shape[:2]
     if chunk_size is None:
         chunk_size = default_chunk_size(per_token[0].shape[-1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n = b * t
-    chunk_size = min(chunk_size, n)
-    n_chunks = math.ceil(n / chunk_size)
-    pad = n_chunks * chunk_size - n
+    steps_per_chunk = min(t, max(1, chunk_size // b))
+    n_chunks = math.ceil(t / steps_per_chunk)
+    pad = n_chunks * steps_per_chunk - t
 
-    def to_chunks(x: Array) -> Array:
-        x = x.reshape((n,) + x.shape[2:])
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+    padded = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in per_token]
 
-    # The checkpoint keeps only the chunk's inputs (already held as scan operands) for the
-    # backward pass, which rebuilds the [chunk, V] rows one chunk at a time.
-    body = jax.checkpoint(lambda xs: fn(*xs), prevent_cse=False)
-    _, outs = jax.lax.scan(
-        lambda carry, xs: (carry, body(xs)), None, tuple(map(to_chunks, per_token))
-    )
-    return tuple(o.reshape(n_chunks * chunk_size)[:n].reshape(b, t) for o in outs)
+    # The scan runs over chunk *indices* and slices the inputs in place: reshaping them into
+    # [n_chunks, B, c, ...] scan operands would transpose (copy) every [B, T, D] input, and
+    # measured temp memory then grows with B·T; sliced in place it stays flat. The checkpoint
+    # keeps only the index for the backward pass, which re-slices and rebuilds the [B, c, V]
+    # rows one chunk at a time.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def body(i: Array) -> tuple[Array, ...]:
+        start = i * steps_per_chunk
+        return fn(
+            *(jax.lax.dynamic_slice_in_dim(x, start, steps_per_chunk, axis=1) for x in padded)
+        )
+
+    def from_chunks(y: Array) -> Array:  # [n_chunks, B, c] -> [B, T]
+        return jnp.moveaxis(y, 0, 1).reshape(b, n_chunks * steps_per_chunk)[:, :t]
+
+    _, outs = jax.lax.scan(lambda carry, i: (carry, body(i)), None, jnp.arange(n_chunks))
+    return tuple(map(from_chunks, outs))
 
 
 def _masks(mask_bt: Array, kl_mask_bt: Array | None) -> tuple[Array, Array]:
     mask = jnp.asarray(mask_bt) != 0
     kl_mask = mask if kl_mask_bt is None else jnp.asarray(kl_mask_bt) != 0
     return mask, kl_mask
+
+
+def _accumulating(head: Head) -> Head:
+    """The student head in (at least) float32 before the scan: its gradient is summed over
+    chunks in the scan carry, which has the weight's dtype; bf16 would round at every chunk.
+    Autodiff casts the finished sum back to the weight's dtype once."""
+    w, b = head
+    return upcast(w), None if b is None else upcast(b)
 
 
 def _frozen(head: Head) -> Head:
@@ -166,8 +186,9 @@ def regularized_lm_loss(
 
     Equals `regularized_lm_loss_naive` (values and gradients) without materialising any
     `[B, T, V]` tensor. `mask_bt` selects NLL tokens, `kl_mask_bt` (default: `mask_bt`) KL
-    tokens. Loss = Σ mask·nll + λ·Σ kl_mask·kl, formed by the caller. `chunk_size` tokens per
-    step (default `default_chunk_size(D)`); any value works, B·T need not divide.
+    tokens. Loss = Σ mask·nll + λ·Σ kl_mask·kl, formed by the caller. About `chunk_size`
+    tokens per step (whole time steps of the batch; default `default_chunk_size(D)`); T need
+    not be divisible.
     """
     bt = h_btd.shape[:2]
     _check_tokens("regularized_lm_loss: h_btd", h_btd, bt, 1)
@@ -177,6 +198,8 @@ def regularized_lm_loss(
     mask, kl_mask = _masks(mask_bt, kl_mask_bt)
     _check_tokens("regularized_lm_loss: mask_bt", mask, bt, 0)
     _check_tokens("regularized_lm_loss: kl_mask_bt", kl_mask, bt, 0)
+
+    head = _accumulating(head)
 
     def chunk(
         h: Array, h_ref: Array, h_nado: Array, tgt: Array, m: Array, km: Array
@@ -226,6 +249,8 @@ def chunked_nll(
     _check_tokens("chunked_nll: h_btd", h_btd, bt, 1)
     _check_tokens("chunked_nll: targets_bt", targets_bt, bt, 0)
     mask = jnp.asarray(mask_bt) != 0
+
+    head = _accumulating(head)
 
     def chunk(h: Array, tgt: Array, m: Array) -> tuple[Array]:
         return (token_nll(head_logits(h, head), tgt, m),)
