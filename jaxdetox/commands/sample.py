@@ -1,0 +1,163 @@
+"""`jaxdetox sample`: pipeline stages 1–2 — sample k completions per prompt, score them with
+a toxicity oracle, persist both in a sample store, and print the toxicity table.
+
+    jaxdetox sample --out runs/quickstart                      # built-in default, offline
+    jaxdetox sample --model ckpt_dir --prompts prompts.jsonl --oracle hf:/models/toxigen
+
+The defaults are the built-in offline setup: SmolLM2-135M-Instruct (GGUF wheel), the
+built-in eval prompts fed as raw text (RealToxicityPrompts protocol), 4 samples of 20 tokens
+(top-k 50, temperature 1), the offline profanity-check classifier. Rerunning the same
+command resumes: committed samples and labels are never recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxdetox.commands.score import parse_oracle_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `sample` subcommand."""
+    p = subparsers.add_parser(
+        "sample",
+        help="sample completions for prompts, score them, store them, print a toxicity table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/sample"), help="run directory")
+    p.add_argument("--model", default="default", help="HF dir, .gguf, hub id or 'default'")
+    p.add_argument(
+        "--prompts",
+        default="builtin",
+        help="'builtin', or a prompt file (RTP prompts.jsonl, SafeNLP toxiGen.json, jsonl/txt)",
+    )
+    p.add_argument("--split", default="eval", help="built-in prompts: train | eval | all")
+    p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--prompt-tokens", type=int, default=30, help="truncate prompts (paper: 30)")
+    p.add_argument("--num-samples", type=int, default=4, help="completions per prompt (k)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call")
+    p.add_argument("--oracle", default="default", help="oracle name (see `jaxdetox score`)")
+    p.add_argument("--oracle-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--iteration", type=int, default=0, help="sample-store iteration")
+    p.add_argument("--show", type=int, default=5, help="print this many example completions")
+    p.set_defaults(func=run)
+
+
+def load_prompt_set(spec: str, split: str) -> tuple:
+    """`(PromptSet, kind column or None)` for 'builtin' or a prompt file."""
+    from jaxdetox import assets
+    from jaxdetox.data import load_prompt_records, load_prompts
+
+    if spec != "builtin":
+        return load_prompts(spec), None
+    prompts = load_prompt_records(
+        assets.asset_path("prompts.jsonl"), id_field="id", meta_fields=("split", "kind")
+    )
+    if split != "all":
+        prompts = prompts.filter(meta={"split": split})
+    return prompts, prompts.meta["kind"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sample, label, summarise; writes `OUT/samples/`, `OUT/summary.json`, `OUT/summary.md`."""
+    import numpy as np
+
+    from jaxdetox import oracles
+    from jaxdetox.data import SampleStore, tokenize_prompts
+    from jaxdetox.evaluate import toxicity_summary
+    from jaxdetox.models import load_pretrained
+    from jaxdetox.sampling import SamplingConfig, special_tokens
+    from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"loading model {args.model!r} ...", flush=True)
+    lm = load_pretrained(args.model)
+    if lm.tokenizer is None:
+        raise SystemExit(f"jaxdetox sample: model {args.model!r} has no tokenizer files")
+    prompt_set, kinds = load_prompt_set(args.prompts, args.split)
+    if args.max_prompts:
+        prompt_set = prompt_set.take(np.arange(min(args.max_prompts, len(prompt_set))))
+    prompts = tokenize_prompts(prompt_set, lm.tokenizer, max_tokens=args.prompt_tokens)
+    eos_ids, pad_id = special_tokens(lm.config)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+        seed=args.seed,
+    )
+    store = SampleStore(out / "samples")
+    report = sample_stage(lm, prompts, store, args.iteration, config, batch_size=args.batch_size)
+    print(f"{report.stage}: {report.processed} prompts sampled, {report.skipped} already done")
+
+    oracle = oracles.load(
+        args.oracle, cache=out / "oracle_cache.sqlite", **parse_oracle_args(args.oracle_arg)
+    )
+    label_name = oracle_label_name(args.oracle)
+    report = label_stage(store, args.iteration, oracle, label_name)
+    print(f"{report.stage}: {report.processed} completions scored")
+
+    table = store.read(args.iteration, label_name)
+    prompt_ids = table["prompt_id"].to_numpy()
+    toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
+    ok = table["ok"].to_numpy(zero_copy_only=False)
+    groups = {"all": np.ones(len(prompt_ids), bool)}
+    if kinds is not None:
+        kind_of = dict(zip(prompt_set.ids.tolist(), kinds))
+        row_kind = np.array([kind_of.get(int(p), "?") for p in prompt_ids])
+        groups.update({k: row_kind == k for k in sorted(set(kinds))})
+    summary = {
+        name: toxicity_summary(toxicity[m], ok[m], prompt_ids[m]) for name, m in groups.items()
+    }
+    result = {
+        "model": args.model,
+        "oracle": oracle.oracle_id,
+        "prompts": args.prompts,
+        "sampling": {
+            "num_samples": args.num_samples,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+        },
+        "summary": summary,
+    }
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    markdown = summary_markdown(summary)
+    (out / "summary.md").write_text(markdown)
+    print("\n" + markdown)
+    worst = np.argsort(-np.nan_to_num(toxicity, nan=-1.0))[: args.show]
+    texts = table.select(["prompt_text", "completion_text"]).to_pylist()
+    for i in worst:
+        print(
+            f"  [{toxicity[i]:.2f}] {texts[i]['prompt_text']!r} -> {texts[i]['completion_text']!r}"
+        )
+    print(f"\nwrote {out}/summary.md, {out}/summary.json and the samples in {out}/samples/")
+    return 0
+
+
+def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per prompt group, RTP metrics as columns."""
+    header = (
+        "| prompts | n prompts | completions | expected max toxicity | toxicity probability "
+        "| mean toxicity | oracle failures |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = [
+        f"| {name} | {s['prompts']} | {s['completions']} | {s['expected_max_toxicity']:.3f} "
+        f"| {s['toxicity_probability']:.3f} | {s['mean_toxicity']:.3f} | {s['oracle_failures']} |"
+        for name, s in summary.items()
+    ]
+    return header + "\n".join(rows) + "\n"

@@ -1,0 +1,106 @@
+"""Pipeline stages 1-2: samples and labels persist per chunk and resume without recomputing."""
+
+import numpy as np
+import pytest
+
+from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
+from jaxdetox.models import ModelConfig, random_init
+from jaxdetox.sampling import SamplingConfig
+from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
+from tests._tokenizer import make_tokenizer
+
+TEXTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tok = make_tokenizer(bos_prefix=True)
+    config = ModelConfig(
+        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+    return random_init(config, seed=0, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def prompts(lm):
+    n = len(TEXTS)
+    prompt_set = PromptSet(
+        ids=np.arange(100, 100 + n, dtype=np.int64), keys=tuple(TEXTS), texts=tuple(TEXTS),
+        toxicity=np.full(n, np.nan, np.float32), challenging=np.zeros(n, bool), source="t",
+    )  # fmt: skip
+    return tokenize_prompts(prompt_set, lm.tokenizer)
+
+
+CONFIG = SamplingConfig(max_new_tokens=6, top_k=20, num_samples=3, eos_token_ids=(2,), seed=3)
+
+
+class CountingOracle:
+    """Toxicity = fraction of vowels; counts the texts it is asked to score."""
+
+    oracle_id = "vowels-v1"
+
+    def __init__(self, fail_on: str | None = None):
+        self.seen = 0
+        self.fail_on = fail_on
+
+    def score(self, texts):
+        self.seen += len(texts)
+        tox = np.array([sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts], np.float32)
+        ok = np.array([self.fail_on is None or self.fail_on not in t for t in texts])
+        return np.where(ok, tox, np.nan).astype(np.float32), ok
+
+
+def test_resumed_sampling_equals_uninterrupted(lm, prompts, tmp_path):
+    full = SampleStore(tmp_path / "full")
+    report = sample_stage(lm, prompts, full, 0, CONFIG, batch_size=2, progress=False)
+    assert report.processed == len(TEXTS)
+    # A rerun of a finished stage does nothing.
+    assert sample_stage(lm, prompts, full, 0, CONFIG, batch_size=2).processed == 0
+
+    # "Crash" after the first batch: only its chunk is committed, the stage is not done.
+    part = SampleStore(tmp_path / "part")
+    first = prompts.__class__(
+        ids=prompts.ids[:2], tokens=prompts.tokens[:2], texts=prompts.texts[:2],
+        num_truncated=0, num_dropped=0, source="t",
+    )  # fmt: skip
+    sample_stage(lm, first, part, 0, CONFIG, batch_size=2, progress=False)
+    (part.root / "iter_0000" / "sampled.done.json").unlink()
+    resumed = sample_stage(lm, prompts, part, 0, CONFIG, batch_size=2, progress=False)
+    assert (resumed.processed, resumed.skipped) == (len(TEXTS) - 2, 2)
+
+    a, b = full.read_samples(0), part.read_samples(0)
+    assert a.num_rows == b.num_rows == len(TEXTS) * CONFIG.num_samples
+    for column in ("prompt_id", "sample_index", "completion_tokens", "completion_text"):
+        assert a[column].to_pylist() == b[column].to_pylist(), column
+
+
+def test_labels_resume_and_failures_stay_masked(lm, prompts, tmp_path):
+    store = SampleStore(tmp_path / "s")
+    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    n = len(TEXTS) * CONFIG.num_samples
+    oracle = CountingOracle()
+    label_stage(store, 0, oracle, "vowels", batch_size=4, progress=False)
+    assert oracle.seen == n
+    assert label_stage(store, 0, oracle, "vowels", batch_size=4).processed == 0
+    assert oracle.seen == n  # nothing rescored
+
+    table = store.read(0, "vowels")
+    assert np.all(table["ok"].to_numpy(zero_copy_only=False))
+    texts = table["completion_text"].to_pylist()
+    expected = [sum(c in "aeiou" for c in t) / max(len(t), 1) for t in texts]
+    np.testing.assert_allclose(table["toxicity"].to_numpy(zero_copy_only=False), expected, 1e-6)
+
+    # An oracle that fails on some texts: those are committed as ok=False, never clean.
+    failing = CountingOracle(fail_on="e")
+    label_stage(store, 0, failing, "failing", batch_size=5, progress=False)
+    table = store.read(0, "failing")
+    ok = table["ok"].to_numpy(zero_copy_only=False)
+    assert list(ok) == ["e" not in t for t in texts]
+    assert np.all(np.isnan(table["toxicity"].to_numpy(zero_copy_only=False)[~ok]))
+
+
+def test_oracle_label_name():
+    assert oracle_label_name("hf:/models/toxigen roberta") == "hf_models_toxigen_roberta"
+    assert oracle_label_name("default") == "default"
