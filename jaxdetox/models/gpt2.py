@@ -10,31 +10,19 @@ from flax import nnx
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.hf import TensorMap, identity_map
 from jaxdetox.models.layers import (
-    Attention,
-    AttentionContext,
     CausalLM,
     DenseMLP,
     LayerNorm,
+    PreNormBlock,
     param,
 )
 
 
-class GPT2Block(nnx.Module):
-    """Pre-norm block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`."""
+class GPT2Block(PreNormBlock):
+    """GPT-2 decoder layer: `ln_1` + attention, `ln_2` + gelu_new MLP."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = LayerNorm(config)
-        self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = LayerNorm(config)
-        self.mlp = DenseMLP(config, rngs=rngs)
-
-    def __call__(
-        self, x_btd: jax.Array, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """One decoder layer; returns the new residual stream and this layer's cache."""
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), ctx, kv)
-        x_btd = x_btd + attn_btd
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), kv
+    norm_cls = LayerNorm
+    mlp_cls = DenseMLP
 
 
 class GPT2(CausalLM):

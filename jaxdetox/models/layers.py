@@ -270,6 +270,36 @@ class DenseMLP(nnx.Module):
 # ----------------------------------------------------------------------------- base LM
 
 
+def unembed(h_btd: jax.Array, w_vd: jax.Array, bias_v: jax.Array | None = None) -> jax.Array:
+    """Float32 logits `h_btd @ w_vd.T (+ bias_v)`: the LM head, NADO head and samplers share it."""
+    logits_btv = jnp.einsum(
+        "BTD,VD->BTV", h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=F32
+    )
+    return logits_btv if bias_v is None else logits_btv + bias_v.astype(F32)
+
+
+class PreNormBlock(nnx.Module):
+    """Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`. A family picks
+    its norm and MLP by subclassing (Llama: RMSNorm + SwiGLU; GPT-2: LayerNorm + gelu MLP)."""
+
+    norm_cls: ClassVar[type[nnx.Module]]
+    mlp_cls: ClassVar[type[nnx.Module]]
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = self.norm_cls(config)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = self.norm_cls(config)
+        self.mlp = self.mlp_cls(config, rngs=rngs)
+
+    def __call__(
+        self, x_btd: jax.Array, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array] | None
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """One decoder layer; returns the new residual stream and this layer's cache."""
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), ctx, kv)
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.mlp_norm(x_btd)), kv
+
+
 def default_positions(segment_ids_bt: jax.Array, offset_b: jax.Array | int = 0) -> jax.Array:
     """Running count of non-padding tokens per row (first real token -> `offset`)."""
     count_bt = jnp.cumsum((segment_ids_bt != 0).astype(jnp.int32), axis=1)
@@ -395,10 +425,5 @@ class CausalLM(nnx.Module):
         h_btd, new_cache = self.hidden_states(
             tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
         )
-        w_vd, bias_v = self.unembed_weights()
-        logits_btv = jnp.einsum(
-            "BTD,VD->BTV", h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=F32
-        )
-        if bias_v is not None:
-            logits_btv = logits_btv + bias_v.astype(F32)
+        logits_btv = unembed(h_btd, *self.unembed_weights())
         return constrain(logits_btv, ("batch", "length", "vocab")), new_cache

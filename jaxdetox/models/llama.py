@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import jax
-from flax import nnx
-
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.hf import TensorMap, identity_map
-from jaxdetox.models.layers import (
-    Attention,
-    AttentionContext,
-    CausalLM,
-    GatedMLP,
-    RMSNorm,
-)
+from jaxdetox.models.layers import CausalLM, GatedMLP, PreNormBlock, RMSNorm
 
 
-class LlamaBlock(nnx.Module):
-    """Pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+class LlamaBlock(PreNormBlock):
+    """Llama decoder layer: RMSNorm + attention (RoPE, GQA), RMSNorm + SwiGLU."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(config)
-        self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(config)
-        self.mlp = GatedMLP(config, rngs=rngs)
-
-    def __call__(
-        self, x_btd: jax.Array, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """One decoder layer; returns the new residual stream and this layer's cache."""
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), ctx, kv)
-        x_btd = x_btd + attn_btd
-        return x_btd + self.mlp(self.mlp_norm(x_btd)), kv
+    norm_cls = RMSNorm
+    mlp_cls = GatedMLP
 
 
 class Llama(CausalLM):

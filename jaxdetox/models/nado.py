@@ -34,7 +34,7 @@ from jaxdetox import sharding
 from jaxdetox.models.cache import KVCache, init_cache
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.hf import CheckpointError, abstract_model, family_module
-from jaxdetox.models.layers import F32, param
+from jaxdetox.models.layers import param, unembed
 from jaxdetox.models.lm import build_model
 
 VARIANTS = ("separate", "shared")
@@ -96,10 +96,7 @@ class NadoHead(nnx.Module):
 
     def __call__(self, h_btd: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]`."""
-        logits = jnp.einsum(
-            "BTD,VD->BTV", h_btd, self.w[...].astype(h_btd.dtype), preferred_element_type=F32
-        )
-        return logits + self.b[...].astype(F32)
+        return unembed(h_btd, self.w[...], self.b[...])
 
 
 class NadoModel(nnx.Module):
