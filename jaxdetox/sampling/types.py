@@ -142,5 +142,5 @@ class SampleOutput:
     @property
     def mask(self) -> jax.Array:
         """bool `[N, max_new_tokens]`: True on generated (non-padding) slots."""
-        steps = jnp.arange(self.tokens.shape[1])
+        steps = np.arange(self.tokens.shape[1])  # numpy in, numpy out; jax in, jax out
         return steps[None, :] < self.lengths[:, None]
