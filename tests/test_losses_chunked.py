@@ -217,3 +217,78 @@ def test_chunked_memory_is_close_to_plain_chunked_ce():
     # 4× the tokens: the chunked loss only grows by the [B, T, D]-sized terms
     reg_temp_4x = _temp_bytes(_reg_loss, *_memory_args(4 * b, t, d, v))
     assert reg_temp_4x - reg_temp <= 3 * (3 * b * t * d * 4), (reg_temp, reg_temp_4x)
+
+
+def test_batch_sharded_inputs_stay_sharded():
+    """With B sharded over 8 devices: same numbers, no all-gather, dh keeps the sharding."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",))
+    x = make_inputs(5, 8, 12, 16, 29)
+
+    def place(a):
+        rows = a.ndim >= 2 and a.shape[:2] == (8, 12)
+        return jax.device_put(a, NamedSharding(mesh, P("data") if rows else P()))
+
+    @jax.jit
+    def grads(x):
+        rest = {k: v for k, v in x.items() if k not in ("h_btd", "head")}
+
+        def loss(h, head):
+            out = losses.regularized_lm_loss(h, head, **rest, chunk_size=32)  # 4 steps per chunk
+            return out.nll_bt.sum() + 0.5 * out.kl_bt.sum()
+
+        return jax.value_and_grad(loss, (0, 1))(x["h_btd"], x["head"])
+
+    sharded = jax.tree.map(place, x)
+    got, want = grads(sharded), grads(x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert tuple(got[1][0].sharding.spec)[:1] == ("data",)  # dh sharded like h
+    assert "all-gather" not in grads.lower(sharded).compile().as_text()
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "consistency", "reverse"))
+def nado_vjp(x, labels, cot_bce, cot_reg, chunk_size, consistency, reverse):
+    """NADO terms from hidden states and their VJP w.r.t. NADO and base inputs."""
+    floats = {
+        "h_nado_btd": x["h_nado_btd"],
+        "nado_head": x["nado_head"],
+        "h_base_btd": x["h_ref_btd"],
+        "base_head": x["ref_head"],
+    }
+
+    def f(floats):
+        args = (floats["h_nado_btd"], floats["nado_head"], floats["h_base_btd"])
+        args += (floats["base_head"], x["targets_bt"], labels, x["mask_bt"])
+        kw = {"consistency": consistency, "reverse": reverse}
+        if chunk_size == 0:
+            return losses.nado_losses_naive(*args, **kw)
+        return losses.nado_losses(*args, **kw, chunk_size=chunk_size)
+
+    out, pullback = jax.vjp(f, floats)
+    return out, pullback(losses.NadoLoss(cot_bce, cot_reg))[0]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "consistency", "reverse"),
+    [(4, "kl", False), (6, "squared", False), (None, "kl", True), (4, None, False)],
+)
+def test_nado_losses_from_hidden_equal_naive(chunk, consistency, reverse):
+    b, t = 2, 7
+    x = make_inputs(11, b, t, 8, 17)
+    rng = np.random.default_rng(3)
+    labels = jnp.asarray(rng.uniform(size=b), jnp.float32)
+    cot_bce, cot_reg = (jnp.asarray(rng.normal(size=(b, t)), jnp.float32) for _ in range(2))
+    got, g_got = jax.device_get(nado_vjp(x, labels, cot_bce, cot_reg, chunk, consistency, reverse))
+    want, g_want = jax.device_get(nado_vjp(x, labels, cot_bce, cot_reg, 0, consistency, reverse))
+    np.testing.assert_allclose(got.bce_bt, want.bce_bt, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.consistency_bt, want.consistency_bt, rtol=1e-5, atol=1e-6)
+    if consistency is not None:
+        assert np.abs(got.consistency_bt).max() > 0
+    for key in ("h_nado_btd", "nado_head"):
+        for a, w in zip(jax.tree.leaves(g_got[key]), jax.tree.leaves(g_want[key])):
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5, err_msg=key)
+    for key in ("h_base_btd", "base_head"):  # the base LM is frozen
+        assert all(np.all(g == 0) for g in jax.tree.leaves((g_got[key], g_want[key]))), key

@@ -2,22 +2,27 @@
 
 `from jaxdetox import losses` exposes everything below; the submodules group them:
 `token` (vocabulary-level NLL, guided teacher, closed-form KL), `nado` (the auxiliary
-model's BCE, consistency and importance weights) and `chunked` (the memory-lean LM loss
-computed from hidden states and head weights).
+model's BCE, consistency and importance weights) and `chunked` (the memory-lean LM and
+NADO losses computed from hidden states and head weights, for 128k vocabularies).
 """
 
 from jaxdetox.losses.chunked import (
+    NadoLoss,
     RegularizedLoss,
     chunked_nll,
     default_chunk_size,
     head_logits,
+    nado_losses,
+    nado_losses_naive,
     naive_nll,
     regularized_lm_loss,
     regularized_lm_loss_naive,
 )
 from jaxdetox.losses.nado import (
     CONSISTENCY_KINDS,
+    bce_of_selected,
     bernoulli_kl,
+    consistency_of,
     nado_bce,
     nado_consistency,
     one_step_expectation,
@@ -37,9 +42,12 @@ from jaxdetox.losses.token import (
 
 __all__ = [
     "CONSISTENCY_KINDS",
+    "NadoLoss",
     "RegularizedLoss",
     "apply_mask",
+    "bce_of_selected",
     "bernoulli_kl",
+    "consistency_of",
     "chunked_nll",
     "default_chunk_size",
     "guided_log_probs",
@@ -47,6 +55,8 @@ __all__ = [
     "log_softmax",
     "naive_nll",
     "nado_bce",
+    "nado_losses",
+    "nado_losses_naive",
     "nado_consistency",
     "one_step_expectation",
     "regularized_lm_loss",

@@ -9,7 +9,10 @@ to per-token NLL and KL, and is wrapped in `jax.checkpoint`, so the backward pas
 the chunk instead of keeping `[chunk, V]` residuals for every chunk. Only the student
 (`h`, its head) receives gradients; the teacher side is stop-gradient.
 
-A head is the pair `(w_vd, b_v | None)` that `model.unembed_weights()` returns.
+`nado_losses` does the same for the NADO objective (BCE via a row gather, the consistency
+regulariser's full-vocabulary expectation in chunks). A head is the pair `(w_vd, b_v | None)`
+that `model.unembed_weights()` returns. Each memory-lean function has a `*_naive` twin that
+builds full logits from the same per-token functions: the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from jaxdetox.losses.nado import (
+    bce_of_selected,
+    consistency_of,
+    nado_bce,
+    nado_consistency,
+    one_step_expectation,
+)
 from jaxdetox.losses.token import guided_log_probs, token_kl, token_nll, upcast
 
 __all__ = [
@@ -30,7 +40,10 @@ __all__ = [
     "RegularizedLoss",
     "chunked_nll",
     "head_logits",
+    "NadoLoss",
     "naive_nll",
+    "nado_losses",
+    "nado_losses_naive",
     "regularized_lm_loss",
     "regularized_lm_loss_naive",
 ]
@@ -261,3 +274,99 @@ def chunked_nll(
 def naive_nll(h_btd: Array, head: Head, targets_bt: Array, mask_bt: Array) -> Array:
     """Per-token cross-entropy with full `[B, T, V]` logits (reference for `chunked_nll`)."""
     return token_nll(head_logits(h_btd, head), targets_bt, jnp.asarray(mask_bt) != 0)
+
+
+class NadoLoss(NamedTuple):
+    """Per-token NADO terms; the caller weights (importance weights, λ_reg) and reduces."""
+
+    bce_bt: Array  # BCE(σ(h(y_≤t)[y_t+1]), C), 0 where mask_bt is 0
+    consistency_bt: Array  # Bellman regulariser at t (pairs t with t+1); 0 if disabled
+
+
+def _selected_logits(h: Array, head: Head, targets: Array) -> Array:
+    """h·W[y] + b[y] for the realised next tokens only: gathers rows, no [.., V] logits."""
+    w_vd, b_v = head
+    w_rows = jnp.take(w_vd, targets, axis=0)
+    out_dtype = jnp.promote_types(jnp.result_type(h, w_vd), jnp.float32)
+    logit = jnp.einsum("...d,...d->...", h, w_rows, preferred_element_type=out_dtype)
+    return logit if b_v is None else logit + upcast(jnp.take(b_v, targets, axis=0))
+
+
+def _shift_left(x: Array) -> Array:
+    """x[:, t+1] at position t (zeros at the end): the next prefix's inputs."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
+def nado_losses(
+    h_nado_btd: Array,
+    nado_head: Head,
+    h_base_btd: Array,
+    base_head: Head,
+    targets_bt: Array,
+    labels_b: Array,
+    mask_bt: Array,
+    *,
+    consistency: str | None = "kl",
+    reverse: bool = False,
+    chunk_size: int | None = None,
+) -> NadoLoss:
+    """`nado_bce` and `nado_consistency` from hidden states, never building [B, T, V] logits.
+
+    The BCE only needs h·W[y_t+1] (a row gather). The consistency needs the full-vocabulary
+    expectation s = Σ_v p(v|y_≤t+1)·σ(h(y_≤t+1)[v]) of the *next* position, computed in
+    token chunks like `regularized_lm_loss`; `consistency=None` skips it. The base LM
+    (`h_base_btd`, `base_head`) is frozen; gradients reach the NADO hidden states and head.
+    """
+    bt = h_nado_btd.shape[:2]
+    _check_tokens("nado_losses: h_nado_btd", h_nado_btd, bt, 1)
+    _check_tokens("nado_losses: h_base_btd", h_base_btd, bt, 1)
+    _check_tokens("nado_losses: targets_bt", targets_bt, bt, 0)
+    mask = jnp.asarray(mask_bt) != 0
+    _check_tokens("nado_losses: mask_bt", mask, bt, 0)
+    labels_bt = jnp.broadcast_to(upcast(labels_b)[:, None], bt)
+    nado_head = _accumulating(nado_head)
+    targets = jnp.where(mask, targets_bt, 0)
+    r_logit = _selected_logits(h_nado_btd, nado_head, targets)
+    bce = bce_of_selected(r_logit, labels_bt, mask)
+    if consistency is None:
+        return NadoLoss(bce, jnp.zeros_like(bce))
+    base_head = _frozen(base_head)
+
+    def chunk(h_next: Array, h_base_next: Array, r_logit: Array, pair_mask: Array) -> tuple[Array]:
+        log_s, log_1ms = one_step_expectation(
+            head_logits(jax.lax.stop_gradient(h_base_next), base_head),
+            head_logits(h_next, nado_head),
+        )
+        return (consistency_of(r_logit, log_s, log_1ms, pair_mask, consistency, reverse),)
+
+    pair_mask = mask & _shift_left(mask)
+    (reg,) = _map_token_chunks(
+        chunk,
+        (_shift_left(h_nado_btd), _shift_left(h_base_btd), r_logit, pair_mask),
+        chunk_size,
+    )
+    return NadoLoss(bce, reg)
+
+
+def nado_losses_naive(
+    h_nado_btd: Array,
+    nado_head: Head,
+    h_base_btd: Array,
+    base_head: Head,
+    targets_bt: Array,
+    labels_b: Array,
+    mask_bt: Array,
+    *,
+    consistency: str | None = "kl",
+    reverse: bool = False,
+) -> NadoLoss:
+    """Reference form of `nado_losses` with full `[B, T, V]` logits (tests, small V)."""
+    nado_logits = head_logits(h_nado_btd, nado_head)
+    bce = nado_bce(nado_logits, targets_bt, labels_b, mask_bt)
+    if consistency is None:
+        return NadoLoss(bce, jnp.zeros_like(bce))
+    base_logits = head_logits(h_base_btd, base_head)
+    reg = nado_consistency(
+        nado_logits, base_logits, targets_bt, mask_bt, kind=consistency, reverse=reverse
+    )
+    return NadoLoss(bce, reg)

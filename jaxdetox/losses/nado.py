@@ -22,7 +22,9 @@ from jaxdetox.losses.token import apply_mask, log_softmax, upcast
 
 __all__ = [
     "CONSISTENCY_KINDS",
+    "bce_of_selected",
     "bernoulli_kl",
+    "consistency_of",
     "nado_bce",
     "nado_consistency",
     "one_step_expectation",
@@ -56,11 +58,14 @@ def nado_bce(nado_logits_btv: Array, targets_bt: Array, labels_b: Array, mask_bt
             f"{targets_bt.shape[:-1]}, got {labels_b.shape}"
         )
     logit_bt = select_logits(nado_logits_btv, targets_bt, mask_bt)
+    return bce_of_selected(logit_bt, jnp.broadcast_to(labels_b[..., None], logit_bt.shape), mask_bt)
+
+
+def bce_of_selected(logit_bt: Array, labels_bt: Array, mask_bt: Array) -> Array:
+    """Masked BCE-with-logits of already selected NADO logits h[y_t+1] against labels."""
     # Every generated position regresses on the same sequence-level label: its minimiser is
     # E[C | prefix] = R(x, y_≤t+1) under the sampling distribution (paper-notes §3.4).
-    bce_bt = optax.sigmoid_binary_cross_entropy(
-        logit_bt, jnp.broadcast_to(labels_b[..., None], logit_bt.shape)
-    )
+    bce_bt = optax.sigmoid_binary_cross_entropy(upcast(logit_bt), upcast(labels_bt))
     return apply_mask(bce_bt, mask_bt)
 
 
@@ -111,8 +116,19 @@ def nado_consistency(
         )
     base_logits_btv = jax.lax.stop_gradient(base_logits_btv)
     r_logit = select_logits(nado_logits_btv, targets_bt, mask_bt)[..., :-1]
-    log_r, log_1mr = jax.nn.log_sigmoid(r_logit), jax.nn.log_sigmoid(-r_logit)
     log_s, log_1ms = one_step_expectation(base_logits_btv[..., 1:, :], nado_logits_btv[..., 1:, :])
+    mask = jnp.asarray(mask_bt) != 0
+    reg = consistency_of(r_logit, log_s, log_1ms, mask[..., :-1] & mask[..., 1:], kind, reverse)
+    return jnp.concatenate([reg, jnp.zeros_like(reg[..., :1])], axis=-1)
+
+
+def consistency_of(
+    r_logit: Array, log_s: Array, log_1ms: Array, mask: Array, kind: str, reverse: bool
+) -> Array:
+    """Elementwise regulariser between r = σ(r_logit) and s (given as log s, log(1 − s))."""
+    if kind not in CONSISTENCY_KINDS:
+        raise ValueError(f"nado consistency: kind must be one of {CONSISTENCY_KINDS}, got {kind!r}")
+    log_r, log_1mr = jax.nn.log_sigmoid(r_logit), jax.nn.log_sigmoid(-r_logit)
     if kind == "kl":
         if reverse:
             reg = bernoulli_kl(log_s, log_1ms, log_r, log_1mr)
@@ -122,9 +138,7 @@ def nado_consistency(
         reg = (jnp.exp(log_r) - jnp.exp(log_s)) ** 2
     else:  # "ratio": (s/r − 1)²
         reg = jnp.expm1(log_s - log_r) ** 2
-    mask = jnp.asarray(mask_bt) != 0
-    reg = apply_mask(reg, mask[..., :-1] & mask[..., 1:])
-    return jnp.concatenate([reg, jnp.zeros_like(reg[..., :1])], axis=-1)
+    return apply_mask(reg, mask)
 
 
 def self_normalized_weights(
