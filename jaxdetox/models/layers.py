@@ -389,15 +389,30 @@ class CausalLM(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def run_layer(x: jax.Array, layer_in: tuple[Any, Any]) -> tuple[jax.Array, Any]:
-            state, kv = layer_in
+        # The stacked cache rides in the scan carry and each layer writes only its T new
+        # slots into it (in place). As scan xs/ys instead, the whole [L, B, S, ...] cache
+        # was rewritten every decode step (GPT-2-small, B=32, CPU: 181 -> 145 ms per step
+        # at S=50, 1077 -> 527 ms at S=400; measured for the sampler, issue 4).
+        def run_layer(carry: tuple[jax.Array, Any], layer_in: tuple[Any, Any]) -> tuple:
+            x, kv_all = carry
+            state, i = layer_in
+            kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
             x, kv = nnx.merge(graphdef, state)(x, ctx, kv)
-            return constrain(x, ("batch", "length", "embed")), kv
+            if kv_all is not None:
+                kv_all = tuple(
+                    jax.lax.dynamic_update_slice(
+                        stacked, jax.lax.dynamic_slice_in_dim(layer, write_index, t, 1)[None],
+                        (i, 0, write_index, 0, 0),
+                    )
+                    for stacked, layer in zip(kv_all, kv)
+                )  # fmt: skip
+            return (constrain(x, ("batch", "length", "embed")), kv_all), None
 
         if cfg.remat:
             run_layer = jax.checkpoint(run_layer, prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x_btd, kv_out = jax.lax.scan(run_layer, x_btd, (layer_state, kv_in))
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x_btd, kv_out), _ = jax.lax.scan(run_layer, (x_btd, kv_in), (layer_state, layer_ids))
         h_btd = self.final_norm(x_btd)
 
         new_cache = None
