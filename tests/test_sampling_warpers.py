@@ -89,3 +89,15 @@ def test_select_tokens_greedy_and_per_row_keys():
     # A row's draw depends on its own key only, not on the other rows in the batch.
     b = select_tokens(keys[2:4], logits[2:4], greedy=False)
     np.testing.assert_array_equal(np.asarray(a)[2:4], b)
+
+
+def test_bisection_nucleus_equals_sorted_nucleus_with_ties_and_masked_entries():
+    """The sort-free top-p (bisection) and the sorted top-k path agree, ties included."""
+    rng = np.random.default_rng(5)
+    logits = np.round(rng.normal(size=(16, 200)) * 2, 1).astype(np.float32)  # many ties
+    logits[:, :20] = -np.inf  # already-masked entries
+    for p in (0.1, 0.5, 0.9, 0.99):
+        bisect = top_p_filter(jnp.asarray(logits), p)
+        # top_k = V - 20 keeps every finite entry, so this runs the sorted nucleus.
+        sorted_path = warp_logits(jnp.asarray(logits), top_k=180, top_p=p)
+        np.testing.assert_array_equal(np.asarray(bisect), np.asarray(sorted_path))
