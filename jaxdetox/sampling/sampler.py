@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdetox.data.packing import left_pad
 from jaxdetox.sampling.decode import DecodeModel, Params, sample_loop
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig
 
@@ -29,23 +30,6 @@ logger = logging.getLogger(__name__)
 def bucket_length(length: int, multiple: int) -> int:
     """Round a prompt length up to a multiple of `multiple` (at least `multiple`)."""
     return max(multiple, int(math.ceil(length / multiple)) * multiple)
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], length: int, pad_token_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to `length`: int32 tokens `[B, length]` and segment ids (0 = pad)."""
-    tokens_bp = np.full((len(prompts), length), pad_token_id, np.int32)
-    segment_ids_bp = np.zeros((len(prompts), length), np.int32)
-    for row, prompt in enumerate(prompts):
-        n = len(prompt)
-        if n == 0:
-            raise ValueError(f"sampling: prompt {row} is empty; every prompt needs >= 1 token")
-        if n > length:
-            raise ValueError(f"sampling: prompt {row} has {n} tokens, more than {length}")
-        tokens_bp[row, length - n :] = np.asarray(prompt, np.int32)
-        segment_ids_bp[row, length - n :] = 1
-    return tokens_bp, segment_ids_bp
 
 
 def _leaf_signature(leaf: Any) -> tuple:
@@ -190,6 +174,9 @@ class Sampler:
         if target < num:
             raise ValueError(f"sampling: {num} prompts do not fit batch_size={batch_size}")
         prompt_len = bucket_length(max(len(p) for p in prompts), config.prompt_bucket)
+        empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+        if empty:
+            raise ValueError(f"sampling: prompt {empty[0]} is empty; every prompt needs >= 1 token")
         filler = [[config.pad_token_id]] * (target - num)
         prompt_bp, segment_ids_bp = left_pad(
             list(prompts) + filler, prompt_len, config.pad_token_id
