@@ -212,3 +212,38 @@ def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
     assert a.shape == (2, 7) and b.shape == (2, 11) and c.shape == (2, 9)
     bf16 = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4, cache_dtype="bfloat16")
     assert bf16.shape == (1, 7) and (np.asarray(bf16) < VOCAB).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_per_layer_decode_path_equals_scanned_cache_path(models, name):
+    """`prepare_decode` (per-layer weights, heads-major per-layer cache, unrolled layers)
+    gives the same logits and cache contents as the scanned stacked-cache path."""
+    from jaxdetox.models import init_cache
+    from jaxdetox.models.layers import CausalLM
+
+    _, lm = models(name)
+    model, params = decode_model_for(lm.model)
+    prompt = jnp.asarray([[0, 0, 5, 17, 33], [40, 41, 42, 43, 44]], jnp.int32)
+    segments = (prompt != 0).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    cache = init_cache(lm.config, 2, 9, jnp.float32)
+    _, cache = model.apply(params, prompt, positions, segments, cache, last_only=True)
+    fast_params, fast_cache = model.prepare_decode(params, cache)
+    assert isinstance(fast_cache.k, tuple) and len(fast_cache.k) == lm.config.num_layers
+    tokens = jnp.asarray([[7], [9]], jnp.int32)
+    for step in range(3):
+        pos = jnp.asarray([[3 + step], [5 + step]], jnp.int32)
+        ones = jnp.ones_like(tokens)
+        ref, cache = jax.jit(model.apply, static_argnums=5)(params, tokens, pos, ones, cache, False)
+        got, fast_cache = jax.jit(model.apply, static_argnums=5)(
+            fast_params, tokens, pos, ones, fast_cache, False
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+        tokens = jnp.argmax(ref[:, -1], axis=-1)[:, None].astype(jnp.int32)
+    # Same cache contents, laid out per layer as [B, KVH, S, Dh].
+    restacked = jnp.stack([k.transpose(0, 2, 1, 3) for k in fast_cache.k])
+    np.testing.assert_allclose(np.asarray(restacked), np.asarray(cache.k), rtol=1e-5, atol=1e-6)
+    assert int(fast_cache.index) == int(cache.index) == 8
+    with pytest.raises(ValueError, match="split_cache"):
+        lm.model.hidden_states(tokens, cache=cache, layer_states=lm.model.split_layers())
+    assert isinstance(lm.model, CausalLM)

@@ -13,13 +13,14 @@ per prompt) instead of `[B, P, V]`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxdetox import sharding
+from jaxdetox.models.layers import CausalLM
 from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
 
 
@@ -44,6 +45,20 @@ def _project(module: nnx.Module, h_btd: jax.Array) -> jax.Array:
     return logits_btv if bias_v is None else logits_btv + bias_v.astype(jnp.float32)
 
 
+class DecodeParams(NamedTuple):
+    """An LM's parameters prepared once before the decode loop (`NnxLM.prepare_decode`)."""
+
+    params: Params
+    layer_states: list  # one nnx.State per layer: CausalLM.split_layers()
+
+
+def _unwrap(params: Params | DecodeParams) -> tuple[Params, list | None]:
+    """`(params, layer_states or None)` from plain or prepared parameters."""
+    if isinstance(params, DecodeParams):
+        return params.params, params.layer_states
+    return params, None
+
+
 @dataclasses.dataclass(frozen=True)
 class NnxLM:
     """A module with the causal-LM call convention, `hidden_states` and `unembed_weights`
@@ -62,13 +77,39 @@ class NnxLM:
         cache: Cache,
     ) -> tuple[jax.Array, Cache]:
         """Final hidden states `[B, T, D]` and the updated cache."""
+        params, layer_states = _unwrap(params)
+        extra = {} if layer_states is None else {"layer_states": layer_states}
         return nnx.merge(self.graphdef, params).hidden_states(
-            tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
+            tokens_bt,
+            positions_bt=positions_bt,
+            segment_ids_bt=segment_ids_bt,
+            cache=cache,
+            **extra,
         )
 
     def project(self, params: Params, h_btd: jax.Array) -> jax.Array:
         """Vocabulary logits of hidden states, float32."""
-        return _project(nnx.merge(self.graphdef, params), h_btd)
+        return _project(nnx.merge(self.graphdef, _unwrap(params)[0]), h_btd)
+
+    def prepare_decode(self, params: Params, cache: Cache) -> tuple[Params, Cache]:
+        """Per-layer weights and cache for the decode loop, made once after the prefill.
+
+        A `CausalLM` then runs its decode steps unrolled over per-layer arrays: slicing a
+        layer out of the stacked weights inside the loop copies it every step (XLA:CPU),
+        which cost about as much as the matmuls (GPT-2 small, B=32; benchmarks/README.md).
+        Other modules (the NADO body) keep the scanned form.
+        """
+        module = nnx.merge(self.graphdef, params)
+        if not isinstance(module, CausalLM) or cache is None:
+            return params, cache
+        cache = module.split_cache(cache)
+        axes = ("batch", "kv_heads", "length", "head_dim")
+        cache = dataclasses.replace(
+            cache,
+            k=tuple(sharding.constrain(k, axes) for k in cache.k),
+            v=tuple(sharding.constrain(v, axes) for v in cache.v),
+        )
+        return DecodeParams(params, module.split_layers()), cache
 
     def apply(
         self,

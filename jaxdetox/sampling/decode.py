@@ -251,6 +251,14 @@ def sample_loop(
     lm_cache = model.repeat_cache(lm_cache, k)
     nado_cache = nado.repeat_cache(nado_cache, k) if nado is not None else None
 
+    # Models may re-lay their weights and cache once for the loop (per-layer, NnxLM).
+    decode_params = params
+    if hasattr(model, "prepare_decode"):
+        decode_params, lm_cache = model.prepare_decode(params, lm_cache)
+    decode_nado_params = nado_params
+    if nado is not None and hasattr(nado, "prepare_decode"):
+        decode_nado_params, nado_cache = nado.prepare_decode(nado_params, nado_cache)
+
     prompt_lens_n = jnp.repeat(prompt_lens_b, k)
     row_ids_n = (
         row_base_b.astype(jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32)
@@ -303,7 +311,7 @@ def sample_loop(
         positions_n1 = (prompt_lens_n + step - 1)[:, None]
         segments_n1 = jnp.ones_like(tokens_n1)
         base_logits_nv, nado_logits_nv, lm_cache, nado_cache = _forward(
-            model, nado, params, nado_params,
+            model, nado, decode_params, decode_nado_params,
             tokens_n1, positions_n1, segments_n1, state["lm_cache"], state["nado_cache"],
             last_only=False,
         )  # fmt: skip
