@@ -251,12 +251,13 @@ def sample_loop(
     lm_cache = model.repeat_cache(lm_cache, k)
     nado_cache = nado.repeat_cache(nado_cache, k) if nado is not None else None
 
-    # Models may re-lay their weights and cache once for the loop (per-layer, NnxLM).
+    # Models may re-lay their weights and cache once for the loop (per-layer, NnxLM);
+    # with one new token there is no decode step to pay it back.
     decode_params = params
-    if hasattr(model, "prepare_decode"):
+    if num_new > 1 and hasattr(model, "prepare_decode"):
         decode_params, lm_cache = model.prepare_decode(params, lm_cache)
     decode_nado_params = nado_params
-    if nado is not None and hasattr(nado, "prepare_decode"):
+    if num_new > 1 and nado is not None and hasattr(nado, "prepare_decode"):
         decode_nado_params, nado_cache = nado.prepare_decode(nado_params, nado_cache)
 
     prompt_lens_n = jnp.repeat(prompt_lens_b, k)
