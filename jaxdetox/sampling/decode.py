@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdetox.losses import guided_log_probs
+from jaxdetox.models.layers import default_positions
 from jaxdetox.sampling import warpers
 from jaxdetox.sampling.types import RuntimeValues, SampleOutput, StaticSpec
 
@@ -120,9 +121,8 @@ class FunctionalLM:
 
 def prompt_positions(segment_ids_bp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Positions (running count of real tokens, pads clipped to 0) and per-row prompt lengths."""
-    real_bp = (segment_ids_bp != 0).astype(jnp.int32)
-    positions_bp = jnp.maximum(jnp.cumsum(real_bp, axis=1) - 1, 0)
-    return positions_bp, real_bp.sum(axis=1)
+    lengths_b = jnp.sum(segment_ids_bp != 0, axis=1, dtype=jnp.int32)
+    return default_positions(segment_ids_bp), lengths_b
 
 
 def _token_log_prob(logits_nv: jax.Array, tokens_n: jax.Array) -> jax.Array:
