@@ -101,3 +101,30 @@ def test_bisection_nucleus_equals_sorted_nucleus_with_ties_and_masked_entries():
         # top_k = V - 20 keeps every finite entry, so this runs the sorted nucleus.
         sorted_path = warp_logits(jnp.asarray(logits), top_k=180, top_p=p)
         np.testing.assert_array_equal(np.asarray(bisect), np.asarray(sorted_path))
+
+
+def test_kth_largest_exact_on_hard_rows():
+    """Ties, +-inf, signed zeros, constant rows and wide scales: exactly np.sort's k-th."""
+    from jaxdetox.sampling.warpers import kth_largest
+
+    rng = np.random.default_rng(7)
+    rows = [
+        rng.normal(size=64) * 1e-30,
+        rng.normal(size=64) * 1e30,
+        np.round(rng.normal(size=64)),  # many ties
+        np.full(64, 2.5),
+        np.where(rng.random(64) < 0.5, -np.inf, rng.normal(size=64)),
+        np.concatenate([[np.inf, np.inf], rng.normal(size=62)]),
+        np.array([0.0, -0.0] * 32),
+        np.concatenate([[3.0], np.full(63, -np.inf)]),
+    ]
+    x = np.stack(rows).astype(np.float32)
+    for k in (1, 2, 3, 17, 63, 64):
+        ref = -np.sort(-x, axis=-1)[:, k - 1 : k]
+        np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k)), ref)
+
+
+def test_top_k_on_a_real_vocabulary_matches_transformers():
+    logits = _logits(batch=4, vocab=50257, seed=5)
+    for k in (1, 50, 640):
+        _assert_same(top_k_filter(jnp.asarray(logits), k), _hf([TopKLogitsWarper(k)], logits))
