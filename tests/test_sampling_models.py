@@ -197,6 +197,9 @@ def test_sharded_8_devices_same_tokens_as_one_device(models):
     assert len(out.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(out.tokens), single.tokens)
     np.testing.assert_allclose(np.asarray(out.model_logprobs), single.model_logprobs, atol=1e-4)
+    prepared, _ = sampler.prepare(sharded_params)  # decode-form copies keep the sharding
+    out = sampler.sample(prepared, prompts, config)
+    np.testing.assert_array_equal(np.asarray(out.tokens), single.tokens)
 
 
 @pytest.mark.slow
@@ -212,6 +215,32 @@ def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
     assert a.shape == (2, 7) and b.shape == (2, 11) and c.shape == (2, 9)
     bf16 = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4, cache_dtype="bfloat16")
     assert bf16.shape == (1, 7) and (np.asarray(bf16) < VOCAB).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_prepared_params_give_the_same_samples(models, name):
+    """`Sampler.prepare` (decode-form weights made once, as `sample_prompts` does) changes
+    nothing in the output; it is idempotent and passes a NADO body through unchanged."""
+    from jaxdetox.sampling import sample_prompts
+    from jaxdetox.sampling.adapters import DecodeParams
+
+    _, lm = models(name)
+    nado = init_nado(NadoConfig.for_lm(lm.config, "separate", num_layers=1), seed=1)
+    sampler, params, nado_params = lm_sampler(lm, nado)
+    config = SamplingConfig(max_new_tokens=5, temperature=0.9, top_k=20, num_samples=2, seed=4)
+    ref = sampler.sample(params, PROMPTS, config, nado_params=nado_params)
+    prepared, prepared_nado = sampler.prepare(params, nado_params)
+    assert isinstance(prepared, DecodeParams) and sampler.prepare(prepared)[0] is prepared
+    assert jax.tree.structure(prepared_nado) == jax.tree.structure(nado_params)
+    got = sampler.sample(prepared, PROMPTS, config, nado_params=prepared_nado)
+    driven = sample_prompts(
+        sampler, params, PROMPTS, config, nado_params=nado_params, batch_size=2, progress=False
+    )
+    for out in (got, driven):
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+        np.testing.assert_allclose(
+            np.asarray(out.model_logprobs), np.asarray(ref.model_logprobs), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])

@@ -76,9 +76,15 @@ class NnxLM:
         segment_ids_bt: jax.Array,
         cache: Cache,
     ) -> tuple[jax.Array, Cache]:
-        """Final hidden states `[B, T, D]` and the updated cache."""
+        """Final hidden states `[B, T, D]` and the updated cache.
+
+        Prepared weights run the unrolled per-layer form only with the per-layer decode
+        cache (`prepare_decode`); the prefill, on the stacked cache, runs the scanned form.
+        """
         params, layer_states = _unwrap(params)
-        extra = {} if layer_states is None else {"layer_states": layer_states}
+        per_layer_cache = cache is not None and isinstance(cache.k, tuple)
+        use_layers = layer_states is not None and (cache is None or per_layer_cache)
+        extra = {"layer_states": layer_states} if use_layers else {}
         return nnx.merge(self.graphdef, params).hidden_states(
             tokens_bt,
             positions_bt=positions_bt,
@@ -91,25 +97,37 @@ class NnxLM:
         """Vocabulary logits of hidden states, float32."""
         return _project(nnx.merge(self.graphdef, _unwrap(params)[0]), h_btd)
 
-    def prepare_decode(self, params: Params, cache: Cache) -> tuple[Params, Cache]:
-        """Per-layer weights and cache for the decode loop, made once after the prefill.
+    def prepare_params(self, params: Params) -> Params:
+        """Per-layer decode copies of a `CausalLM`'s weights (`DecodeParams`), made once.
 
-        A `CausalLM` then runs its decode steps unrolled over per-layer arrays: slicing a
+        A `CausalLM` runs its decode steps unrolled over per-layer arrays: slicing a
         layer out of the stacked weights inside the loop copies it every step (XLA:CPU),
         which cost about as much as the matmuls (GPT-2 small, B=32; benchmarks/README.md).
-        Other modules (the NADO body) keep the scanned form.
+        `Sampler.prepare` calls this once so that many batches share the copies; otherwise
+        `prepare_decode` makes them inside every call. Other modules (the NADO body) keep
+        the scanned form and get their parameters back unchanged.
         """
+        if isinstance(params, DecodeParams):
+            return params
         module = nnx.merge(self.graphdef, params)
-        if not isinstance(module, CausalLM) or cache is None:
+        if not isinstance(module, CausalLM):
+            return params
+        return DecodeParams(params, module.split_layers())
+
+    def prepare_decode(self, params: Params, cache: Cache) -> tuple[Params, Cache]:
+        """Decode-form weights (`prepare_params`) and per-layer heads-major cache for the
+        decode loop, after the prefill."""
+        params = self.prepare_params(params)
+        if not isinstance(params, DecodeParams) or cache is None:
             return params, cache
-        cache = module.split_cache(cache)
+        cache = CausalLM.split_cache(cache)
         axes = ("batch", "kv_heads", "length", "head_dim")
         cache = dataclasses.replace(
             cache,
             k=tuple(sharding.constrain(k, axes) for k in cache.k),
             v=tuple(sharding.constrain(v, axes) for v in cache.v),
         )
-        return DecodeParams(params, module.split_layers()), cache
+        return params, cache
 
     def apply(
         self,
@@ -126,7 +144,7 @@ class NnxLM:
 
     def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
         """An empty KV cache, batch-sharded under a mesh."""
-        module = nnx.merge(self.graphdef, params)
+        module = nnx.merge(self.graphdef, _unwrap(params)[0])
         if hasattr(module, "init_cache"):
             cache = module.init_cache(batch, max_len, dtype)
         else:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdetox.data.packing import left_pad
+from jaxdetox.sampling.adapters import DecodeParams
 from jaxdetox.sampling.decode import DecodeModel, Params, sample_loop
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig
 
@@ -151,6 +152,27 @@ class Sampler:
         )  # fmt: skip
         return executable
 
+    def prepare(self, params: Params, nado_params: Params | None = None) -> tuple[Params, Any]:
+        """`(params, nado_params)` in the models' decode form (`prepare_params`), made once.
+
+        Pass the result to `sample` / `sample_padded` for many batches with the same
+        weights (`sample_prompts` does): the per-layer weight copies the decode loop reads
+        are then made here instead of inside every call. They live as long as the result
+        (one extra copy of the layer weights). Models without a decode form pass through.
+        """
+
+        def prepare_one(model: Any, tree: Any) -> Any:
+            if tree is None or isinstance(tree, DecodeParams):
+                return tree  # nothing to prepare, or prepared already
+            if not hasattr(model, "prepare_params"):
+                return tree
+            if self.mesh is not None:
+                with jax.set_mesh(self.mesh):
+                    return jax.jit(model.prepare_params)(tree)
+            return jax.jit(model.prepare_params)(tree)
+
+        return prepare_one(self.model, params), prepare_one(self.nado, nado_params)
+
     def sample(
         self,
         params: Params,
@@ -228,6 +250,8 @@ def sample_prompts(
     if not prompts:
         raise ValueError("sample_prompts: no prompts given")
     k = config.num_samples
+    if config.max_new_tokens > 1:  # decode-form weights once for all batches
+        params, nado_params = sampler.prepare(params, nado_params)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     parts: list[tuple[np.ndarray, SampleOutput]] = []
     new_tokens = 0
