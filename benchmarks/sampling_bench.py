@@ -55,7 +55,7 @@ def build_models(args):
 
 def time_hf(hf, prompts_bt, new, mode):
     kwargs = MODES[mode][1]
-    ids = torch.tensor(prompts_bt, dtype=torch.long)
+    ids = torch.tensor(prompts_bt, dtype=torch.long, device=hf.device)
     start = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(
@@ -66,6 +66,8 @@ def time_hf(hf, prompts_bt, new, mode):
             pad_token_id=0,
             **kwargs,
         )
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert out.shape == (len(prompts_bt), prompts_bt.shape[1] + new)
     return seconds
@@ -92,6 +94,9 @@ def main() -> int:
     args = parser.parse_args()
 
     hf, lm = build_models(args)
+    # On a GPU machine both sides run on the GPU (jax picks its default backend).
+    hf_device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = hf.to(hf_device)
     sampler, params, _ = lm_sampler(lm)
     # Decode-form weights once, as `sample_prompts` does for a whole run (timed apart).
     start = time.perf_counter()
@@ -113,6 +118,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(),
+            "devices": {"hf": hf_device, "ours": str(jax.devices()[0])},
             "cpu_count": os.cpu_count(),
             "load_avg_start": os.getloadavg(),
             "platform": platform.platform(),

@@ -53,13 +53,11 @@ def kth_largest(x_bv: Array, k: int) -> jax.Array:
     ~13 masked counts over V (~8 ms on `[32, 50257]`). `lax.top_k` on XLA:CPU sorts: ~350 ms on `[32, 50257]`.
     """
     x_bv = x_bv.astype(jnp.float32)
-    # Initial bracket: cut each row into k blocks; the k block maxima are k distinct
-    # entries, so their minimum is <= the k-th largest (about 8 fewer steps than the
-    # row minimum for k = 50 of 50257).
-    vocab = x_bv.shape[-1]
-    size = -(-vocab // k)
-    pad = [(0, 0)] * (x_bv.ndim - 1) + [(0, k * size - vocab)]
-    blocks_bks = jnp.pad(x_bv, pad, constant_values=-jnp.inf).reshape(*x_bv.shape[:-1], k, size)
+    # Initial bracket: cut the first k * (V // k) entries of each row into k blocks; the
+    # k block maxima are k distinct entries, so their minimum is <= the k-th largest
+    # (about 8 fewer steps than the row minimum for k = 50 of 50257).
+    size = x_bv.shape[-1] // k
+    blocks_bks = x_bv[..., : k * size].reshape(*x_bv.shape[:-1], k, size)
     # Invariant: count(x >= key lo) >= k, count(x >= key hi) < k.
     lo_b = _ordered_key(jnp.min(jnp.max(blocks_bks, axis=-1), axis=-1))
     hi_b = _ordered_key(jnp.max(x_bv, axis=-1)) + 1
