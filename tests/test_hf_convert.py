@@ -18,7 +18,13 @@ def test_convert_resaves_exactly_and_casts(tmp_path, capsys):
     model.save_pretrained(str(tmp_path / "src"))
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--verify"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["ok"] and report["max_abs_logit_diff"] <= 1e-4
+    assert report["ok"] and report["max_abs_logit_diff"] <= 1e-4 and report["logit_scale"] >= 1
+    # The gate is the relative bound: --tol 0 fails unless the logits are bit-equal.
+    status = main(
+        ["convert", str(tmp_path / "src"), str(tmp_path / "o2"), "--verify", "--tol", "0"]
+    )
+    strict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (status == 1) == (strict["max_abs_logit_diff"] > 0) == (not strict["ok"])
     src = load_file(str(tmp_path / "src" / "model.safetensors"))
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(np.array_equal(src[k], out[k]) for k in src) and set(src) == set(out)
