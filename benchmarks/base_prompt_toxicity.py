@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from _results import write_results
 
 from jaxdetox import assets, oracles
 
@@ -113,7 +114,7 @@ def main():
     result = {"mode": args.mode, "k": args.k, "split": args.split, "oracle": "default"}
     result["summary"] = summarize(rows)
     out = Path(__file__).parent / "results" / f"base_prompt_toxicity_{args.mode}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import torch
 import transformers
+from _results import write_results
 from flax import nnx
 
 from jaxdetox.models import load_pretrained
@@ -120,8 +121,7 @@ def main() -> None:
         "load_avg_1m": os.getloadavg()[0],
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_results
+
 CHILD = r"""
 import json, resource, sys, time
 mode = sys.argv[1]
@@ -79,8 +81,7 @@ def main() -> None:
         / results["transformers"]["load_s"],
     }
     out = Path(__file__).parent / "results" / "gguf_load.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_results(out, report)
     print(json.dumps(report, indent=2))
 
 

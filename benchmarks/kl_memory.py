@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from _results import write_results
 
 from jaxdetox import losses
 
@@ -181,8 +182,7 @@ def main() -> None:
     ]
     report["equal_to_naive"] = check_equal_to_naive()
     print(json.dumps(report["equal_to_naive"], indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_results(args.out, report, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -13,17 +13,16 @@ how far below it any implementation can go.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from _results import write_results
 
 # (rows, in, out, copies): GPT-2 small's decode matmuls at batch 32, then a peak probe.
 SHAPES = [
@@ -88,10 +87,7 @@ def main() -> int:
         },
         "shapes": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print("wrote", out)
+    write_results(args.out, result)
     return 0
 
 

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 from jaxdetox import assets, oracles
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "oracles" / "toxic_benign.jsonl"
@@ -52,8 +54,7 @@ def main():
     except oracles.OracleUnavailableError as err:
         results["hatesonar"] = f"skipped: {err}"
     out = Path(__file__).parent / "results" / "oracle_throughput.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     print(json.dumps(results, indent=2))
 
 

@@ -14,7 +14,6 @@ Decode-only cost per step is estimated as (t(new) - t(1)) / (new - 1) for both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import jax
 import numpy as np
 import torch
 import transformers
+from _results import write_results
 
 from jaxdetox.models import load_pretrained
 from jaxdetox.sampling import SamplingConfig, lm_sampler
@@ -167,10 +167,7 @@ def main() -> int:
         results["modes"][mode] = summary
         print(mode, {k: v for k, v in summary.items() if k != "reps"}, flush=True)
     results["setup"]["load_avg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print("wrote", out)
+    write_results(args.out, results)
     return 0
 
 
