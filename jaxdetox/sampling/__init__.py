@@ -3,7 +3,8 @@
 - `SamplingConfig`, `SampleOutput` (types.py)
 - `warp_logits` and friends (warpers.py): temperature / top-k / top-p as in transformers
 - `sample_loop` (decode.py): prefill + decode, one pure function, jit-able
-- `Sampler`, `sample_prompts` (sampler.py): bucketing, compile cache, sharding, progress bar
+- `Sampler`, `sample_prompts`, `to_host` (sampler.py): bucketing, compile cache, sharding
+  (multi-host included), progress bar
 - `generate(lm, tokens, ...)` (generate.py): `LanguageModel.generate` (DESIGN.md §4)
 """
 
@@ -15,7 +16,7 @@ from jaxdetox.sampling.decode import (
     sample_loop,
 )
 from jaxdetox.sampling.generate import generate, lm_sampler, special_tokens
-from jaxdetox.sampling.sampler import Sampler, bucket_length, left_pad, sample_prompts
+from jaxdetox.sampling.sampler import Sampler, bucket_length, left_pad, sample_prompts, to_host
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig, StaticSpec
 from jaxdetox.sampling.warpers import (
     apply_temperature,
@@ -43,6 +44,7 @@ __all__ = [
     "repeat_kv_cache",
     "sample_loop",
     "sample_prompts",
+    "to_host",
     "select_tokens",
     "special_tokens",
     "top_k_filter",

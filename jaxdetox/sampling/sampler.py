@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdetox.data.packing import left_pad
@@ -49,7 +50,9 @@ class Sampler:
     """Compiled, bucketed sampling for one model (plus an optional NADO for guided decoding).
 
     `mesh` (optional) shards the batch over `batch_axes`; parameters keep whatever sharding
-    they arrive with (place them with `jaxdetox.sharding` first).
+    they arrive with (place them with `jaxdetox.sharding` first). On a mesh that spans
+    several processes, every process calls with the same prompts (one SPMD program); the
+    outputs are then global arrays (`to_host` gathers them; `sample_prompts` does).
     """
 
     def __init__(
@@ -212,6 +215,18 @@ class Sampler:
         return jax.tree.map(lambda x: x[:rows], out)
 
 
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a pytree of arrays. Arrays that span several processes (a multi-host
+    mesh) are all-gathered first, so every process gets the whole array."""
+
+    def fetch(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
+
+
 def _default_batch_axes(mesh: Mesh) -> tuple[str, ...] | None:
     """Mesh axes the batch is sharded over: the rules table's `batch` entry if available."""
     try:
@@ -241,8 +256,9 @@ def sample_prompts(
     """Sample completions for many prompts in fixed-size batches, as numpy arrays.
 
     Prompts are processed longest first (similar lengths share a bucket, so less padding);
-    outputs come back in the input order, `num_samples` consecutive rows per prompt. Each
-    prompt's draws are seeded by its index, so results do not depend on `batch_size`.
+    outputs come back in the input order, `num_samples` consecutive rows per prompt, on
+    every process of a multi-host mesh. Each prompt's draws are seeded by its index, so
+    results do not depend on `batch_size`.
     Shows a tqdm bar with prompts/s, tokens/s and the ETA.
     """
     from tqdm.auto import tqdm
@@ -267,7 +283,7 @@ def sample_prompts(
                 prompt_ids=ids,
                 batch_size=batch_size,
             )
-            out = jax.tree.map(np.asarray, out)
+            out = to_host(out)
             parts.append((np.asarray(ids), out))
             new_tokens += int(out.lengths.sum())
             bar.update(len(ids))
