@@ -389,37 +389,10 @@ json.dump({"stream": stream.tolist(), "local": batches[0]["tokens_bt"].tolist(),
 @pytest.mark.slow
 def test_two_real_jax_processes_build_global_batches(tmp_path):
     """Two JAX processes (4 CPU devices each, gloo): disjoint shards, one global array."""
-    import socket
-    import subprocess
-    import sys
+    from _jax_processes import run_jax_processes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "host.py"
-    script.write_text(_HOST_SCRIPT)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                str(i),
-                str(port),
-                str(tmp_path / f"h{i}.json"),
-                str(CORPUS),
-                str(Path(__file__).parent),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        log = p.communicate(timeout=240)[0].decode()
-        assert p.returncode == 0, log[-3000:]
-    h0, h1 = (json.loads((tmp_path / f"h{i}.json").read_text()) for i in range(2))
+    args = [str(CORPUS), str(Path(__file__).parent)]
+    h0, h1 = run_jax_processes(_HOST_SCRIPT, tmp_path, args, timeout=240)
     ref = _reference_docs(make_tokenizer())
 
     def split_docs(stream):

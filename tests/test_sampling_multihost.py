@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _jax_processes import run_jax_processes
 from test_models_helpers import make_hf_model
 
 from jaxdetox.models import load_pretrained
@@ -46,27 +42,8 @@ def test_two_processes_sample_like_one(tmp_path):
     """Every host gets the full, input-ordered output, equal to a single-process run."""
     model = make_hf_model("gpt2", seed=4)
     model.save_pretrained(str(tmp_path / "model"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "host.py"
-    script.write_text(_HOST_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     args = [str(tmp_path / "model"), json.dumps(PROMPTS), json.dumps(CONFIG)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port), str(tmp_path / f"h{i}.json"), *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        log = p.communicate(timeout=300)[0].decode()
-        assert p.returncode == 0, log[-3000:]
-    hosts = [json.loads((tmp_path / f"h{i}.json").read_text()) for i in range(2)]
+    hosts = run_jax_processes(_HOST_SCRIPT, tmp_path, args)
 
     lm = load_pretrained(str(tmp_path / "model"), tokenizer=False)
     sampler, params, _ = lm_sampler(lm)
