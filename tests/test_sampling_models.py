@@ -215,6 +215,8 @@ def test_generate_compiles_once_per_bucket_and_bf16_cache(models):
     assert a.shape == (2, 7) and b.shape == (2, 11) and c.shape == (2, 9)
     bf16 = lm.generate(np.array([[3, 4, 5]]), max_new_tokens=4, cache_dtype="bfloat16")
     assert bf16.shape == (1, 7) and (np.asarray(bf16) < VOCAB).all()
+    # Options override the config's special tokens (here: no EOS, so no early stop).
+    assert lm.generate(np.array([[3, 4]]), max_new_tokens=3, eos_token_ids=()).shape == (1, 5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])

@@ -32,14 +32,17 @@ lm = load_pretrained(model_dir, mesh=mesh, tokenizer=False)
 sampler, params, _ = lm_sampler(lm)
 out = sample_prompts(sampler, params, json.loads(prompts), SamplingConfig(**json.loads(config)),
                      batch_size=4, progress=False)
+greedy = lm.generate(np.array([[5, 17, 33, 2]] * 4), max_new_tokens=4, eos_token_ids=())
 json.dump({"tokens": out.tokens.tolist(), "logprobs": out.logprobs.tolist(),
-           "lengths": out.lengths.tolist()}, open(out_path, "w"))
+           "lengths": out.lengths.tolist(), "greedy": np.asarray(greedy).tolist()},
+          open(out_path, "w"))
 """
 
 
 @pytest.mark.slow
 def test_two_processes_sample_like_one(tmp_path):
-    """Every host gets the full, input-ordered output, equal to a single-process run."""
+    """Every host gets the full, input-ordered output (`sample_prompts`, `lm.generate`),
+    equal to a single-process run."""
     model = make_hf_model("gpt2", seed=4)
     model.save_pretrained(str(tmp_path / "model"))
     args = [str(tmp_path / "model"), json.dumps(PROMPTS), json.dumps(CONFIG)]
@@ -50,7 +53,9 @@ def test_two_processes_sample_like_one(tmp_path):
     ref = sample_prompts(
         sampler, params, PROMPTS, SamplingConfig(**CONFIG), batch_size=4, progress=False
     )
+    greedy = lm.generate(np.array([[5, 17, 33, 2]] * 4), max_new_tokens=4, eos_token_ids=())
     for host in hosts:
+        np.testing.assert_array_equal(host["greedy"], greedy)
         np.testing.assert_array_equal(host["tokens"], ref.tokens)
         np.testing.assert_array_equal(host["lengths"], ref.lengths)
         np.testing.assert_allclose(host["logprobs"], ref.logprobs, atol=1e-5)

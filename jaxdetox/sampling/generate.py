@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdetox.sampling.adapters import decode_model_for
-from jaxdetox.sampling.sampler import Sampler
+from jaxdetox.sampling.sampler import Sampler, to_host
 from jaxdetox.sampling.types import SamplingConfig
 
 # (LM graph, NADO graph, mesh) -> Sampler: same architectures share compiled executables.
@@ -64,7 +64,7 @@ def generate(
     if tokens_bt.ndim != 2 or tokens_bt.shape[1] == 0:
         raise ValueError(f"generate: tokens must be int [B, T] with T >= 1, got {tokens_bt.shape}")
     eos_ids, pad = special_tokens(lm.config)
-    fields = dict(eos_token_ids=eos_ids, pad_token_id=pad, **options)
+    fields = {"eos_token_ids": eos_ids, "pad_token_id": pad, **options}  # options win
     config = SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -75,5 +75,5 @@ def generate(
     )
     sampler, params, _ = lm_sampler(lm)
     out = sampler.sample(params, tokens_bt.astype(np.int32).tolist(), config)
-    new_bn = np.asarray(out.tokens)
+    new_bn = to_host(out.tokens)  # whole array on every process of a multi-host mesh
     return jnp.asarray(np.concatenate([tokens_bt.astype(np.int32), new_bn], axis=1))
