@@ -9,6 +9,7 @@ spec, batch size, prompt bucket, and shapes/dtypes/shardings of all arguments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -71,6 +72,11 @@ class Sampler:
             batch_axes = _default_batch_axes(mesh)
         self.batch_axes = batch_axes
         self._executables: dict[tuple, Any] = {}
+        # Jitted once, so re-preparing updated weights (one call per run) reuses the program.
+        self._prepare_fns = tuple(
+            jax.jit(m.prepare_params) if hasattr(m, "prepare_params") else None
+            for m in (model, nado)
+        )
         self.compile_count = 0
         self.compile_seconds = 0.0
 
@@ -139,10 +145,7 @@ class Sampler:
                 prompt_bp, segment_ids_bp, row_base_b, values,
             )  # fmt: skip
 
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
-                executable = jax.jit(run).lower(*args).compile()
-        else:
+        with self._mesh_scope():
             executable = jax.jit(run).lower(*args).compile()
         seconds = time.perf_counter() - start
         self.compile_count += 1
@@ -164,17 +167,17 @@ class Sampler:
         (one extra copy of the layer weights). Models without a decode form pass through.
         """
 
-        def prepare_one(model: Any, tree: Any) -> Any:
-            if tree is None or isinstance(tree, DecodeParams):
-                return tree  # nothing to prepare, or prepared already
-            if not hasattr(model, "prepare_params"):
-                return tree
-            if self.mesh is not None:
-                with jax.set_mesh(self.mesh):
-                    return jax.jit(model.prepare_params)(tree)
-            return jax.jit(model.prepare_params)(tree)
+        prepared = []
+        for prepare_fn, tree in zip(self._prepare_fns, (params, nado_params)):
+            if prepare_fn is not None and tree is not None and not isinstance(tree, DecodeParams):
+                with self._mesh_scope():
+                    tree = prepare_fn(tree)
+            prepared.append(tree)
+        return prepared[0], prepared[1]
 
-        return prepare_one(self.model, params), prepare_one(self.nado, nado_params)
+    def _mesh_scope(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh(self.mesh)` for tracing under the mesh, or a no-op without one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def sample(
         self,
