@@ -16,11 +16,10 @@ import dataclasses
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxdetox import sharding
-from jaxdetox.models.layers import CausalLM
+from jaxdetox.models.layers import CausalLM, unembed
 from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
 
 
@@ -38,11 +37,7 @@ def _constrain_cache(cache: Any) -> Any:
 
 def _project(module: nnx.Module, h_btd: jax.Array) -> jax.Array:
     """float32 logits `h @ w_vd.T (+ bias)` from the module's `unembed_weights()`."""
-    w_vd, bias_v = module.unembed_weights()
-    logits_btv = jnp.einsum(
-        "BTD,VD->BTV", h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=jnp.float32
-    )
-    return logits_btv if bias_v is None else logits_btv + bias_v.astype(jnp.float32)
+    return unembed(h_btd, *module.unembed_weights())
 
 
 class DecodeParams(NamedTuple):
