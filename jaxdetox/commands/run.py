@@ -1,0 +1,86 @@
+"""`jaxdetox run CONFIG.yaml --out RUN_DIR [key=value ...]`: run an experiment.
+
+    jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny
+    jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny finetune.kl_weight=0.5
+    jaxdetox run experiments/tiny/pr_sequential.yaml --dry-run     # validate + plan only
+
+Rerunning the same command resumes the run where it stopped: finished stages are skipped,
+sampling and labelling continue from their committed chunks, training from its last
+checkpoint. The run directory keeps the resolved config, `manifest.json`, `metrics.jsonl`,
+TensorBoard events and the final models in `final/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from jaxdetox.loop.session import add_distributed_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `run` subcommand."""
+    p = subparsers.add_parser(
+        "run",
+        help="run an experiment from a YAML config (rerun = resume)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="CONFIG.yaml (omit to resume RUN_DIR as saved)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    p.add_argument("--out", type=Path, help="run directory (required unless --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_distributed_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then plan (`--dry-run`) or execute the run."""
+    from jaxdetox.config import ConfigError, load_config
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith(".yaml"):
+        config_path, overrides = None, [config_path, *overrides]
+    try:
+        if args.dry_run:
+            from jaxdetox.loop.plan import plan
+
+            if config_path is None and args.out is not None:
+                from jaxdetox.loop.session import resolve_run_config
+
+                config = resolve_run_config(None, args.out, overrides)
+            else:
+                config = load_config(config_path, overrides)
+            print(plan(config))
+            return 0
+        if args.out is None:
+            raise ConfigError("jaxdetox run: --out RUN_DIR is required")
+        from jaxdetox.loop.session import init_distributed, resolve_run_config
+
+        init_distributed(args)
+        config = resolve_run_config(config_path, args.out, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return execute(config, args.out, progress=not args.no_progress)
+
+
+def execute(config: object, out: Path, *, progress: bool = True) -> int:
+    """Run (or resume) the experiment in `out`."""
+    from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.sequential import run_sequential
+    from jaxdetox.loop.session import open_run, setup_logging
+
+    setup_logging()
+    start = time.perf_counter()
+    run_dir = open_run(config, out)
+    exp = Experiment(config, run_dir, progress=progress)
+    run_sequential(exp)
+    run_dir.close()
+    print(f"run {config.name!r} complete in {time.perf_counter() - start:.0f} s: {out}")
+    print(f"  manifest {out / 'manifest.json'}, metrics {out / 'metrics.jsonl'}")
+    print(f"  final LLM {out / 'final' / 'model'} (HF checkpoint), NADO {out / 'final' / 'nado'}")
+    return 0

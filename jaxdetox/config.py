@@ -1,0 +1,301 @@
+"""Typed run configuration: YAML + dotted `key=value` overrides, validated by pydantic.
+
+Why pydantic: strict nested models with `extra="forbid"` give, for free, the checks a run
+needs before it spends hours (unknown keys, wrong types, out-of-range values) with the path
+of the offending field; its JSON schema documents the file; and it is already a dependency
+of the stack we install. Every section is frozen: a resolved config is a value.
+
+    config = load_config("experiments/tiny/pr_sequential.yaml", ["finetune.kl_weight=0.5"])
+
+An error names the field and, for an unknown key, lists the valid keys of that section
+(`ConfigError`; the CLI prints it without a traceback).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    """The LLM to fine-tune."""
+
+    path: str = Field("default", description="HF checkpoint dir, .gguf file, hub id or 'default'")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="master weights (keep float32 for training)"
+    )
+    remat: bool = Field(False, description="recompute each layer in the backward pass")
+
+
+class NadoSection(Section):
+    """The auxiliary model R_φ."""
+
+    variant: Literal["separate", "shared"] = "separate"
+    num_layers: int = Field(2, ge=1, description="layers of a separate NADO body")
+    init: Literal["lm", "random"] = Field("lm", description="body from the LM's first layers")
+    head_init: Literal["zeros", "normal"] = "zeros"
+
+
+class PromptsSection(Section):
+    """Where prompts come from and how they are cut into evaluation and iteration blocks."""
+
+    source: str = Field("builtin", description="'builtin' or a prompt file (RTP jsonl, ...)")
+    kind: str | None = Field(None, description="builtin only: toxic | neutral | None (all)")
+    block_size: int = Field(88, ge=1, description="prompts sampled per iteration")
+    eval_size: int = Field(
+        0, ge=0, description="file sources: held-out prompts (builtin: its eval split)"
+    )
+    max_tokens: int = Field(30, ge=1, description="prompt tokens kept (the paper: 30)")
+    seed: int = 0
+
+
+class LabelSection(Section):
+    """Oracle score -> NADO target: `1 - toxicity^tau`, or `1[toxicity < threshold]`."""
+
+    tau: float = Field(1.0, gt=0)
+    threshold: float | None = Field(None, gt=0, lt=1)
+
+
+class OracleSection(Section):
+    """The sequence-level oracle."""
+
+    name: str = Field("default", description="oracle name (see `jaxdetox score --help`)")
+    args: dict[str, Any] = Field(default_factory=dict)
+    label: LabelSection = LabelSection()
+    batch_size: int = Field(256, ge=1)
+
+
+class SamplingSection(Section):
+    """Sampling of completions (training samples and evaluation)."""
+
+    num_samples: int = Field(4, ge=1, description="completions per prompt (k)")
+    max_new_tokens: int = Field(20, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="prompts per sampler call")
+    seed: int = 0
+
+
+class OptimizerSection(Section):
+    """AdamW with warmup and decay (jaxdetox.train.optimizer.OptimizerConfig)."""
+
+    learning_rate: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    end_learning_rate_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    trainable: list[str] = Field(
+        default_factory=list, description="regexes over parameter paths; empty = all train"
+    )
+
+
+class CorpusSection(Section):
+    """A fine-tuning corpus D for the NLL term (jaxdetox.data.CorpusConfig)."""
+
+    source: str
+    split: str = "train"
+    data_dir: str | None = None
+    text_field: str = "text"
+    prompt_field: str | None = None
+    seq_len: int = Field(128, ge=2)
+    batch_size: int = Field(8, ge=1, description="global corpus rows per step")
+    seed: int = 0
+
+
+class TrainNadoSection(Section):
+    """Stage 3: train NADO_i on S_i (LLMs frozen)."""
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1, description="global samples per step")
+    micro_batches: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    consistency: Literal["kl", "sq"] | None = None
+    consistency_weight: float = Field(0.0, ge=0)
+    importance_weights: bool = False
+    optimizer: OptimizerSection = OptimizerSection()
+
+
+class FinetuneSection(Section):
+    """Stage 4: LLM_i = argmin NLL(corpus) + λ·Σ_t KL(q_t ‖ p_θ,t), q = reference ⊕ NADO_i."""
+
+    kl_weight: float = Field(1.0, ge=0, description="λ")
+    alpha: float = Field(1.0, ge=0, description="guidance strength α of the teacher")
+    kl_on: list[Literal["samples", "corpus"]] = Field(
+        default_factory=lambda: ["samples"], description="which prefixes get the KL term"
+    )
+    nll_weight: float = Field(1.0, ge=0, description="weight of the corpus NLL")
+    epochs: int = Field(1, ge=1, description="passes over S_i")
+    batch_size: int = Field(16, ge=1, description="global samples per step")
+    micro_batches: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    reference: Literal["base", "previous"] = Field(
+        "base", description="teacher LM: the base model (authors' code) or LLM_{i-1}"
+    )
+    reference_dtype: Literal["float32", "bfloat16"] | None = None
+    chunk_size: int | None = Field(None, ge=1)
+    optimizer: OptimizerSection = OptimizerSection()
+
+
+class MeshSection(Section):
+    """Device mesh `data × fsdp × tensor` (one -1 takes the remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @model_validator(mode="after")
+    def _one_fill(self) -> MeshSection:
+        dims = [self.data, self.fsdp, self.tensor]
+        if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+            raise ValueError("mesh: sizes must be >= 1, with at most one -1")
+        return self
+
+
+class LoopSection(Section):
+    """The iteration scheme."""
+
+    scheme: Literal["sequential"] = "sequential"
+    iterations: int = Field(2, ge=1)
+    checkpoint_every: int = Field(50, ge=1, description="train steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    async_checkpoints: bool = True
+
+
+class RunConfig(Section):
+    """A whole experiment: what `jaxdetox run CONFIG.yaml` executes."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    nado: NadoSection = NadoSection()
+    prompts: PromptsSection = PromptsSection()
+    oracle: OracleSection = OracleSection()
+    sampling: SamplingSection = SamplingSection()
+    corpus: CorpusSection | None = None
+    train_nado: TrainNadoSection = TrainNadoSection()
+    finetune: FinetuneSection = FinetuneSection()
+    mesh: MeshSection = MeshSection()
+    loop: LoopSection = LoopSection()
+
+    @model_validator(mode="after")
+    def _corpus_when_needed(self) -> RunConfig:
+        if "corpus" in self.finetune.kl_on and self.corpus is None:
+            raise ValueError("finetune.kl_on includes 'corpus' but no `corpus:` section is set")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _section_fields(path: Sequence[str | int]) -> list[str] | None:
+    """Valid keys of the section at `path` (for unknown-key errors)."""
+    model: Any = RunConfig
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, Section)), None
+        )
+        if model is None:
+            return None
+    return sorted(model.model_fields)
+
+
+def _format(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in error.errors():
+        loc = [p for p in e["loc"] if not isinstance(p, int)]
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(loc[:-1])
+            hint = f"; valid keys: {', '.join(valid)}" if valid else ""
+            lines.append(f"  {where}: unknown key{hint}")
+        else:
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. finetune.kl_weight=0.5)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with dotted overrides applied (sections created as needed)."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict into a `RunConfig` (raises `ConfigError`)."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides), source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML (what the run directory keeps)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,241 @@
+"""What every stage of a run shares: the mesh, the base LLM, the NADO architecture, prompt
+blocks, the sample store, the oracle, and the versioned artefacts (LLM_j, NADO_k).
+
+Artefacts are versioned by iteration: `lm_params(j)` is LLM_j (0 = the base model),
+`nado_params(k)` is NADO_k (0 = the initial NADO). Each is kept in memory once made and
+otherwise restored from the stage checkpoint that produced it (`iter_00j/finetune/artifact`,
+`iter_00k/train_nado/artifact`), so a restarted run never recomputes a finished stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import cached_property
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxdetox import sharding
+from jaxdetox.config import RunConfig
+from jaxdetox.data import SampleStore, load_prompt_records, load_prompts, split_blocks
+from jaxdetox.data.prompts import PromptSet, TokenizedPrompts, tokenize_prompts
+from jaxdetox.loop.rundir import RunDir
+from jaxdetox.models import NadoConfig, init_nado, load_pretrained
+from jaxdetox.models.config import ModelConfig
+from jaxdetox.models.hf import abstract_model
+from jaxdetox.sampling import SamplingConfig, special_tokens
+from jaxdetox.train.checkpoint import Checkpointer, CheckpointError
+from jaxdetox.train.state import Params, abstract_like, param_shardings, split_params
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT = "artifact"
+
+
+def mesh_for(config: RunConfig) -> jax.sharding.Mesh:
+    """The run's device mesh."""
+    m = config.mesh
+    return sharding.make_mesh((m.data, m.fsdp, m.tensor))
+
+
+def builtin_prompt_set(split: str, kind: str | None) -> PromptSet:
+    """The built-in prompts of `split` (train | eval), optionally one `kind`."""
+    from jaxdetox import assets
+
+    prompts = load_prompt_records(
+        assets.asset_path("prompts.jsonl"), id_field="id", meta_fields=("split", "kind")
+    )
+    meta = {"split": split} | ({"kind": kind} if kind else {})
+    return prompts.filter(meta=meta)
+
+
+class Experiment:
+    """Shared state of one run (built once per process)."""
+
+    def __init__(self, config: RunConfig, run: RunDir, *, progress: bool = True) -> None:
+        """Load the base LLM onto the mesh and open the sample store."""
+        self.config = config
+        self.run = run
+        self.progress = progress
+        self.mesh = mesh_for(config)
+        logger.info("loading %s onto mesh %s", config.model.path, dict(self.mesh.shape))
+        base = load_pretrained(
+            config.model.path,
+            mesh=self.mesh,
+            dtype=config.model.dtype,
+            param_dtype=config.model.param_dtype,
+        )
+        if base.tokenizer is None:
+            raise ValueError(f"model.path {config.model.path!r}: no tokenizer files found")
+        self.tokenizer = base.tokenizer
+        self.lm_config: ModelConfig = dataclasses.replace(base.config, remat=config.model.remat)
+        # The graph of the configured model (remat as configured); the loaded weights fit it.
+        self.lm_graph = nnx.split(abstract_model(self.lm_config), nnx.Param)[0]
+        _, self.lm_abstract, base_params = split_params(base.model)
+        self.lm_shardings = param_shardings(self.lm_abstract, self.mesh)
+        self.nado_config = NadoConfig.for_lm(
+            self.lm_config,
+            config.nado.variant,
+            num_layers=config.nado.num_layers,
+            head_init=config.nado.head_init,
+        )
+        initial_nado = init_nado(
+            self.nado_config,
+            config.seed,
+            lm_model=base.model if config.nado.init == "lm" else None,
+            mesh=self.mesh,
+        )
+        self.nado_graph, self.nado_abstract, nado_params = split_params(initial_nado)
+        self.nado_shardings = param_shardings(self.nado_abstract, self.mesh)
+        self._lm: dict[int, Params] = {0: base_params}
+        self._nado: dict[int, Params] = {0: nado_params}
+        self.store = SampleStore(run.samples)
+        self.runners: dict[tuple, Any] = {}  # compiled train steps, reused across iterations
+
+    # ------------------------------------------------------------------ artefacts
+
+    def lm_params(self, iteration: int) -> Params:
+        """LLM_iteration (0 = base), from memory or its finetune artefact."""
+        if iteration not in self._lm:
+            self._lm[iteration] = self._restore_artifact(
+                iteration, "finetune", self.lm_abstract, self.lm_shardings
+            )
+        return self._lm[iteration]
+
+    def nado_params(self, iteration: int) -> Params:
+        """NADO_iteration (0 = initial), from memory or its train_nado artefact."""
+        if iteration not in self._nado:
+            self._nado[iteration] = self._restore_artifact(
+                iteration, "train_nado", self.nado_abstract, self.nado_shardings
+            )
+        return self._nado[iteration]
+
+    def keep(self, kind: str, iteration: int, params: Params) -> None:
+        """Hold a finished artefact in memory (and drop versions no stage will need)."""
+        table = self._lm if kind == "lm" else self._nado
+        table[iteration] = params
+        for old in [k for k in table if 0 < k < iteration - 1]:
+            del table[old]
+
+    def save_artifact(self, iteration: int, stage: str, params: Params) -> str:
+        """Write a stage's output parameters (orbax, atomic); returns the directory."""
+        directory = self.run.stage_dir(iteration, stage) / ARTIFACT
+        with Checkpointer(directory, keep=1, async_save=False) as ckpt:
+            ckpt.save(0, params)
+        return str(directory)
+
+    def _restore_artifact(
+        self, iteration: int, stage: str, abstract: Any, shardings: Params
+    ) -> Params:
+        directory = self.run.stage_dir(iteration, stage) / ARTIFACT
+        if not directory.exists():
+            raise CheckpointError(
+                f"{directory}: missing; the manifest says {stage} of iteration {iteration} is "
+                "done but its output is gone (delete that manifest record to redo the stage)"
+            )
+        target = abstract_like(nnx.to_pure_dict(abstract), shardings)
+        with Checkpointer(directory, keep=1, async_save=False) as ckpt:
+            params, _, _ = ckpt.restore(target, step=0)
+        return params
+
+    def lm_module(self, params: Params) -> nnx.Module:
+        """The LLM module for params (no copy)."""
+        return nnx.merge(self.lm_graph, params)
+
+    def nado_module(self, params: Params) -> nnx.Module:
+        """The NADO module for params (no copy)."""
+        return nnx.merge(self.nado_graph, params)
+
+    def language_model(self, params: Params) -> Any:
+        """A `LanguageModel` view of LLM params (for sampling and export)."""
+        from jaxdetox.models import LanguageModel
+
+        return LanguageModel(self.lm_config, self.lm_module(params), self.tokenizer, self.mesh)
+
+    # ------------------------------------------------------------------ prompts
+
+    @cached_property
+    def _blocks(self) -> tuple[Any, PromptSet]:
+        p = self.config.prompts
+        if p.source == "builtin":
+            train = builtin_prompt_set("train", p.kind)
+            blocks = split_blocks(train, seed=p.seed, block_size=p.block_size, eval_size=0)
+            return blocks, builtin_prompt_set("eval", p.kind)
+        blocks = split_blocks(
+            load_prompts(p.source), seed=p.seed, block_size=p.block_size, eval_size=p.eval_size
+        )
+        return blocks, blocks.eval_block()
+
+    def train_prompts(self, iteration: int) -> TokenizedPrompts:
+        """The prompt block sampled in `iteration` (1-based; blocks are disjoint)."""
+        block = self._blocks[0].train_block(iteration - 1)
+        return tokenize_prompts(block, self.tokenizer, max_tokens=self.config.prompts.max_tokens)
+
+    def eval_prompts(self) -> TokenizedPrompts:
+        """Held-out prompts, disjoint from every training block."""
+        return tokenize_prompts(
+            self._blocks[1], self.tokenizer, max_tokens=self.config.prompts.max_tokens
+        )
+
+    def sampling_config(self, iteration: int) -> SamplingConfig:
+        """Sampling settings of `iteration` (its own seed)."""
+        s = self.config.sampling
+        eos, pad = special_tokens(self.lm_config)
+        return SamplingConfig(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            num_samples=s.num_samples,
+            eos_token_ids=eos,
+            pad_token_id=pad,
+            seed=s.seed + 1000 * iteration,
+        )
+
+    @property
+    def prompt_len(self) -> int:
+        """Fixed prompt width of training batches (max tokens + special prefix, rounded)."""
+        from jaxdetox.data.packing import round_up
+        from jaxdetox.data.prompts import special_prefix
+
+        return round_up(self.config.prompts.max_tokens + len(special_prefix(self.tokenizer)), 8)
+
+    @property
+    def completion_len(self) -> int:
+        """Fixed completion width of training batches."""
+        from jaxdetox.data.packing import round_up
+
+        return round_up(self.config.sampling.max_new_tokens, 8)
+
+    # ------------------------------------------------------------------ oracle
+
+    @cached_property
+    def oracle(self) -> Any:
+        """The configured oracle with a score cache in the run directory."""
+        from jaxdetox import oracles
+
+        o = self.config.oracle
+        return oracles.load(o.name, cache=self.run.root / "oracle_cache.sqlite", **o.args)
+
+    @property
+    def label_name(self) -> str:
+        """The sample-store label key of the configured oracle."""
+        from jaxdetox.stages import oracle_label_name
+
+        return oracle_label_name(self.config.oracle.name)
+
+    def labels(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """NADO targets for a sample batch: `labels_b` and `label_mask_b` (host side)."""
+        from jaxdetox.oracles import make_labels
+
+        lab = self.config.oracle.label
+        ok = batch["ok_b"] & batch["valid_b"]
+        labels, mask = make_labels(batch["toxicity_b"], ok, tau=lab.tau, threshold=lab.threshold)
+        return {
+            **batch,
+            "labels_b": labels.astype(np.float32),
+            "label_mask_b": mask.astype(np.float32),
+        }

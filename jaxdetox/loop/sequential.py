@@ -1,0 +1,149 @@
+"""The sequential scheme: iteration i = sample S_i from LLM_{i−1} → label S_i → train NADO_i
+(from NADO_{i−1}) on S_i → fine-tune LLM_i (from LLM_{i−1}) with the teacher reference ⊕
+NADO_i; then export the last LLM and NADO.
+
+Rerunning the same command resumes: a stage whose manifest record is `done` is skipped (its
+artefact is restored when a later stage needs it), an unfinished sampling / labelling stage
+continues from its committed chunks, and an unfinished training stage from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from jaxdetox.loop.experiment import Experiment
+from jaxdetox.loop.training import finetune_stage, train_nado_stage
+
+logger = logging.getLogger(__name__)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def run_stage(
+    exp: Experiment,
+    iteration: int,
+    stage: str,
+    inputs: dict[str, int | None],
+    body: Callable[[], dict[str, Any]],
+) -> bool:
+    """Run one stage unless the manifest has it done; record it. Returns True if it ran."""
+    run = exp.run
+    if run.is_done(iteration, stage):
+        logger.info("iteration %d %s: done earlier, skipped", iteration, stage)
+        return False
+    previous = run.record(iteration, stage)
+    if previous is not None and previous["inputs"] != inputs:
+        raise RuntimeError(
+            f"iteration {iteration} {stage}: a started record consumed {previous['inputs']}, "
+            f"this run would consume {inputs}; refusing to mix versions"
+        )
+    run.update_record(iteration, stage, status="running", inputs=inputs)
+    start = time.perf_counter()
+    outputs = body()
+    _barrier(f"{stage}-{iteration}")
+    run.update_record(
+        iteration, stage, status="done", inputs=inputs, outputs=outputs,
+        seconds=time.perf_counter() - start,
+    )  # fmt: skip
+    return True
+
+
+def sample_and_label(exp: Experiment, iteration: int, lm_version: int) -> None:
+    """Stages 1–2 of `iteration`: S_i from LLM_{lm_version} on the iteration's prompt block."""
+    from jaxdetox.stages import label_stage, sample_stage
+
+    def sample() -> dict[str, Any]:
+        lm = exp.language_model(exp.lm_params(lm_version))
+        report = sample_stage(
+            lm,
+            exp.train_prompts(iteration),
+            exp.store,
+            iteration,
+            exp.sampling_config(iteration),
+            batch_size=exp.config.sampling.batch_size,
+            progress=exp.progress,
+        )
+        return {"prompts": report.processed + report.skipped, **report.extra}
+
+    def label() -> dict[str, Any]:
+        report = label_stage(
+            exp.store, iteration, exp.oracle, exp.label_name,
+            batch_size=exp.config.oracle.batch_size, progress=exp.progress,
+        )  # fmt: skip
+        return {"scored": report.processed, **report.extra}
+
+    run_stage(exp, iteration, "sample", {"lm": lm_version}, sample)
+    run_stage(exp, iteration, "label", {"samples": iteration}, label)
+
+
+def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
+    keep = ("nado/bce", "nado/consistency", "lm/samples/kl", "lm/corpus/nll", "mfu")
+    return {
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "compiles": result.compile_count,
+        "artifact": artifact,
+        **{k: result.last_metrics[k] for k in keep if k in result.last_metrics},
+    }
+
+
+def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int) -> None:
+    """Stage 3: NADO_iteration from NADO_{nado_version} on S_{samples}."""
+
+    def body() -> dict[str, Any]:
+        result = train_nado_stage(exp, iteration, nado_version=nado_version, samples=samples)
+        artifact = exp.save_artifact(iteration, "train_nado", result.params)
+        exp.keep("nado", iteration, result.params)
+        return _training_outputs(result, artifact)
+
+    run_stage(
+        exp, iteration, "train_nado", {"lm": 0, "nado": nado_version, "samples": samples}, body
+    )
+
+
+def finetune(
+    exp: Experiment, iteration: int, lm_version: int, nado_version: int, samples: int
+) -> None:
+    """Stage 4: LLM_iteration from LLM_{lm_version}, teacher with NADO_{nado_version}."""
+
+    def body() -> dict[str, Any]:
+        result = finetune_stage(
+            exp, iteration, lm_version=lm_version, nado_version=nado_version, samples=samples
+        )
+        artifact = exp.save_artifact(iteration, "finetune", result.params)
+        exp.keep("lm", iteration, result.params)
+        return _training_outputs(result, artifact)
+
+    inputs = {"lm": lm_version, "nado": nado_version, "samples": samples}
+    run_stage(exp, iteration, "finetune", inputs, body)
+
+
+def export_final(exp: Experiment, iteration: int) -> None:
+    """Write LLM_iteration as an HF checkpoint (+ tokenizer) and NADO_iteration."""
+    from jaxdetox.models import save_nado
+
+    lm_params, nado_params = exp.lm_params(iteration), exp.nado_params(iteration)
+    if exp.run.writer:
+        exp.language_model(lm_params).save_pretrained(exp.run.final / "model")
+        save_nado(exp.nado_module(nado_params), exp.run.final / "nado")
+    _barrier("export")
+
+
+def run_sequential(exp: Experiment) -> None:
+    """All iterations of the sequential scheme, then the export."""
+    n = exp.config.loop.iterations
+    for i in range(1, n + 1):
+        sample_and_label(exp, i, lm_version=i - 1)
+        train_nado(exp, i, nado_version=i - 1, samples=i)
+        finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)
+    export_final(exp, n)

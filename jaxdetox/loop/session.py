@@ -1,0 +1,98 @@
+"""Opening a run directory from the command line: multi-host start-up, config resolution
+(a rerun must use the same resolved config), logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import jax
+import yaml
+
+from jaxdetox.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
+from jaxdetox.loop.rundir import RunDir
+
+CONFIG_FILE = "config.yaml"
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for multi-host runs (each defaults to its JAX environment variable)."""
+    group = parser.add_argument_group("multi-host (one process per host)")
+    group.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    group.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
+    group.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` when a coordinator is given (or on a TPU pod, where JAX
+    discovers the hosts by itself when `JAXDETOX_DISTRIBUTED=1`)."""
+    if args.coordinator:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif os.environ.get("JAXDETOX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def _diff(a: object, b: object, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def resolve_run_config(config_path: str | None, out: Path, overrides: list[str]) -> RunConfig:
+    """The run's config: from CONFIG (+ overrides), or the one saved in `out` when resuming.
+
+    A rerun with a config that resolves differently from the saved one is refused, naming
+    the keys that differ (a resumed run must not silently change its recipe).
+    """
+    saved_path = out / CONFIG_FILE
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+    if config_path is None and saved is None:
+        raise ConfigError(f"{out}: no {CONFIG_FILE} there; pass a CONFIG.yaml to start a run")
+    if config_path is None:
+        config = config_from_dict(apply_overrides(saved, overrides), str(saved_path))
+    else:
+        config = load_config(config_path, overrides)
+    if saved is not None:
+        diff = _diff(saved, config.model_dump(mode="json"))
+        if diff:
+            raise ConfigError(
+                f"{out} was started with a different config; differences (saved -> now):\n  "
+                + "\n  ".join(diff)
+                + "\nuse a new --out directory, or rerun with the saved config"
+            )
+    return config
+
+
+def open_run(config: RunConfig, out: Path) -> RunDir:
+    """The run directory with the resolved config saved (process 0 writes)."""
+    run = RunDir(out)
+    if run.writer and not (out / CONFIG_FILE).exists():
+        (out / CONFIG_FILE).write_text(dump_config(config))
+    return run
+
+
+def setup_logging() -> None:
+    """INFO logs for jaxdetox, warnings for the rest."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("jaxdetox").setLevel(logging.INFO)

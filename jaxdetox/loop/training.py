@@ -1,0 +1,277 @@
+"""Stages 3 and 4 of an iteration: train NADO_i on S_i, then fine-tune LLM_i.
+
+Both run `fit`: a step loop over a resumable data iterator that checkpoints the trained part
+of the state together with the iterator's position every `checkpoint_every` steps (orbax,
+async). A killed stage restarts from its last checkpoint, drops the metrics it had logged
+past it, and — the steps being deterministic — ends with the same weights and metrics as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxdetox.loop.experiment import Experiment
+from jaxdetox.train import flops as flops_lib
+from jaxdetox.train.checkpoint import Checkpointer
+from jaxdetox.train.optimizer import OptimizerConfig
+from jaxdetox.train.runner import StepRunner
+from jaxdetox.train.setup import Training, make_training
+from jaxdetox.train.state import abstract_like
+from jaxdetox.train.steps import StepConfig, StreamLoss, lm_step, nado_step
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a training stage produced."""
+
+    params: Any
+    steps: int
+    last_metrics: dict[str, float]
+    resumed_from: int
+    compile_count: int
+
+
+class Streams:
+    """Several resumable host-batch iterators advanced together; one dict per step."""
+
+    def __init__(self, iterators: dict[str, Any], transform: Callable[[dict], dict]) -> None:
+        """`iterators`: grain iterators by stream name; `transform` maps each step's dict."""
+        self.iterators = iterators
+        self.transform = transform
+
+    def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.transform({name: next(it) for name, it in self.iterators.items()})
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def get_state(self) -> dict[str, Any]:
+        """Positions of every stream (JSON-able)."""
+        return {name: it.get_state() for name, it in self.iterators.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue every stream from `get_state()` output."""
+        for name, it in self.iterators.items():
+            it.set_state(state[name])
+
+
+def optimizer_config(section: Any) -> OptimizerConfig:
+    """`OptimizerConfig` from a config's optimizer section."""
+    data = section.model_dump()
+    data["trainable"] = tuple(data["trainable"])
+    return OptimizerConfig(**data)
+
+
+def fit(
+    exp: Experiment,
+    *,
+    iteration: int,
+    stage: str,
+    training: Training,
+    step_fn: Callable,
+    step_config: StepConfig,
+    streams: Streams,
+    total_steps: int,
+    trained: str,
+    tokens_per_step: int,
+    flops_per_step: float,
+) -> StageResult:
+    """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position."""
+    run, loop = exp.run, exp.config.loop
+    state = training.state
+    # One runner per stage kind and shape of work: later iterations reuse its executables
+    # (their models and optimizers are built from the same config, so the programs match).
+    key = (stage, step_config, total_steps)
+    runner = exp.runners.get(key)
+    if runner is None:
+        runner = exp.runners[key] = StepRunner(
+            functools.partial(step_fn, models=training.models, config=step_config),
+            exp.mesh,
+            training.shardings,
+            name=stage,
+        )
+    ckpt = Checkpointer(
+        run.stage_dir(iteration, stage) / "ckpt",
+        keep=loop.keep_checkpoints,
+        async_save=loop.async_checkpoints,
+    )
+    start = 0
+    if ckpt.latest_step() is not None:
+        target = abstract_like(getattr(state, trained), getattr(training.shardings, trained))
+        part, data_state, meta = ckpt.restore(target)
+        state = state.replace(**{trained: part})
+        streams.set_state(data_state)
+        start = int(meta["step"])
+        run.truncate_metrics(iteration, stage, start)
+    peak, _ = flops_lib.device_peak_flops()
+    peak *= exp.mesh.size
+    last: dict[str, float] = {}
+    bar = tqdm(
+        total=total_steps, initial=start, desc=f"iter {iteration} {stage}", unit="step",
+        disable=not exp.progress,
+    )  # fmt: skip
+    with bar:
+        for step in range(start, total_steps):
+            batch = next(streams)
+            t0, compile_before = time.perf_counter(), runner.compile_seconds
+            state, metrics = runner(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - t0 - (runner.compile_seconds - compile_before)
+            metrics |= {
+                "step_seconds": seconds,
+                "tokens_per_second": tokens_per_step / seconds,
+                "mfu": flops_per_step / seconds / peak,
+            }
+            run.log(iteration, stage, step + 1, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens_per_step / seconds:.0f}", **_headline(metrics))
+            if (step + 1) % loop.checkpoint_every == 0 or step + 1 == total_steps:
+                ckpt.save(
+                    step + 1,
+                    getattr(state, trained),
+                    data_state=streams.get_state(),
+                    meta={"step": step + 1, "iteration": iteration, "stage": stage},
+                )
+    ckpt.close()
+    params = getattr(state, trained).params
+    return StageResult(params, total_steps, last, start, runner.compile_count)
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, str]:
+    keys = ("nado/bce", "lm/samples/kl", "lm/corpus/nll")
+    return {k.split("/")[-1]: f"{metrics[k]:.4f}" for k in keys if k in metrics}
+
+
+def _steps(num_rows: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    steps = epochs * math.ceil(num_rows / batch_size)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def _sample_batches(exp: Experiment, iteration: int, batch_size: int, epochs: int, seed: int):
+    hosts = jax.process_count()
+    if batch_size % hosts:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
+    return exp.store.batches(
+        iteration,
+        batch_size // hosts,
+        oracle=exp.label_name,
+        seed=seed,
+        num_epochs=epochs,
+        prompt_len=exp.prompt_len,
+        completion_len=exp.completion_len,
+    )
+
+
+def train_nado_stage(
+    exp: Experiment, iteration: int, *, nado_version: int, samples: int
+) -> StageResult:
+    """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
+    reference (the model R decomposes for the consistency term) is the base LLM."""
+    cfg = exp.config.train_nado
+    num_rows = exp.store.read(samples, exp.label_name).num_rows
+    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    training = make_training(
+        exp.lm_module(exp.lm_params(0)),
+        exp.nado_module(exp.nado_params(nado_version)),
+        exp.mesh,
+        lm_optimizer=None,
+        nado_optimizer=optimizer_config(cfg.optimizer),
+        nado_steps=total,
+        seed=exp.config.seed + iteration,
+    )
+    training = dataclasses.replace(training, state=training.state.replace(lm=None))
+    training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
+    step_config = StepConfig(
+        consistency=cfg.consistency,
+        consistency_weight=cfg.consistency_weight,
+        importance_weights=cfg.importance_weights,
+        micro_batches=cfg.micro_batches,
+    )
+    batches = _sample_batches(exp, samples, cfg.batch_size, cfg.epochs, exp.config.seed + iteration)
+    streams = Streams({"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"])})
+    seq = exp.prompt_len + exp.completion_len
+    tokens = cfg.batch_size * seq
+    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
+    fl = flops_lib.nado_step_flops(
+        exp.lm_config, body, tokens=tokens, seq_len=seq, consistency=cfg.consistency is not None
+    )
+    return fit(
+        exp, iteration=iteration, stage="train_nado", training=training, step_fn=nado_step,
+        step_config=step_config, streams=streams, total_steps=total, trained="nado",
+        tokens_per_step=tokens, flops_per_step=fl.total,
+    )  # fmt: skip
+
+
+def finetune_stage(
+    exp: Experiment, iteration: int, *, lm_version: int, nado_version: int, samples: int
+) -> StageResult:
+    """LLM_iteration ← LLM_{lm_version} trained on NLL(corpus) + λ·KL(q ‖ LLM) on S_{samples},
+    q = reference ⊕ NADO_{nado_version} (reference: the base LLM or LLM_{lm_version})."""
+    cfg, conf = exp.config.finetune, exp.config
+    num_rows = exp.store.read(samples, exp.label_name).num_rows
+    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
+    training = make_training(
+        exp.lm_module(exp.lm_params(lm_version)),
+        exp.nado_module(exp.nado_params(nado_version)),
+        exp.mesh,
+        lm_optimizer=optimizer_config(cfg.optimizer),
+        nado_optimizer=None,
+        lm_steps=total,
+        reference=reference,
+        reference_dtype=cfg.reference_dtype,
+        seed=conf.seed + iteration,
+    )
+    streams_cfg = (("samples", StreamLoss(nll_weight=0.0, kl="samples" in cfg.kl_on)),)
+    batches = _sample_batches(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
+    iterators = {"samples": iter(batches)}
+    seq = exp.prompt_len + exp.completion_len
+    tokens, kl_tokens = cfg.batch_size * seq, cfg.batch_size * seq
+    if conf.corpus is not None:
+        streams_cfg += (
+            ("corpus", StreamLoss(nll_weight=cfg.nll_weight, kl="corpus" in cfg.kl_on)),
+        )
+        iterators["corpus"] = iter(_corpus_batches(exp))
+        corpus_tokens = conf.corpus.batch_size * conf.corpus.seq_len
+        tokens += corpus_tokens
+        kl_tokens += corpus_tokens if "corpus" in cfg.kl_on else 0
+    step_config = StepConfig(
+        kl_weight=cfg.kl_weight,
+        alpha=cfg.alpha,
+        streams=streams_cfg,
+        micro_batches=cfg.micro_batches,
+        chunk_size=cfg.chunk_size,
+    )
+    streams = Streams(iterators, lambda b: b)
+    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
+    fl = flops_lib.lm_step_flops(
+        exp.lm_config, body, tokens=tokens, kl_tokens=kl_tokens, seq_len=seq
+    )
+    return fit(
+        exp, iteration=iteration, stage="finetune", training=training, step_fn=lm_step,
+        step_config=step_config, streams=streams, total_steps=total, trained="lm",
+        tokens_per_step=tokens, flops_per_step=fl.total,
+    )  # fmt: skip
+
+
+def _corpus_batches(exp: Experiment) -> Any:
+    from jaxdetox.data.corpora import CorpusConfig, corpus_dataset
+
+    c = exp.config.corpus
+    config = CorpusConfig(
+        source=c.source, split=c.split, data_dir=c.data_dir, text_field=c.text_field,
+        prompt_field=c.prompt_field, seq_len=c.seq_len, global_batch_size=c.batch_size,
+        seed=c.seed, num_epochs=None,
+    )  # fmt: skip
+    return corpus_dataset(config, exp.tokenizer)

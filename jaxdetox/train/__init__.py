@@ -1,0 +1,29 @@
+"""Training: `TrainState`, the pure steps (`lm_step`, `nado_step`, `joint_step`, `sft_step`),
+optimizers, the jitted step runner, orbax checkpoints and FLOP counts (docs/method.md)."""
+
+from jaxdetox.train.checkpoint import Checkpointer, CheckpointError
+from jaxdetox.train.optimizer import OptimizerConfig, make_optimizer
+from jaxdetox.train.runner import StepRunner, place_batch
+from jaxdetox.train.setup import Training, make_training
+from jaxdetox.train.state import Models, ModelState, TrainState
+from jaxdetox.train.steps import StepConfig, StreamLoss, joint_step, lm_step, nado_step, sft_step
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "ModelState",
+    "Models",
+    "OptimizerConfig",
+    "StepConfig",
+    "StepRunner",
+    "StreamLoss",
+    "TrainState",
+    "Training",
+    "joint_step",
+    "lm_step",
+    "make_optimizer",
+    "make_training",
+    "nado_step",
+    "place_batch",
+    "sft_step",
+]

@@ -1,0 +1,174 @@
+"""`TrainState`: everything a train step reads and writes, as one pytree of arrays.
+
+Parameters are *pure dicts* (`nnx.to_pure_dict` of a model's `nnx.Param` state): plain
+nested dicts of arrays that optax, orbax and `jax.jit` shardings take as they are. A step
+rebuilds a module with `nnx.merge(graphdef, params)` inside the trace, so the static model
+structure (`graphdef`) lives in `Models`, never in the state.
+
+Shardings come from the parameters' logical axis names through `jaxdetox.sharding`'s one
+rules table; optimizer states mirror the parameter tree, and every leaf optax adds beside
+it (Adam's step `count`, schedules' counters) is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdetox import sharding
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class ModelState:
+    """One trained model: its parameters, optimizer state and update counter."""
+
+    step: jax.Array  # int32 scalar: optimizer updates applied in this stage
+    params: Params
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The LLM, the NADO (each with its optimizer state), the frozen reference LLM, an RNG.
+
+    `lm` / `nado` may be None for stages that train only one of them; `ref_params` is the
+    reference LLM the guided teacher is built from (None when no step needs a teacher).
+    """
+
+    lm: ModelState | None
+    nado: ModelState | None
+    ref_params: Params | None
+    rng: jax.Array  # uint32 key data [2]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Models:
+    """Static half of the train step: graph definitions and optimizers (no arrays)."""
+
+    lm: nnx.GraphDef
+    nado: nnx.GraphDef | None = None
+    lm_optimizer: optax.GradientTransformation | None = None
+    nado_optimizer: optax.GradientTransformation | None = None
+    lm_schedule: Any = None
+    nado_schedule: Any = None
+    # Bool pytrees like the params (python bools): which leaves train. None = all.
+    lm_trainable: Any = None
+    nado_trainable: Any = None
+
+
+def split_params(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, Params]:
+    """`(graphdef, abstract nnx state with sharding metadata, pure-dict params)` of a module."""
+    graphdef, state = nnx.split(module, nnx.Param)
+    abstract = jax.tree.map(
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return graphdef, abstract, nnx.to_pure_dict(state)
+
+
+def bind(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
+    """The module for these pure-dict params (inside jit: traced, nothing copied)."""
+    return nnx.merge(graphdef, params)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh) -> Params:
+    """Pure dict of NamedSharding for a model's params, from their logical axes."""
+    return nnx.to_pure_dict(sharding.state_shardings(abstract_state, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(
+    optimizer: optax.GradientTransformation,
+    abstract_params: Params,
+    params_sharding: Params,
+    mesh: Mesh,
+) -> Any:
+    """Shardings for `optimizer.init(params)`: parameter-shaped subtrees follow the params,
+    every other leaf (counters, scalars) is replicated."""
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    rep = replicated(mesh)
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract_opt,
+        params_sharding,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def model_state_shardings(
+    optimizer: optax.GradientTransformation,
+    abstract_params: Params,
+    params_sharding: Params,
+    mesh: Mesh,
+) -> ModelState:
+    """Shardings of a `ModelState` for this optimizer."""
+    return ModelState(
+        step=replicated(mesh),
+        params=params_sharding,
+        opt_state=opt_state_shardings(optimizer, abstract_params, params_sharding, mesh),
+    )
+
+
+def init_model_state(
+    optimizer: optax.GradientTransformation, params: Params, shardings: ModelState | None = None
+) -> ModelState:
+    """A fresh `ModelState` (step 0); the optimizer state is created already sharded."""
+    init = jax.jit(
+        lambda p: ModelState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+        out_shardings=shardings,
+    )
+    return init(params)
+
+
+def cast_params(params: Params, dtype: Any, shardings: Params | None = None) -> Params:
+    """A copy of `params` with floating leaves in `dtype` (e.g. a bf16 frozen reference)."""
+
+    def cast(x: jax.Array) -> jax.Array:
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs (with shardings when given) for a concrete or abstract tree."""
+    if shardings is None:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree,
+        )
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def state_memory_bytes(tree: Any) -> int:
+    """Total bytes of a (concrete or abstract) pytree's arrays (global, not per device)."""
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes of a tree's arrays held by one device under `shardings` (the largest shard)."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        shard = s.shard_shape(tuple(x.shape)) if hasattr(s, "shard_shape") else x.shape
+        n = 1
+        for d in shard:
+            n *= d
+        total += n * jnp.dtype(x.dtype).itemsize
+    return total

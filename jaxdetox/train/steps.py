@@ -1,0 +1,466 @@
+"""Pure train steps `(state, batch) -> (state, metrics)` for the LLM, the NADO, and both.
+
+The LLM objective (docs/method.md, "LLM objective"), per batch stream s (`corpus`, `samples`):
+
+    L(θ) = Σ_s [ w_s · Σ_t m·NLL_t  +  λ · k_s · Σ_t m·KL(q_t ‖ p_θ,t) ] / Σ_t m
+
+with q = softmax(logit_ref + α·log σ(h_φ)) the guided teacher (reference LLM ⊕ NADO,
+stop-gradient) and the KL an exact sum over the vocabulary, computed in token chunks from
+hidden states by `losses.regularized_lm_loss` (no `[B, T, V]` tensor). Each stream is a
+token-weighted mean over its own loss-mask tokens, so λ weighs a KL token against an NLL
+token. The NADO objective is the per-token BCE of σ(h_φ[y_t]) against the sequence label
+(+ the Bellman consistency regulariser, + self-normalised importance weights), from
+`losses.nado_losses`.
+
+Batches are dicts of streams, each a dict of `[B, ...]` arrays (`tokens_bt`,
+`segment_ids_bt`, `positions_bt`, `targets_bt`, `loss_mask_bt`; the samples stream also
+`labels_b`, `label_mask_b`, `model_logprob_b`, `sampling_logprob_b`; any stream may carry
+`weight_b`, a per-sequence weight). Gradient accumulation splits every stream into
+`micro_batches` interleaved micro-batches (row r goes to micro-batch r mod k, so each
+device keeps its own rows) and scans over them with float32 accumulators; the
+denominators are counted over the whole batch first, so k micro-batches of b rows give the
+same update as one batch of k·b rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdetox import losses
+from jaxdetox.train.state import Models, ModelState, Params, TrainState, bind
+
+F32 = jnp.float32
+Batch = dict[str, dict[str, jax.Array]]
+Metrics = dict[str, jax.Array]
+
+# Keys a step reads; everything else in a host batch (texts, ids) stays on the host.
+STEP_KEYS = (
+    "tokens_bt",
+    "segment_ids_bt",
+    "positions_bt",
+    "targets_bt",
+    "loss_mask_bt",
+    "weight_b",
+    "labels_b",
+    "label_mask_b",
+    "model_logprob_b",
+    "sampling_logprob_b",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLoss:
+    """How one batch stream enters the LLM loss: NLL weight and whether it gets the KL."""
+
+    nll_weight: float = 0.0
+    kl: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the steps (changing one recompiles)."""
+
+    kl_weight: float = 1.0  # λ
+    alpha: float = 1.0  # guidance strength α in the teacher
+    streams: tuple[tuple[str, StreamLoss], ...] = (
+        ("corpus", StreamLoss(nll_weight=1.0, kl=False)),
+        ("samples", StreamLoss(nll_weight=0.0, kl=True)),
+    )
+    consistency: str | None = None  # NADO Bellman regulariser: None | "kl" | "sq"
+    consistency_weight: float = 0.0
+    importance_weights: bool = False  # weights ∝ p_model(y) / p_sampling(y) for the NADO
+    micro_batches: int = 1
+    chunk_size: int | None = None  # tokens per chunk of the vocabulary-sized losses
+
+    def stream(self, name: str) -> StreamLoss:
+        """The loss spec of stream `name` (a stream not listed contributes nothing)."""
+        return dict(self.streams).get(name, StreamLoss())
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.consistency not in (None, "kl", "sq"):
+            raise ValueError(f"consistency = {self.consistency!r}; expected None, 'kl' or 'sq'")
+
+
+class Teacher(NamedTuple):
+    """What the guided teacher needs per token: reference and NADO hidden states + heads."""
+
+    h_ref: jax.Array
+    ref_head: tuple[jax.Array, jax.Array | None]
+    h_nado: jax.Array
+    nado_head: tuple[jax.Array, jax.Array | None]
+
+
+# ----------------------------------------------------------------------------- forwards
+
+
+def lm_hidden(
+    graphdef: Any, params: Params, stream: dict[str, jax.Array]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
+    """Final hidden states `[B, T, D]` and the head `(w_vd, b_v)` of an LLM on a stream."""
+    model = bind(graphdef, params)
+    h_btd, _ = model.hidden_states(
+        stream["tokens_bt"],
+        positions_bt=stream["positions_bt"],
+        segment_ids_bt=stream["segment_ids_bt"],
+    )
+    return h_btd, model.unembed_weights()
+
+
+def teacher_features(
+    models: Models, ref_params: Params, nado_params: Params, stream: dict[str, jax.Array]
+) -> Teacher:
+    """Reference hidden states (frozen) and NADO hidden states (differentiable in φ)."""
+    h_ref, ref_head = lm_hidden(models.lm, jax.lax.stop_gradient(ref_params), stream)
+    h_ref = jax.lax.stop_gradient(h_ref)
+    nado = bind(models.nado, nado_params)
+    h_nado, _ = nado.hidden_states(
+        stream["tokens_bt"],
+        positions_bt=stream["positions_bt"],
+        segment_ids_bt=stream["segment_ids_bt"],
+        lm_hidden_btd=h_ref,  # the shared variant's features; ignored by a separate body
+    )
+    return Teacher(h_ref, ref_head, h_nado, nado.unembed_weights())
+
+
+def _frozen(teacher: Teacher) -> Teacher:
+    return jax.lax.stop_gradient(teacher)
+
+
+def _sequence_weights(stream: dict[str, jax.Array]) -> jax.Array:
+    mask = stream["loss_mask_bt"].astype(F32)
+    if "weight_b" in stream:
+        mask = mask * stream["weight_b"].astype(F32)[:, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------- loss sums
+
+
+def lm_sums(
+    models: Models,
+    lm_params: Params,
+    stream: dict[str, jax.Array],
+    teacher: Teacher | None,
+    config: StepConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Weighted sums Σ m·NLL and Σ m·KL(q ‖ p_θ) over a stream (KL = 0 without a teacher)."""
+    h_btd, head = lm_hidden(models.lm, lm_params, stream)
+    w_bt = _sequence_weights(stream)
+    mask_bt = stream["loss_mask_bt"]
+    if teacher is None:
+        nll_bt = losses.chunked_nll(
+            h_btd, head, stream["targets_bt"], mask_bt, chunk_size=config.chunk_size
+        )
+        return jnp.sum(nll_bt * w_bt), jnp.zeros((), F32)
+    t = _frozen(teacher)
+    nll_bt, kl_bt = losses.regularized_lm_loss(
+        h_btd, head, t.h_ref, t.ref_head, t.h_nado, t.nado_head,
+        stream["targets_bt"], mask_bt, alpha=config.alpha, chunk_size=config.chunk_size,
+    )  # fmt: skip
+    return jnp.sum(nll_bt * w_bt), jnp.sum(kl_bt * w_bt)
+
+
+def nado_weights(stream: dict[str, jax.Array], config: StepConfig) -> jax.Array:
+    """Per-sequence NADO weights `[B]`: label mask × (self-normalised importance weights,
+    rescaled to mean 1 over the labelled rows of the whole batch) when configured."""
+    label_mask = stream["label_mask_b"].astype(F32)
+    if not config.importance_weights:
+        return label_mask
+    w = losses.self_normalized_weights(
+        stream["model_logprob_b"], stream["sampling_logprob_b"], label_mask
+    )
+    return w * jnp.sum(label_mask)
+
+
+def nado_sums(teacher: Teacher, stream: dict[str, jax.Array], config: StepConfig) -> tuple:
+    """Weighted sums Σ w·BCE and Σ w·consistency over a stream's labelled completions."""
+    w_b = stream["nado_weight_b"]
+    mask_bt = stream["loss_mask_bt"] * (w_b > 0)[:, None]
+    terms = losses.nado_losses(
+        teacher.h_nado, teacher.nado_head, teacher.h_ref, teacher.ref_head,
+        stream["targets_bt"], stream["labels_b"], mask_bt,
+        consistency=config.consistency, chunk_size=config.chunk_size,
+    )  # fmt: skip
+    w_bt = w_b[:, None] * mask_bt
+    return jnp.sum(terms.bce_bt * w_bt), jnp.sum(terms.consistency_bt * w_bt)
+
+
+# ----------------------------------------------------------------------------- denominators
+
+
+def _count(x: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.sum(x.astype(F32)), 1.0)
+
+
+def _lm_streams(batch: Batch, config: StepConfig) -> list[str]:
+    return [s for s in batch if s in dict(config.streams)]
+
+
+def lm_denominators(batch: Batch, config: StepConfig) -> dict[str, jax.Array]:
+    """Loss-mask tokens per LLM stream over the whole (global) batch."""
+    return {s: _count(_sequence_weights(batch[s]) > 0) for s in _lm_streams(batch, config)}
+
+
+def nado_denominator(stream: dict[str, jax.Array]) -> jax.Array:
+    """Labelled completion tokens of the samples stream over the whole batch."""
+    return _count(stream["loss_mask_bt"] * (stream["nado_weight_b"] > 0)[:, None])
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def lm_loss(
+    lm_params: Params,
+    batch: Batch,
+    *,
+    models: Models,
+    ref_params: Params | None,
+    nado_params: Params | None,
+    config: StepConfig,
+    denominators: dict[str, jax.Array],
+    teachers: dict[str, Teacher] | None = None,
+) -> tuple[jax.Array, Metrics]:
+    """The LLM loss of one (micro-)batch, normalised by whole-batch denominators."""
+    total, sums = jnp.zeros((), F32), {}
+    for name in _lm_streams(batch, config):
+        spec = config.stream(name)
+        teacher = None
+        if spec.kl and config.kl_weight != 0:
+            teacher = (teachers or {}).get(name)
+            if teacher is None:
+                teacher = teacher_features(models, ref_params, nado_params, batch[name])
+        nll, kl = lm_sums(models, lm_params, batch[name], teacher, config)
+        n = denominators[name]
+        total = total + (spec.nll_weight * nll + config.kl_weight * kl) / n
+        sums[f"lm/{name}/nll_sum"], sums[f"lm/{name}/kl_sum"] = nll, kl
+    return total, sums
+
+
+def nado_loss(
+    nado_params: Params,
+    batch: Batch,
+    *,
+    models: Models,
+    ref_params: Params,
+    config: StepConfig,
+    denominator: jax.Array,
+) -> tuple[jax.Array, tuple[Metrics, Teacher]]:
+    """The NADO loss of one (micro-)batch on its samples stream, plus the teacher features."""
+    stream = batch["samples"]
+    teacher = teacher_features(models, ref_params, nado_params, stream)
+    bce, consistency = nado_sums(teacher, stream, config)
+    loss = (bce + config.consistency_weight * consistency) / denominator
+    return loss, ({"nado/bce_sum": bce, "nado/consistency_sum": consistency}, teacher)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def _micro_batches(batch: Any, k: int) -> Any:
+    """`[B, ...]` -> `[k, B/k, ...]`, micro-batch i = rows i, i+k, ... (stays device-local)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={k}")
+        return jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, Any], tuple[jax.Array, Metrics]],
+    params: Any,
+    batch: Any,
+    micro_batches: int,
+    trainable: Any = None,
+) -> tuple[Any, Metrics]:
+    """Gradients (float32) and summed aux metrics of `loss_fn(params, batch)` over micro-batches.
+
+    `trainable` (bool pytree like `params`) zeroes frozen gradients so XLA drops their work.
+    """
+
+    def grads_of(mb: Any) -> tuple[Any, Metrics]:
+        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        g = jax.tree.map(lambda x: x.astype(F32), g)
+        if trainable is not None:
+            g = jax.tree.map(lambda x, m: x if m else jnp.zeros_like(x), g, trainable)
+        return g, {**aux, "loss": loss}
+
+    if micro_batches == 1:
+        return grads_of(batch)
+    micro = _micro_batches(batch, micro_batches)
+    zeros = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+
+    def body(acc: Any, mb: Any) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, acc, grads_of(mb)), None
+
+    out, _ = jax.lax.scan(body, init, micro)
+    return out
+
+
+def _trainable_norm(grads: Any, trainable: Any) -> jax.Array:
+    if trainable is not None:
+        grads = jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, trainable)
+    return optax.global_norm(grads)
+
+
+def apply_gradients(
+    model: ModelState, grads: Params, optimizer: optax.GradientTransformation
+) -> ModelState:
+    """One optimizer update of a `ModelState`."""
+    updates, opt_state = optimizer.update(grads, model.opt_state, model.params)
+    params = optax.apply_updates(model.params, updates)
+    return ModelState(model.step + 1, params, opt_state)
+
+
+def _with_nado_weights(batch: Batch, config: StepConfig) -> Batch:
+    samples = dict(batch["samples"])
+    samples["nado_weight_b"] = nado_weights(samples, config)
+    return {**batch, "samples": samples}
+
+
+def _lm_metrics(sums: Metrics, denominators: dict[str, jax.Array]) -> Metrics:
+    out = {}
+    for name, n in denominators.items():
+        out[f"lm/{name}/nll"] = sums[f"lm/{name}/nll_sum"] / n
+        out[f"lm/{name}/kl"] = sums[f"lm/{name}/kl_sum"] / n
+        out[f"lm/{name}/tokens"] = n
+    return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def lm_step(
+    state: TrainState, batch: Batch, *, models: Models, config: StepConfig
+) -> tuple[TrainState, Metrics]:
+    """One LLM update: NLL on its streams + λ·KL to the guided teacher (NADO frozen)."""
+    denominators = lm_denominators(batch, config)
+    nado_params = None if state.nado is None else jax.lax.stop_gradient(state.nado.params)
+
+    def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
+        return lm_loss(
+            params, mb, models=models, ref_params=state.ref_params, nado_params=nado_params,
+            config=config, denominators=denominators,
+        )  # fmt: skip
+
+    trainable = models.lm_trainable
+    grads, sums = accumulate_gradients(
+        loss_fn, state.lm.params, batch, config.micro_batches, trainable
+    )
+    metrics = {
+        **_lm_metrics(sums, denominators),
+        "lm/loss": sums["loss"],
+        "lm/grad_norm": _trainable_norm(grads, trainable),
+        "lm/learning_rate": jnp.asarray(models.lm_schedule(state.lm.step), F32),
+    }
+    lm = apply_gradients(state.lm, grads, models.lm_optimizer)
+    return state.replace(lm=lm), metrics
+
+
+def sft_step(
+    state: TrainState, batch: Batch, *, models: Models, config: StepConfig
+) -> tuple[TrainState, Metrics]:
+    """Plain fine-tuning (λ = 0): the NLL of `lm_step` without any teacher."""
+    config = dataclasses.replace(config, kl_weight=0.0)
+    return lm_step(state, batch, models=models, config=config)
+
+
+def nado_step(
+    state: TrainState, batch: Batch, *, models: Models, config: StepConfig
+) -> tuple[TrainState, Metrics]:
+    """One NADO update on labelled samples (BCE + consistency; the LLMs frozen)."""
+    batch = _with_nado_weights(batch, config)
+    denominator = nado_denominator(batch["samples"])
+
+    def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
+        loss, (sums, _) = nado_loss(
+            params, mb, models=models, ref_params=state.ref_params, config=config,
+            denominator=denominator,
+        )  # fmt: skip
+        return loss, sums
+
+    trainable = models.nado_trainable
+    grads, sums = accumulate_gradients(
+        loss_fn, state.nado.params, batch, config.micro_batches, trainable
+    )
+    metrics = _nado_metrics(sums, denominator, grads, trainable, models, state)
+    return state.replace(nado=apply_gradients(state.nado, grads, models.nado_optimizer)), metrics
+
+
+def _nado_metrics(
+    sums: Metrics,
+    denominator: jax.Array,
+    grads: Params,
+    trainable: Any,
+    models: Models,
+    state: TrainState,
+) -> Metrics:
+    return {
+        "nado/bce": sums["nado/bce_sum"] / denominator,
+        "nado/consistency": sums["nado/consistency_sum"] / denominator,
+        "nado/loss": sums["loss"],
+        "nado/tokens": denominator,
+        "nado/grad_norm": _trainable_norm(grads, trainable),
+        "nado/learning_rate": jnp.asarray(models.nado_schedule(state.nado.step), F32),
+    }
+
+
+def joint_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    models: Models,
+    config: StepConfig,
+) -> tuple[TrainState, Metrics]:
+    """The LLM and the NADO updated together (the parallel scheme's step).
+
+    The LLM's teacher uses the NADO *before* this update (stop-gradient), and on the samples
+    stream the reference and NADO forwards are shared by both losses: the LLM half equals
+    `lm_step` and the NADO half equals `nado_step` on the same batch.
+    """
+    batch = _with_nado_weights(batch, config)
+    lm_denoms = lm_denominators(batch, config)
+    nado_denom = nado_denominator(batch["samples"])
+    frozen_nado = jax.lax.stop_gradient(state.nado.params)
+
+    def loss_fn(params: tuple[Params, Params], mb: Batch) -> tuple[jax.Array, Metrics]:
+        lm_params, nado_params = params
+        n_loss, (n_sums, teacher) = nado_loss(
+            nado_params, mb, models=models, ref_params=state.ref_params, config=config,
+            denominator=nado_denom,
+        )  # fmt: skip
+        l_loss, l_sums = lm_loss(
+            lm_params, mb, models=models, ref_params=state.ref_params, nado_params=frozen_nado,
+            config=config, denominators=lm_denoms, teachers={"samples": teacher},
+        )  # fmt: skip
+        return l_loss + n_loss, {**l_sums, **n_sums, "lm_loss": l_loss, "nado_loss": n_loss}
+
+    trainable, nado_trainable = models.lm_trainable, models.nado_trainable
+    mask = None if trainable is None or nado_trainable is None else (trainable, nado_trainable)
+    (lm_grads, nado_grads), sums = accumulate_gradients(
+        loss_fn, (state.lm.params, state.nado.params), batch, config.micro_batches, mask
+    )
+    lm_metrics = {
+        **_lm_metrics(sums, lm_denoms),
+        "lm/loss": sums["lm_loss"],
+        "lm/grad_norm": _trainable_norm(lm_grads, trainable),
+        "lm/learning_rate": jnp.asarray(models.lm_schedule(state.lm.step), F32),
+    }
+    nado_metrics = _nado_metrics(
+        {**sums, "loss": sums["nado_loss"]}, nado_denom, nado_grads, nado_trainable, models, state
+    )
+    state = state.replace(
+        lm=apply_gradients(state.lm, lm_grads, models.lm_optimizer),
+        nado=apply_gradients(state.nado, nado_grads, models.nado_optimizer),
+    )
+    return state, {**lm_metrics, **nado_metrics}

@@ -1,0 +1,45 @@
+"""A tiny random Llama saved as an HF checkpoint + a run config small enough for the suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from jaxdetox.models import ModelConfig, random_init
+from tests._tokenizer import make_tokenizer
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Write a 2-layer d=32 Llama with a byte-level BPE tokenizer to `directory`."""
+    tok = make_tokenizer(bos_prefix=True)
+    config = ModelConfig(
+        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+    random_init(config, seed=seed, tokenizer=tok).save_pretrained(directory)
+    return directory
+
+
+def tiny_config(model_dir: Path, **sections: dict) -> dict:
+    """A run config dict for the tiny model (sections override the defaults given here)."""
+    config = {
+        "name": "tiny-test",
+        "model": {"path": str(model_dir)},
+        "nado": {"num_layers": 1},
+        "prompts": {"block_size": 8, "kind": "toxic", "max_tokens": 12},
+        "sampling": {"num_samples": 2, "max_new_tokens": 6, "batch_size": 8},
+        "train_nado": {"batch_size": 8, "epochs": 2, "optimizer": {"learning_rate": 1e-3}},
+        "finetune": {"batch_size": 8, "epochs": 2, "optimizer": {"learning_rate": 1e-3}},
+        "loop": {"iterations": 2, "checkpoint_every": 2},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    """Write a config dict as YAML."""
+    path.write_text(yaml.safe_dump(config))
+    return path
