@@ -91,24 +91,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _key_path(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def opt_state_shardings(
     optimizer: optax.GradientTransformation,
     abstract_params: Params,
     params_sharding: Params,
     mesh: Mesh,
 ) -> Any:
-    """Shardings for `optimizer.init(params)`: parameter-shaped subtrees follow the params,
-    every other leaf (counters, scalars) is replicated."""
+    """Shardings for `optimizer.init(params)`: a leaf whose key path ends with a parameter's
+    path and has its shape (Adam's moments, however deeply optax nests them, e.g. under
+    `multi_transform`) follows that parameter; every other leaf (counters) is replicated."""
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    rep = replicated(mesh)
-    return optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda _, s: s,
-        abstract_opt,
-        params_sharding,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+    flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    flat_shardings = jax.tree.leaves(
+        params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)
     )
+    by_path = {
+        _key_path(path): (tuple(x.shape), s) for (path, x), s in zip(flat_params, flat_shardings)
+    }
+    rep = replicated(mesh)
+
+    def leaf_sharding(path: tuple, leaf: Any) -> NamedSharding:
+        keys = _key_path(path)
+        for start in range(len(keys)):
+            match = by_path.get(keys[start:])
+            if match is not None and match[0] == tuple(leaf.shape):
+                return match[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt)
 
 
 def model_state_shardings(
