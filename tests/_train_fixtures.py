@@ -29,9 +29,13 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
     return sharding.make_mesh(shape, jax.devices()[:n])
 
 
-def training(mesh, *, lm_opt=None, nado_opt=None, variant="separate", lr=1e-2):
-    """A TrainState with both models trained (Adam, lr) on `mesh`; same values on any mesh."""
-    opt = OptimizerConfig(learning_rate=lr)
+def training(mesh, *, lm_opt=None, nado_opt=None, variant="separate", lr=1e-2, eps=1e-8):
+    """A TrainState with both models trained (Adam, lr) on `mesh`; same values on any mesh.
+
+    Sharding comparisons pass `eps=1e-3`: Adam's g / (|g| + eps) turns a gradient of rounding
+    size (1e-12, its sign set by summation order) into a full-size step at eps = 1e-8.
+    """
+    opt = OptimizerConfig(learning_rate=lr, eps=eps)
     lm = build_model(CONFIG, 0, mesh=mesh)
     nado = init_nado(
         NadoConfig.for_lm(CONFIG, variant, num_layers=1, head_init="normal"), 1, mesh=mesh
