@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` and run the chosen subcommand; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after an option (`run C.yaml --dry-run a=1`): a
+    # subcommand that collects `key=value` overrides gets the leftovers that look like one.
+    overrides = getattr(args, "overrides", None)
+    if extra and overrides is not None and all("=" in x and not x.startswith("-") for x in extra):
+        overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
