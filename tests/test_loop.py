@@ -166,3 +166,34 @@ def test_sigkill_during_training_resumes_to_the_same_result(model_dir, tmp_path)
         r for r in json.loads((killed / "manifest.json").read_text()) if "steps" in r["outputs"]
     ]
     assert all(r["outputs"]["resumed_from_step"] > 0 for r in resumed)
+
+
+def test_stage_commands_redo_one_stage_exactly(finished_run, tmp_path, capsys):
+    import shutil
+
+    from jaxdetox.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    artifact = run / "iter_002" / "finetune"
+    before = (artifact / "artifact").exists()
+    shutil.rmtree(artifact)
+    records = json.loads((run / "manifest.json").read_text())
+    kept = [r for r in records if not (r["iteration"] == 2 and r["stage"] == "finetune")]
+    (run / "manifest.json").write_text(json.dumps(kept))
+    assert before and main(["finetune", str(run), "--iteration", "2", "--no-progress"]) == 0
+    redone = json.loads((run / "manifest.json").read_text())
+    assert [r["stage"] for r in redone if r["iteration"] == 2][-1] == "finetune"
+    assert main(["train-nado", str(run), "--iteration", "3", "--no-progress"]) == 2
+    assert "needs label of iteration 3" in capsys.readouterr().err
+    # The redone stage restores to the same weights the uninterrupted run exported.
+    from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.loop.session import resolve_run_config
+
+    exp = Experiment(resolve_run_config(None, run, []), RunDir(run), progress=False)
+    final = load_file(finished_run / "final" / "model" / "model.safetensors")
+    exp.language_model(exp.lm_params(2)).save_pretrained(tmp_path / "redone")
+    redone_weights = load_file(tmp_path / "redone" / "model.safetensors")
+    for name in final:
+        np.testing.assert_array_equal(redone_weights[name], final[name], err_msg=name)

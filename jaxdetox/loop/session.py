@@ -96,3 +96,12 @@ def setup_logging() -> None:
     """INFO logs for jaxdetox, warnings for the rest."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jaxdetox").setLevel(logging.INFO)
+
+
+def require_done(run: RunDir, iteration: int, stage: str, why: str) -> None:
+    """Raise `ConfigError` unless (iteration, stage) is done in the manifest."""
+    if iteration > 0 and not run.is_done(iteration, stage):
+        raise ConfigError(
+            f"{run.manifest_path}: {why} needs {stage} of iteration {iteration}, which is not "
+            "done; run it first (or `jaxdetox run` the whole config)"
+        )

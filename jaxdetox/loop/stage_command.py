@@ -1,0 +1,51 @@
+"""Shared body of the one-stage commands (`jaxdetox train-nado`, `jaxdetox finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def register_stage(
+    subparsers: argparse._SubParsersAction, name: str, doc: str, func: Callable[..., int]
+) -> None:
+    """Add a subcommand `name RUN_DIR --iteration I [key=value ...]` handled by `func`."""
+    from jaxdetox.loop.session import add_distributed_args
+
+    p = subparsers.add_parser(
+        name, help=doc.splitlines()[0], description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("out", type=Path, help="run directory (made by `jaxdetox run`)")
+    p.add_argument("--iteration", type=int, required=True, help="iteration (1-based)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="must match the run's")
+    p.add_argument("--no-progress", action="store_true")
+    add_distributed_args(p)
+    p.set_defaults(func=func)
+
+
+def open_experiment(args: argparse.Namespace) -> tuple[Any, Any]:
+    """`(experiment, run dir)` for an existing run directory, or exit 2 with the reason."""
+    from jaxdetox.config import ConfigError
+    from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.session import (
+        init_distributed,
+        open_run,
+        resolve_run_config,
+        setup_logging,
+    )
+
+    try:
+        if args.iteration < 1:
+            raise ConfigError(f"--iteration must be >= 1, got {args.iteration}")
+        init_distributed(args)
+        config = resolve_run_config(None, args.out, list(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging()
+    run = open_run(config, args.out)
+    return Experiment(config, run, progress=not args.no_progress), run
