@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call")
     p.add_argument("--oracle", default="default", help="oracle name (see `jaxdetox score`)")
     p.add_argument("--oracle-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--max-label-attempts",
+        type=int,
+        default=None,
+        help="stop retrying a completion the oracle failed on after N attempts (default: retry "
+        "on every rerun)",
+    )
     p.add_argument("--iteration", type=int, default=0, help="sample-store iteration")
     p.add_argument("--show", type=int, default=5, help="print this many example completions")
     p.set_defaults(func=run)
@@ -106,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
         args.oracle, cache=out / "oracle_cache.sqlite", **parse_oracle_args(args.oracle_arg)
     )
     label_name = oracle_label_name(args.oracle)
-    report = label_stage(store, args.iteration, oracle, label_name)
-    print(f"{report.stage}: {report.processed} completions scored")
+    report = label_stage(
+        store, args.iteration, oracle, label_name, max_attempts=args.max_label_attempts
+    )
+    print(f"{report.stage}: {report.processed} completions scored, {report.skipped} already done")
+    if report.extra["failures_left"]:
+        print(
+            f"{report.extra['failures_left']} completions have no score (oracle failures, "
+            "masked in the table); rerun the same command to retry them"
+        )
 
     table = store.read(args.iteration, label_name)
     prompt_ids = table["prompt_id"].to_numpy()

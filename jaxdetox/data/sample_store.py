@@ -11,7 +11,8 @@ Append-only and crash-safe: a chunk is written to a dot-prefixed temporary name 
 directory, flushed, fsynced and renamed into place, so readers (which ignore dot-files) see a
 chunk entirely or not at all. A sample's key is (prompt_id, sample_index); resuming a stage
 means skipping the prompts `done_prompt_ids` lists (sampling) or the keys `unlabelled` does
-not list (labelling). `batches()` reads an iteration back as fixed-shape numpy batches for the
+not list (labelling). A failed label (`ok=False`) stays in its chunk; a retry commits a new
+chunk whose good label supersedes it when reading. `batches()` reads an iteration back as fixed-shape numpy batches for the
 NADO and LM steps (conventions in `packing.py`).
 
 Multi-host: each host commits its own rows under chunk names that include its process index,
@@ -382,9 +383,46 @@ class SampleStore:
         return self._concat(self._committed(directory), SAMPLES_SCHEMA, str(directory))
 
     def read_labels(self, iteration: int, oracle: str) -> pa.Table:
-        """All committed labels of `iteration` from `oracle`, sorted by sample key."""
+        """One label per labelled sample of `iteration` from `oracle`, sorted by sample key:
+        its good label if one was committed, else a failed attempt (`ok=False`, NaN)."""
+        return self.label_attempts(iteration, oracle).select(LABELS_SCHEMA.names)
+
+    def label_attempts(self, iteration: int, oracle: str) -> pa.Table:
+        """`read_labels` plus `attempts` (int32): how many labels of each sample were committed.
+
+        A failed label is an attempt, not an answer: a good label of the same sample (a
+        retry) supersedes it. Two good labels of one sample are an error (good ones are never
+        rescored), as are two labels of one sample in one chunk.
+        """
         directory = self._labels_dir(iteration, oracle)
-        return self._concat(self._committed(directory), LABELS_SCHEMA, str(directory))
+        tables = []
+        for i, path in enumerate(self._committed(directory)):
+            chunk = _read_table(path, LABELS_SCHEMA)
+            tables.append(chunk.append_column("__chunk", pa.array(np.full(len(chunk), i))))
+        if not tables:
+            return LABELS_SCHEMA.empty_table().append_column("attempts", pa.array([], pa.int32()))
+        table = pa.concat_tables(tables)
+        if table.group_by([*_KEY, "__chunk"]).aggregate([]).num_rows != table.num_rows:
+            raise DataError(f"{directory}: the same (prompt_id, sample_index) twice in a chunk")
+        # Per key: its good label (if any) first, then the failed attempts.
+        table = table.sort_by([(k, "ascending") for k in _KEY] + [("ok", "descending")])
+        n = table.num_rows
+        pid = table["prompt_id"].to_numpy()
+        sid = table["sample_index"].to_numpy()
+        first = np.ones(n, bool)
+        first[1:] = (pid[1:] != pid[:-1]) | (sid[1:] != sid[:-1])
+        starts = np.flatnonzero(first)
+        attempts = np.diff(np.append(starts, n)).astype(np.int32)
+        ok = table["ok"].to_numpy(zero_copy_only=False).astype(np.int64)
+        good = np.add.reduceat(ok, starts)
+        if np.any(good > 1):
+            b = starts[np.argmax(good > 1)]
+            raise DataError(
+                f"{directory}: sample (prompt_id={pid[b]}, sample_index={sid[b]}) has "
+                f"{good.max()} good labels; a good label is never rescored"
+            )
+        resolved = table.take(starts).select(LABELS_SCHEMA.names)
+        return resolved.append_column("attempts", pa.array(attempts, pa.int32()))
 
     def read(self, iteration: int, oracle: str | None = None) -> pa.Table:
         """Samples joined with `oracle`'s labels; unlabelled samples get toxicity NaN, ok False."""
@@ -411,11 +449,22 @@ class SampleStore:
         table = self.read_samples(iteration)
         return np.unique(table["prompt_id"].to_numpy()) if table.num_rows else np.zeros(0, np.int64)
 
-    def unlabelled(self, iteration: int, oracle: str) -> pa.Table:
-        """Samples of `iteration` without a committed label from `oracle` (to label next)."""
+    def unlabelled(
+        self, iteration: int, oracle: str, *, max_attempts: int | None = None
+    ) -> pa.Table:
+        """Samples of `iteration` with no good label from `oracle` (to label next): never
+        scored, or every attempt failed. With `max_attempts`, samples that already failed that
+        many times are left out."""
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be ≥ 1 or None, got {max_attempts}")
         samples = self.read_samples(iteration)
-        labels = self.read_labels(iteration, oracle).select(_KEY)
-        missing = _with_row(samples.select(_KEY)).join(labels, keys=_KEY, join_type="left anti")
+        labels = self.label_attempts(iteration, oracle)
+        ok = labels["ok"].to_numpy(zero_copy_only=False)
+        done = ok
+        if max_attempts is not None:
+            done = ok | (labels["attempts"].to_numpy() >= max_attempts)
+        settled = labels.select(_KEY).filter(pa.array(done))
+        missing = _with_row(samples.select(_KEY)).join(settled, keys=_KEY, join_type="left anti")
         return samples.take(np.sort(missing["__row"].to_numpy()))
 
     # ------------------------------------------------------------------------ batches
