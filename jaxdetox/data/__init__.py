@@ -7,7 +7,14 @@ so `model(b["tokens_bt"], positions_bt=b["positions_bt"], segment_ids_bt=b["segm
 and a loss over `(logits_btv, b["targets_bt"], b["loss_mask_bt"])` need no shifting.
 """
 
-from jaxdetox.data.corpora import CorpusConfig, corpus_dataset, host_info, to_global
+from jaxdetox.data.corpora import (
+    HOST_KEYS,
+    CorpusConfig,
+    corpus_dataset,
+    host_info,
+    split_host_keys,
+    to_global,
+)
 from jaxdetox.data.errors import (
     DataError,
     EmptySplitError,
@@ -34,6 +41,7 @@ from jaxdetox.data.readers import open_source
 from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleArrays, SampleStore
 
 __all__ = [
+    "HOST_KEYS",
     "SCHEMA_VERSION",
     "CorpusConfig",
     "DataError",
@@ -60,6 +68,7 @@ __all__ = [
     "positions_from_segments",
     "prompt_batches",
     "split_blocks",
+    "split_host_keys",
     "tokenize_prompts",
     "to_global",
 ]

@@ -431,7 +431,8 @@ class PromptBatch:
     texts: tuple[str, ...]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The numeric fields by name (e.g. for `corpora.to_global`)."""
+        """The numeric fields by name; `corpora.split_host_keys` keeps the ids on the host
+        before `corpora.to_global`."""
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "texts"
         }

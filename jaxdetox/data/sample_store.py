@@ -17,7 +17,8 @@ NADO and LM steps (conventions in `packing.py`).
 
 Multi-host: each host commits its own rows under chunk names that include its process index,
 every host reads all committed chunks (a shared directory) and `batches()` gives each host a
-disjoint share with the same number of batches; `corpora.to_global` makes global arrays.
+disjoint share with the same number of batches; `corpora.to_global` makes global arrays of
+the model columns (`corpora.split_host_keys` keeps the int64 prompt ids on the host).
 """
 
 from __future__ import annotations
