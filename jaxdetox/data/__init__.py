@@ -23,22 +23,20 @@ from jaxdetox.data.errors import (
     SchemaError,
 )
 from jaxdetox.data.packing import left_pad, next_token_targets, positions_from_segments
-from jaxdetox.data.prompts import (
-    PromptBatch,
+from jaxdetox.data.prompt_sets import (
     PromptBlocks,
     PromptSet,
-    TokenizedPrompts,
     load_prompt_records,
     load_prompts,
     load_rtp,
     load_rtp_tfds,
     load_toxigen,
-    prompt_batches,
     split_blocks,
-    tokenize_prompts,
 )
+from jaxdetox.data.prompts import PromptBatch, TokenizedPrompts, prompt_batches, tokenize_prompts
 from jaxdetox.data.readers import open_source
-from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleArrays, SampleStore
+from jaxdetox.data.sample_batches import SampleArrays
+from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleStore
 
 __all__ = [
     "HOST_KEYS",
