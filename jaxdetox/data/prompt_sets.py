@@ -1,12 +1,12 @@
 """Prompt sets for sampling and evaluation: RealToxicityPrompts, ToxiGen (SafeNLP), jsonl/txt
 records, read into a `PromptSet` and cut into evaluation and per-iteration blocks.
 
-The paper's code (docs/method.md, "What the authors' code did differently") shuffles RealToxicityPrompts once, takes a
-fresh block of 10,000 prompts per iteration and evaluates on a separate block of 1,000; prompts
-are at most 30 tokens. Here every prompt gets a stable 63-bit id derived from its identity in
-the source (RTP: `filename:begin:end`, the same from prompts.jsonl and from tfds), and the
-shuffle orders prompts by a keyed hash of that id, so blocks do not depend on the file's
-order, on the source format or on numpy's RNG.
+The paper's code (see docs/method.md) shuffles RealToxicityPrompts once, takes a fresh block
+of 10,000 prompts per iteration and evaluates on a separate block of 1,000; prompts are at most
+30 tokens. Here every prompt gets a stable 63-bit id derived from its identity in the source
+(RTP: `filename:begin:end`, the same from prompts.jsonl and from tfds), and the shuffle orders
+prompts by a keyed hash of that id, so blocks do not depend on the file's order, on the source
+format or on numpy's RNG.
 """
 
 from __future__ import annotations
