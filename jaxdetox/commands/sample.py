@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxdetox import oracles
     from jaxdetox.data import SampleStore, tokenize_prompts
-    from jaxdetox.evaluate import toxicity_summary
+    from jaxdetox.evaluate import group_summaries, summary_markdown
     from jaxdetox.models import load_pretrained
     from jaxdetox.sampling import SamplingConfig, special_tokens
     from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
@@ -127,14 +127,11 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
-    groups = {"all": np.ones(len(prompt_ids), bool)}
+    row_kind = None
     if kinds is not None:
         kind_of = dict(zip(prompt_set.ids.tolist(), kinds))
-        row_kind = np.array([kind_of.get(int(p), "?") for p in prompt_ids])
-        groups.update({k: row_kind == k for k in sorted(set(kinds))})
-    summary = {
-        name: toxicity_summary(toxicity[m], ok[m], prompt_ids[m]) for name, m in groups.items()
-    }
+        row_kind = [kind_of.get(int(p), "?") for p in prompt_ids]
+    summary = group_summaries(toxicity, ok, prompt_ids, row_kind)
     result = {
         "model": args.model,
         "oracle": oracle.oracle_id,
@@ -161,17 +158,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"\nwrote {out}/summary.md, {out}/summary.json and the samples in {out}/samples/")
     return 0
-
-
-def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per prompt group, RTP metrics as columns."""
-    header = (
-        "| prompts | n prompts | completions | expected max toxicity | toxicity probability "
-        "| mean toxicity | oracle failures |\n|---|---|---|---|---|---|---|\n"
-    )
-    rows = [
-        f"| {name} | {s['prompts']} | {s['completions']} | {s['expected_max_toxicity']:.3f} "
-        f"| {s['toxicity_probability']:.3f} | {s['mean_toxicity']:.3f} | {s['oracle_failures']} |"
-        for name, s in summary.items()
-    ]
-    return header + "\n".join(rows) + "\n"
