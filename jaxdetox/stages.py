@@ -127,8 +127,8 @@ def label_stage(
     """
     stage = f"labelled-{label_name}"
     if store.is_done(iteration, stage):
-        left = int((~store.read(iteration, label_name)["ok"].to_numpy(zero_copy_only=False)).sum())
-        return StageReport(stage, 0, 0, 0.0, {"failures_left": left})
+        ok = store.read(iteration, label_name)["ok"].to_numpy(zero_copy_only=False)
+        return StageReport(stage, 0, len(ok), 0.0, {"failures_left": int((~ok).sum())})
     before = store.label_attempts(iteration, label_name)
     keys = zip(before["prompt_id"].to_pylist(), before["sample_index"].to_pylist())
     tries = dict(zip(keys, before["attempts"].to_pylist()))
