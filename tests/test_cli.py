@@ -11,8 +11,7 @@ import pytest
 
 from jaxdetox import cli
 from jaxdetox.data import SampleStore
-from jaxdetox.models import ModelConfig, random_init
-from tests._tokenizer import make_tokenizer
+from tests._tiny import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]
@@ -28,13 +27,7 @@ def test_help_lists_no_crash(capsys):
 @pytest.fixture
 def tiny_run(tmp_path):
     """A random tiny Llama saved as an HF dir (with tokenizer) and a prompt jsonl file."""
-    tok = make_tokenizer(bos_prefix=True)
-    config = ModelConfig(
-        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
-        eos_token_id=2, pad_token_id=0, bos_token_id=1,
-    )  # fmt: skip
-    random_init(config, seed=0, tokenizer=tok).save_pretrained(tmp_path / "model")
+    tiny_llama().save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROMPTS))
     args = ["sample", "--model", str(tmp_path / "model"), "--prompts", str(prompts)]

@@ -4,23 +4,16 @@ import numpy as np
 import pytest
 
 from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
-from jaxdetox.models import ModelConfig, random_init
 from jaxdetox.sampling import SamplingConfig
 from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
-from tests._tokenizer import make_tokenizer
+from tests._tiny import tiny_llama
 
 TEXTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]
 
 
 @pytest.fixture(scope="module")
 def lm():
-    tok = make_tokenizer(bos_prefix=True)
-    config = ModelConfig(
-        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
-        eos_token_id=2, pad_token_id=0, bos_token_id=1,
-    )  # fmt: skip
-    return random_init(config, seed=0, tokenizer=tok)
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
