@@ -33,6 +33,7 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest>=8",
         "pytest-xdist>=3",
+        "pytest-randomly>=3.15",  # runs the suite shuffled: order dependencies show up
         "ruff>=0.15",
         "torch==2.13.0",
         "hatesonar==0.1.0",

@@ -32,7 +32,7 @@ from jaxdetox.models import load_pretrained
 from jaxdetox.sampling import SamplingConfig, lm_sampler
 
 # Ours and transformers' `generate` kwargs per mode. `top_k50` is transformers' default
-# `do_sample=True` setting, which the paper's sampling used (reference/paper-notes.md §3.3).
+# `do_sample=True` setting, which the paper's sampling used (docs/method.md).
 MODES = {
     "greedy": (dict(temperature=0.0), dict(do_sample=False)),
     "top_k50": (dict(temperature=1.0, top_k=50), dict(do_sample=True, top_k=50)),

@@ -1,6 +1,6 @@
-"""Pipeline stages 1 and 2 (DESIGN.md §2): sample completions into the sample store, then
-label them with an oracle. Both persist as they go and resume where a crash left them:
-a committed chunk is never recomputed, and a rerun of a finished stage does nothing.
+"""Pipeline stages 1 and 2 (sample, label; docs/method.md): sample completions into the sample
+store, then label them with an oracle. Both persist as they go and resume where a crash left
+them: a committed chunk is never recomputed, and a rerun of a finished stage does nothing.
 """
 
 from __future__ import annotations
@@ -113,16 +113,27 @@ def label_stage(
     label_name: str,
     *,
     batch_size: int = 256,
+    max_attempts: int | None = None,
     progress: bool = True,
 ) -> StageReport:
-    """Score every not-yet-labelled completion of `iteration` and commit the labels per batch.
+    """Score every completion of `iteration` that has no good label yet and commit the labels
+    per batch; `extra["failures_left"]` counts the completions still without a good label.
 
-    Oracle failures are committed as `ok=False` (masked downstream, never clean).
+    Oracle failures are committed as `ok=False` (masked downstream, never clean) and retried
+    by the next call, which scores exactly the failed and missing ones; a good label is
+    never rescored. The stage is marked done once no failure is left, or, with
+    `max_attempts`, once every failed completion has had that many attempts (its failure
+    then stays masked).
     """
     stage = f"labelled-{label_name}"
     if store.is_done(iteration, stage):
-        return StageReport(stage, 0, 0, 0.0)
-    todo = store.unlabelled(iteration, label_name)
+        ok = store.read(iteration, label_name)["ok"].to_numpy(zero_copy_only=False)
+        return StageReport(stage, 0, len(ok), 0.0, {"failures_left": int((~ok).sum())})
+    before = store.label_attempts(iteration, label_name)
+    keys = zip(before["prompt_id"].to_pylist(), before["sample_index"].to_pylist())
+    tries = dict(zip(keys, before["attempts"].to_pylist()))
+    todo = store.unlabelled(iteration, label_name, max_attempts=max_attempts)
+    skipped = int(_settled(before, max_attempts).sum())
     start, failures = time.perf_counter(), 0
     with tqdm(total=todo.num_rows, desc="label", unit="text", disable=not progress) as bar:
         for begin in range(0, todo.num_rows, batch_size):
@@ -130,9 +141,12 @@ def label_stage(
             prompt_ids = part["prompt_id"].to_numpy()
             sample_index = part["sample_index"].to_numpy()
             toxicity, ok = oracle.score(part["completion_text"].to_pylist())
+            first = (int(prompt_ids[0]), int(sample_index[0]))
+            # A retry of a failed first row needs a new chunk name (the store is append-only).
+            attempt = tries.get(first, 0) + 1
             store.write_labels(
                 iteration,
-                f"{int(prompt_ids[0])}-{int(sample_index[0])}",
+                f"{first[0]}-{first[1]}" + (f"-try{attempt}" if attempt > 1 else ""),
                 oracle=label_name,
                 prompt_ids=prompt_ids,
                 sample_index=sample_index,
@@ -143,6 +157,18 @@ def label_stage(
             failures += int((~np.asarray(ok)).sum())
             bar.update(part.num_rows)
     seconds = time.perf_counter() - start
-    info = {"oracle_id": oracle.oracle_id, "failures": failures}
-    store.mark_done(iteration, stage, info)
-    return StageReport(stage, todo.num_rows, 0, seconds, info)
+    after = store.label_attempts(iteration, label_name)
+    total = todo.num_rows + skipped
+    failures_left = total - int(after["ok"].to_numpy(zero_copy_only=False).sum())
+    info = {"oracle_id": oracle.oracle_id, "failures": failures, "failures_left": failures_left}
+    if int(_settled(after, max_attempts).sum()) == total:
+        store.mark_done(iteration, stage, info)
+    return StageReport(stage, todo.num_rows, skipped, seconds, info)
+
+
+def _settled(labels: Any, max_attempts: int | None) -> np.ndarray:
+    """Which of `SampleStore.label_attempts` rows are not to be scored again."""
+    ok = labels["ok"].to_numpy(zero_copy_only=False)
+    if max_attempts is None:
+        return ok
+    return ok | (labels["attempts"].to_numpy() >= max_attempts)

@@ -14,6 +14,7 @@ from jaxdetox.data import (
     corpus_dataset,
     next_token_targets,
     positions_from_segments,
+    split_host_keys,
     to_global,
 )
 from jaxdetox.data.readers import JsonlSource, open_source
@@ -287,6 +288,38 @@ def test_to_global_on_eight_devices():
         assert len(rows) == 4  # split over the data axis, replicated over tensor
 
 
+def test_to_global_never_truncates_host_ids(tmp_path):
+    """Sample-store batches carry stable 63-bit prompt ids: they stay on the host exactly;
+    to_global refuses them (naming the key) instead of keeping the low 32 bits."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxdetox.data import SampleStore
+
+    store = SampleStore(tmp_path)
+    big = [2**62 + 5, 7]
+    store.write_samples(
+        0, "c", prompt_ids=big, sample_index=[0, 0], prompt_tokens=[[1, 5], [1, 6, 7]],
+        completion_tokens=[[8, 9], [10]], prompt_texts=["a", "b"], completion_texts=["c", "d"],
+    )  # fmt: skip
+    batch = next(iter(store.batches(0, 2, shuffle=False, process_index=0, process_count=1)))
+    assert batch["prompt_ids_b"].dtype == np.int64
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:2]), ("data",)), PartitionSpec("data"))
+    with pytest.raises(ValueError, match="'prompt_ids_b' .*outside int32.*4611686018427387909"):
+        to_global(batch, sharding)
+    model, host = split_host_keys(batch)
+    assert set(host) == {"prompt_ids_b", "sample_index_b"}
+    assert sorted(host["prompt_ids_b"].tolist()) == sorted(big)
+    out = to_global(model, sharding)
+    assert set(out) == set(model)
+    for key, value in model.items():
+        np.testing.assert_array_equal(np.asarray(out[key]), value, err_msg=key)
+    # A 64-bit column whose values fit is carried exactly (as int32); strings are refused.
+    small = to_global({"ids_b": np.array([3, -4], np.int64)}, sharding)["ids_b"]
+    assert small.dtype == np.int32 and np.asarray(small).tolist() == [3, -4]
+    with pytest.raises(ValueError, match="'texts_b' has dtype <U1"):
+        to_global({"texts_b": np.array(["a", "b"])}, sharding)
+
+
 def test_jsonl_source_and_pipeline_pickle_for_worker_processes():
     import pickle
 
@@ -305,8 +338,9 @@ def test_jsonl_source_and_pipeline_pickle_for_worker_processes():
 def test_packed_row_logits_equal_documents_run_separately(family):
     """Attention must not cross packed documents: the model (docs/interfaces.md call) gives
     each segment of a packed row the logits of that document run on its own."""
-    models = pytest.importorskip("jaxdetox.models")
     from flax import nnx
+
+    from jaxdetox import models
 
     tok = make_tokenizer()
     extra = {"hidden_act": "gelu_new", "norm_eps": 1e-5} if family == "gpt2" else {}

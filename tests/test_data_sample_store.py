@@ -108,7 +108,8 @@ def test_labels_join_and_resume_labelling(tmp_path):
         ok=[True, True, False],
     )
     left = store.unlabelled(0, "default")
-    assert left.num_rows == 3 * K - 3
+    assert left.num_rows == 3 * K - 2  # the failed label (2, 1) is to be retried
+    assert (2, 1) in set(zip(left["prompt_id"].to_pylist(), left["sample_index"].to_pylist()))
     assert (1, 0) not in set(zip(left["prompt_id"].to_pylist(), left["sample_index"].to_pylist()))
     joined = store.read(0, oracle="default")
     by_key = {
@@ -126,6 +127,40 @@ def test_labels_join_and_resume_labelling(tmp_path):
     )
     with pytest.raises(DataError, match="1 labels of 'default' have no matching sample"):
         store.read(0, oracle="default")
+
+
+def test_a_good_label_supersedes_failed_attempts(tmp_path):
+    store = SampleStore(tmp_path)
+    _write_iteration(store, 0, {"a": [1, 2]})
+
+    def label(chunk, pids, sids, ok, oracle="default"):
+        tox = [0.25 if o else float("nan") for o in ok]
+        store.write_labels(
+            0, chunk, oracle=oracle, prompt_ids=pids, sample_index=sids, toxicity=tox, ok=ok
+        )
+
+    label("first", [1, 1, 2], [0, 1, 0], [False, True, False])
+    label("retry1", [1, 2], [0, 0], [False, False])
+    label("retry2", [1], [0], [True])
+    attempts = store.label_attempts(0, "default")
+    assert attempts.to_pydict()["attempts"] == [3, 1, 2]
+    table = store.read(0, "default")
+    by_key = dict(zip(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()),
+                      table["ok"].to_pylist()))  # fmt: skip
+    assert by_key[(1, 0)] and by_key[(1, 1)] and not by_key[(2, 0)]
+    assert store.read_labels(0, "default").num_rows == 3
+    arrays = store.arrays(0, oracle="default")
+    assert arrays.ok.sum() == 2 and np.isnan(arrays.toxicity[~arrays.ok]).all()
+    assert store.unlabelled(0, "default", max_attempts=2).num_rows == 2 * K - 3
+    assert store.unlabelled(0, "default", max_attempts=3).num_rows == 2 * K - 2
+    with pytest.raises(ValueError, match="max_attempts"):
+        store.unlabelled(0, "default", max_attempts=0)
+    label("again", [1], [0], [True])  # a good label scored twice is a bug
+    with pytest.raises(DataError, match=r"prompt_id=1, sample_index=0\) has 2 good labels"):
+        store.read(0, "default")
+    label("dup", [2, 2], [1, 1], [False, False], oracle="other")
+    with pytest.raises(DataError, match="twice in a chunk"):
+        store.read_labels(0, "other")
 
 
 def test_stage_markers(tmp_path):

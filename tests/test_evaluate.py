@@ -21,3 +21,20 @@ def test_failed_scores_never_count_as_clean():
     s = toxicity_summary(np.array([np.nan, 0.2]), np.array([False, True]), np.array([0, 1]))
     assert s["prompts"] == 1
     np.testing.assert_allclose(s["expected_max_toxicity"], 0.2)
+
+
+def test_group_summaries_and_markdown_table():
+    from jaxdetox.evaluate import group_summaries, summary_markdown
+
+    tox = np.array([0.1, 0.7, 0.2, 0.3])
+    ok = np.array([True, True, True, False])
+    prompt = np.array([5, 5, 9, 9])
+    summary = group_summaries(tox, ok, prompt, ["toxic", "toxic", "neutral", "neutral"])
+    assert list(summary) == ["all", "neutral", "toxic"]
+    assert summary["all"] == toxicity_summary(tox, ok, prompt)
+    np.testing.assert_allclose(summary["toxic"]["expected_max_toxicity"], 0.7)
+    assert summary["neutral"]["oracle_failures"] == 1
+    table = summary_markdown(summary).splitlines()
+    assert table[0].startswith("| prompts | n prompts |") and len(table) == 5
+    assert table[4] == "| toxic | 1 | 2 | 0.700 | 1.000 | 0.400 | 0 |"
+    assert list(group_summaries(tox, ok, prompt)) == ["all"]

@@ -1,6 +1,6 @@
 """The method's identities, checked exactly by enumerating every sequence of a tiny LM.
 
-DESIGN.md §1: q*(y) = p(y)·C(y)/R(x) token by token through the guided teacher built from
+docs/method.md §1: q*(y) = p(y)·C(y)/R(x) token by token through the guided teacher built from
 the exact R; the chain rule of token_kl gives the sequence KL; KL(q*‖p) = E_q*[log C] − log R(x);
 the Bellman consistency regulariser vanishes exactly at R; the population BCE is minimised at R.
 All in float64.

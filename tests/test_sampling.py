@@ -93,13 +93,15 @@ def test_logprobs_equal_teacher_forced_forward(sampler, params):
     np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(len(PROMPTS)), 3))
 
 
-def test_stop_tokens_pad_the_rest(sampler, params):
+def test_stop_tokens_pad_the_rest(params):
+    sampler = Sampler(toy_model())  # its own, to count its compiles
+    sampler.sample(params, PROMPTS, dataclasses.replace(SHARED, seed=7, eos_token_ids=(2,)))
     eos = (2, 7)
     config = dataclasses.replace(
         SHARED, temperature=1.5, top_p=0.97, eos_token_ids=eos, pad_token_id=10
     )
     out = jax.tree.map(np.asarray, sampler.sample(params, PROMPTS, config))
-    assert sampler.compile_count == 2  # same executable as the log-prob test (after greedy)
+    assert sampler.compile_count == 1  # runtime values only: the log-prob test's executable
     saw_stop = 0
     for row in range(out.tokens.shape[0]):
         toks = list(out.tokens[row])

@@ -4,23 +4,16 @@ import numpy as np
 import pytest
 
 from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
-from jaxdetox.models import ModelConfig, random_init
 from jaxdetox.sampling import SamplingConfig
 from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
-from tests._tokenizer import make_tokenizer
+from tests._tiny import tiny_llama
 
 TEXTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]
 
 
 @pytest.fixture(scope="module")
 def lm():
-    tok = make_tokenizer(bos_prefix=True)
-    config = ModelConfig(
-        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
-        eos_token_id=2, pad_token_id=0, bos_token_id=1,
-    )  # fmt: skip
-    return random_init(config, seed=0, tokenizer=tok)
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +97,72 @@ def test_labels_resume_and_failures_stay_masked(lm, prompts, tmp_path):
 def test_oracle_label_name():
     assert oracle_label_name("hf:/models/toxigen roberta") == "hf_models_toxigen_roberta"
     assert oracle_label_name("default") == "default"
+
+
+class FlakyOracle:
+    """Fails on texts containing `fail_on` while `down`; counts the calls per text."""
+
+    oracle_id = "flaky-v1"
+
+    def __init__(self, fail_on: str):
+        self.fail_on, self.down = fail_on, True
+        self.calls: dict[str, int] = {}
+
+    def score(self, texts):
+        for t in texts:
+            self.calls[t] = self.calls.get(t, 0) + 1
+        ok = np.array([not (self.down and self.fail_on in t) for t in texts], bool)
+        tox = np.array([len(t) % 7 / 7 for t in texts], np.float32)
+        return np.where(ok, tox, np.nan).astype(np.float32), ok
+
+
+def test_failed_labels_are_retried_and_good_ones_never_rescored(lm, prompts, tmp_path):
+    store = SampleStore(tmp_path / "s")
+    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    texts = store.read_samples(0)["completion_text"].to_pylist()
+    fail_on = max("aeiou", key=lambda c: sum(c in t for t in texts))  # fails some, not all
+    failing = [fail_on in t for t in texts]
+    assert 0 < sum(failing) < len(texts)
+    oracle = FlakyOracle(fail_on)
+
+    first = label_stage(store, 0, oracle, "flaky", batch_size=4, progress=False)
+    assert first.extra["failures_left"] == sum(failing) and first.processed == len(texts)
+    assert not store.is_done(0, "labelled-flaky")  # failures left: not done
+    assert list(store.read(0, "flaky")["ok"].to_pylist()) == [not f for f in failing]
+
+    # Still down: the rerun retries exactly the failures, and they fail again.
+    again = label_stage(store, 0, oracle, "flaky", batch_size=3, progress=False)
+    assert (again.processed, again.skipped) == (sum(failing), len(texts) - sum(failing))
+    assert again.extra["failures_left"] == sum(failing)
+
+    oracle.down = False
+    last = label_stage(store, 0, oracle, "flaky", batch_size=3, progress=False)
+    assert (last.processed, last.extra["failures_left"]) == (sum(failing), 0)
+    assert store.is_done(0, "labelled-flaky")
+    table = store.read(0, "flaky")
+    assert all(table["ok"].to_pylist())  # the good labels supersede the failed ones
+    expected = [len(t) % 7 / 7 for t in table["completion_text"].to_pylist()]
+    np.testing.assert_allclose(table["toxicity"].to_numpy(), expected, rtol=1e-6)
+    for text, fails in zip(texts, failing):  # each good text scored exactly once
+        assert oracle.calls[text] == (3 if fails else 1) * texts.count(text), text
+    attempts = store.label_attempts(0, "flaky")["attempts"].to_pylist()
+    assert sorted(set(attempts)) == [1, 3]
+    batch = next(iter(store.batches(0, len(texts), oracle="flaky", shuffle=False)))
+    assert batch["ok_b"].all() and not np.isnan(batch["toxicity_b"]).any()
+    assert label_stage(store, 0, oracle, "flaky").processed == 0
+
+
+def test_max_attempts_finishes_the_stage_with_failures_masked(lm, prompts, tmp_path):
+    store = SampleStore(tmp_path / "s")
+    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    texts = store.read_samples(0)["completion_text"].to_pylist()
+    fail_on = max("aeiou", key=lambda c: sum(c in t for t in texts))
+    n_fail = sum(fail_on in t for t in texts)
+    oracle = FlakyOracle(fail_on)
+    for attempt in (1, 2):
+        report = label_stage(store, 0, oracle, "flaky", max_attempts=2, progress=False)
+        assert report.extra["failures_left"] == n_fail
+        assert store.is_done(0, "labelled-flaky") == (attempt == 2)
+    assert store.unlabelled(0, "flaky", max_attempts=2).num_rows == 0
+    assert store.unlabelled(0, "flaky").num_rows == n_fail
+    assert store.read(0, "flaky")["ok"].to_pylist().count(False) == n_fail

@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call")
     p.add_argument("--oracle", default="default", help="oracle name (see `jaxdetox score`)")
     p.add_argument("--oracle-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--max-label-attempts",
+        type=int,
+        default=None,
+        help="stop retrying a completion the oracle failed on after N attempts (default: retry "
+        "on every rerun)",
+    )
     p.add_argument("--iteration", type=int, default=0, help="sample-store iteration")
     p.add_argument("--show", type=int, default=5, help="print this many example completions")
     p.set_defaults(func=run)
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxdetox import oracles
     from jaxdetox.data import SampleStore, tokenize_prompts
-    from jaxdetox.evaluate import toxicity_summary
+    from jaxdetox.evaluate import group_summaries, summary_markdown
     from jaxdetox.models import load_pretrained
     from jaxdetox.sampling import SamplingConfig, special_tokens
     from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
@@ -106,21 +113,25 @@ def run(args: argparse.Namespace) -> int:
         args.oracle, cache=out / "oracle_cache.sqlite", **parse_oracle_args(args.oracle_arg)
     )
     label_name = oracle_label_name(args.oracle)
-    report = label_stage(store, args.iteration, oracle, label_name)
-    print(f"{report.stage}: {report.processed} completions scored")
+    report = label_stage(
+        store, args.iteration, oracle, label_name, max_attempts=args.max_label_attempts
+    )
+    print(f"{report.stage}: {report.processed} completions scored, {report.skipped} already done")
+    if report.extra["failures_left"]:
+        print(
+            f"{report.extra['failures_left']} completions have no score (oracle failures, "
+            "masked in the table); rerun the same command to retry them"
+        )
 
     table = store.read(args.iteration, label_name)
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
-    groups = {"all": np.ones(len(prompt_ids), bool)}
+    row_kind = None
     if kinds is not None:
         kind_of = dict(zip(prompt_set.ids.tolist(), kinds))
-        row_kind = np.array([kind_of.get(int(p), "?") for p in prompt_ids])
-        groups.update({k: row_kind == k for k in sorted(set(kinds))})
-    summary = {
-        name: toxicity_summary(toxicity[m], ok[m], prompt_ids[m]) for name, m in groups.items()
-    }
+        row_kind = [kind_of.get(int(p), "?") for p in prompt_ids]
+    summary = group_summaries(toxicity, ok, prompt_ids, row_kind)
     result = {
         "model": args.model,
         "oracle": oracle.oracle_id,
@@ -147,17 +158,3 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"\nwrote {out}/summary.md, {out}/summary.json and the samples in {out}/samples/")
     return 0
-
-
-def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per prompt group, RTP metrics as columns."""
-    header = (
-        "| prompts | n prompts | completions | expected max toxicity | toxicity probability "
-        "| mean toxicity | oracle failures |\n|---|---|---|---|---|---|---|\n"
-    )
-    rows = [
-        f"| {name} | {s['prompts']} | {s['completions']} | {s['expected_max_toxicity']:.3f} "
-        f"| {s['toxicity_probability']:.3f} | {s['mean_toxicity']:.3f} | {s['oracle_failures']} |"
-        for name, s in summary.items()
-    ]
-    return header + "\n".join(rows) + "\n"

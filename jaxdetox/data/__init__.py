@@ -7,7 +7,14 @@ so `model(b["tokens_bt"], positions_bt=b["positions_bt"], segment_ids_bt=b["segm
 and a loss over `(logits_btv, b["targets_bt"], b["loss_mask_bt"])` need no shifting.
 """
 
-from jaxdetox.data.corpora import CorpusConfig, corpus_dataset, host_info, to_global
+from jaxdetox.data.corpora import (
+    HOST_KEYS,
+    CorpusConfig,
+    corpus_dataset,
+    host_info,
+    split_host_keys,
+    to_global,
+)
 from jaxdetox.data.errors import (
     DataError,
     EmptySplitError,
@@ -16,24 +23,23 @@ from jaxdetox.data.errors import (
     SchemaError,
 )
 from jaxdetox.data.packing import left_pad, next_token_targets, positions_from_segments
-from jaxdetox.data.prompts import (
-    PromptBatch,
+from jaxdetox.data.prompt_sets import (
     PromptBlocks,
     PromptSet,
-    TokenizedPrompts,
     load_prompt_records,
     load_prompts,
     load_rtp,
     load_rtp_tfds,
     load_toxigen,
-    prompt_batches,
     split_blocks,
-    tokenize_prompts,
 )
+from jaxdetox.data.prompts import PromptBatch, TokenizedPrompts, prompt_batches, tokenize_prompts
 from jaxdetox.data.readers import open_source
-from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleArrays, SampleStore
+from jaxdetox.data.sample_batches import SampleArrays
+from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleStore
 
 __all__ = [
+    "HOST_KEYS",
     "SCHEMA_VERSION",
     "CorpusConfig",
     "DataError",
@@ -60,6 +66,7 @@ __all__ = [
     "positions_from_segments",
     "prompt_batches",
     "split_blocks",
+    "split_host_keys",
     "tokenize_prompts",
     "to_global",
 ]

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import threading
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -180,16 +181,56 @@ def corpus_dataset(
     return packed.batch(host_batch, drop_remainder=False).map(finalize)
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+# Bookkeeping columns of sample-store and prompt batches: they name rows for the host
+# (stable int64 prompt ids need 63 bits; jax without x64 has 32) and no model step reads them.
+HOST_KEYS = ("prompt_ids_b", "sample_index_b")
+
+
+def split_host_keys(
+    batch: Mapping[str, Any], host_keys: Collection[str] = HOST_KEYS
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(model arrays, host bookkeeping)` of a batch: `host_keys` stay numpy on this host."""
+    device = {k: v for k, v in batch.items() if k not in host_keys}
+    host = {k: v for k, v in batch.items() if k in host_keys}
+    return device, host
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
     """Assemble every host's local batch into global `jax.Array`s with the given sharding.
 
     `sharding` is one `jax.sharding.Sharding` for all arrays or a dict of them by key; the
     global batch dimension is the local one times the number of hosts feeding the mesh.
+    Only numeric model arrays are accepted: a 64-bit integer array is carried as 32 bits
+    only when every value fits (jax runs without x64), else a ValueError names the key;
+    strings and objects are refused. Keep ids on the host with `split_host_keys`.
     """
     import jax
 
     def one(key: str, value: np.ndarray) -> jax.Array:
         s = sharding[key] if isinstance(sharding, dict) else sharding
-        return jax.make_array_from_process_local_data(s, np.asarray(value))
+        return jax.make_array_from_process_local_data(s, _device_dtype(key, value))
 
     return {key: one(key, value) for key, value in batch.items()}
+
+
+def _device_dtype(key: str, value: Any) -> np.ndarray:
+    """`value` as an array jax can hold exactly (64-bit ints narrowed only when lossless)."""
+    import jax
+
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(
+            f"to_global: batch key {key!r} has dtype {arr.dtype}; only numeric model arrays go "
+            "to devices (keep bookkeeping on the host: split_host_keys)"
+        )
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+        narrow = np.dtype(arr.dtype.kind + "4")
+        info = np.iinfo(narrow)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise ValueError(
+                f"to_global: batch key {key!r} ({arr.dtype}) holds values outside {narrow} "
+                f"(e.g. {arr.max() if arr.max() > info.max else arr.min()}), which jax without "
+                "x64 would truncate; keep it on the host (split_host_keys) or enable jax_enable_x64"
+            )
+        arr = arr.astype(narrow)
+    return arr

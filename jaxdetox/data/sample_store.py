@@ -11,17 +11,18 @@ Append-only and crash-safe: a chunk is written to a dot-prefixed temporary name 
 directory, flushed, fsynced and renamed into place, so readers (which ignore dot-files) see a
 chunk entirely or not at all. A sample's key is (prompt_id, sample_index); resuming a stage
 means skipping the prompts `done_prompt_ids` lists (sampling) or the keys `unlabelled` does
-not list (labelling). `batches()` reads an iteration back as fixed-shape numpy batches for the
-NADO and LM steps (conventions in `packing.py`).
+not list (labelling). A failed label (`ok=False`) stays in its chunk; a retry commits a new
+chunk whose good label supersedes it when reading. `arrays()` / `batches()` read an iteration
+back as fixed-shape numpy batches for the NADO and LM steps (built in `sample_batches.py`).
 
 Multi-host: each host commits its own rows under chunk names that include its process index,
 every host reads all committed chunks (a shared directory) and `batches()` gives each host a
-disjoint share with the same number of batches; `corpora.to_global` makes global arrays.
+disjoint share with the same number of batches; `corpora.to_global` makes global arrays of
+the model columns (`corpora.split_host_keys` keeps the int64 prompt ids on the host).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from etils import epath
 
 from jaxdetox.data.errors import DataError, EmptySplitError, SchemaError
-from jaxdetox.data.packing import next_token_targets, positions_from_segments, round_up
+from jaxdetox.data.sample_batches import SampleArrays, host_batches
 
 if TYPE_CHECKING:
     import grain
@@ -45,7 +46,6 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "jaxdetox.sample_store"
 _META_KEY = b"jaxdetox"
 _KEY = ["prompt_id", "sample_index"]
-_LOGPROB_COLUMNS = ("sampling_logprobs", "model_logprobs", "base_logprobs")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 SAMPLES_SCHEMA = pa.schema(
@@ -382,9 +382,46 @@ class SampleStore:
         return self._concat(self._committed(directory), SAMPLES_SCHEMA, str(directory))
 
     def read_labels(self, iteration: int, oracle: str) -> pa.Table:
-        """All committed labels of `iteration` from `oracle`, sorted by sample key."""
+        """One label per labelled sample of `iteration` from `oracle`, sorted by sample key:
+        its good label if one was committed, else a failed attempt (`ok=False`, NaN)."""
+        return self.label_attempts(iteration, oracle).select(LABELS_SCHEMA.names)
+
+    def label_attempts(self, iteration: int, oracle: str) -> pa.Table:
+        """`read_labels` plus `attempts` (int32): how many labels of each sample were committed.
+
+        A failed label is an attempt, not an answer: a good label of the same sample (a
+        retry) supersedes it. Two good labels of one sample are an error (good ones are never
+        rescored), as are two labels of one sample in one chunk.
+        """
         directory = self._labels_dir(iteration, oracle)
-        return self._concat(self._committed(directory), LABELS_SCHEMA, str(directory))
+        tables = []
+        for i, path in enumerate(self._committed(directory)):
+            chunk = _read_table(path, LABELS_SCHEMA)
+            tables.append(chunk.append_column("__chunk", pa.array(np.full(len(chunk), i))))
+        if not tables:
+            return LABELS_SCHEMA.empty_table().append_column("attempts", pa.array([], pa.int32()))
+        table = pa.concat_tables(tables)
+        if table.group_by([*_KEY, "__chunk"]).aggregate([]).num_rows != table.num_rows:
+            raise DataError(f"{directory}: the same (prompt_id, sample_index) twice in a chunk")
+        # Per key: its good label (if any) first, then the failed attempts.
+        table = table.sort_by([(k, "ascending") for k in _KEY] + [("ok", "descending")])
+        n = table.num_rows
+        pid = table["prompt_id"].to_numpy()
+        sid = table["sample_index"].to_numpy()
+        first = np.ones(n, bool)
+        first[1:] = (pid[1:] != pid[:-1]) | (sid[1:] != sid[:-1])
+        starts = np.flatnonzero(first)
+        attempts = np.diff(np.append(starts, n)).astype(np.int32)
+        ok = table["ok"].to_numpy(zero_copy_only=False).astype(np.int64)
+        good = np.add.reduceat(ok, starts)
+        if np.any(good > 1):
+            b = starts[np.argmax(good > 1)]
+            raise DataError(
+                f"{directory}: sample (prompt_id={pid[b]}, sample_index={sid[b]}) has "
+                f"{good.max()} good labels; a good label is never rescored"
+            )
+        resolved = table.take(starts).select(LABELS_SCHEMA.names)
+        return resolved.append_column("attempts", pa.array(attempts, pa.int32()))
 
     def read(self, iteration: int, oracle: str | None = None) -> pa.Table:
         """Samples joined with `oracle`'s labels; unlabelled samples get toxicity NaN, ok False."""
@@ -411,11 +448,22 @@ class SampleStore:
         table = self.read_samples(iteration)
         return np.unique(table["prompt_id"].to_numpy()) if table.num_rows else np.zeros(0, np.int64)
 
-    def unlabelled(self, iteration: int, oracle: str) -> pa.Table:
-        """Samples of `iteration` without a committed label from `oracle` (to label next)."""
+    def unlabelled(
+        self, iteration: int, oracle: str, *, max_attempts: int | None = None
+    ) -> pa.Table:
+        """Samples of `iteration` with no good label from `oracle` (to label next): never
+        scored, or every attempt failed. With `max_attempts`, samples that already failed that
+        many times are left out."""
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be ≥ 1 or None, got {max_attempts}")
         samples = self.read_samples(iteration)
-        labels = self.read_labels(iteration, oracle).select(_KEY)
-        missing = _with_row(samples.select(_KEY)).join(labels, keys=_KEY, join_type="left anti")
+        labels = self.label_attempts(iteration, oracle)
+        ok = labels["ok"].to_numpy(zero_copy_only=False)
+        done = ok
+        if max_attempts is not None:
+            done = ok | (labels["attempts"].to_numpy() >= max_attempts)
+        settled = labels.select(_KEY).filter(pa.array(done))
+        missing = _with_row(samples.select(_KEY)).join(settled, keys=_KEY, join_type="left anti")
         return samples.take(np.sort(missing["__row"].to_numpy()))
 
     # ------------------------------------------------------------------------ batches
@@ -456,142 +504,16 @@ class SampleStore:
         `batch_size` is per host; all hosts get the same number of batches. Without
         `drop_remainder` the last batch is filled with padding rows marked `valid_b=False`.
         """
-        import grain
-
-        from jaxdetox.data.corpora import host_info
-
-        process_index, process_count = host_info(process_index, process_count)
         arrays = self.arrays(
             iteration, oracle=oracle, prompt_len=prompt_len, completion_len=completion_len
         )
-        # Every host gets the same number of rows (-1 = a padding row) and so the same number
-        # of batches: hosts that ran out early would leave the others waiting in a collective.
-        per_host = -(-arrays.num_rows // process_count)
-        mine = np.arange(arrays.num_rows)[process_index::process_count]
-        mine = np.concatenate([mine, np.full(per_host - len(mine), -1)])
-        rows = grain.MapDataset.source(mine)
-        if shuffle:
-            rows = rows.shuffle(seed=seed)
-        rows = rows.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
-        batches = rows.map(functools.partial(_batch_of_rows, arrays, batch_size))
-        # A short read-ahead: grain's default (hundreds of batches) only costs memory here.
-        return batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-
-
-class SampleArrays:
-    """An iteration's samples as flat columns; `batch(rows)` builds one padded batch.
-
-    Row layout: prompt left-padded to `prompt_len`, completion right-padded to
-    `completion_len`. `targets_bt[t]` is the token after t; `loss_mask_bt` is 1 where that
-    target is a completion token (the positions the NADO BCE, the KL on samples and an SFT on
-    samples use); `*_logprobs_bt[t]` is the stored log-prob of `targets_bt[t]`.
-    """
-
-    def __init__(
-        self,
-        table: pa.Table,
-        prompt_len: int | None,
-        completion_len: int | None,
-        pad_multiple: int,
-    ):
-        self.num_rows = table.num_rows
-
-        def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
-            col = table[name].combine_chunks()
-            lengths = pa.compute.fill_null(pa.compute.list_value_length(col), 0).to_numpy()
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            values = pa.compute.list_flatten(col).to_numpy(zero_copy_only=False)
-            return values, offsets
-
-        self._prompt, self._prompt_off = flat("prompt_tokens")
-        self._completion, self._completion_off = flat("completion_tokens")
-        self.prompt_lengths = np.diff(self._prompt_off).astype(np.int32)
-        self.completion_lengths = np.diff(self._completion_off).astype(np.int32)
-        self._logprobs = {}
-        for name in _LOGPROB_COLUMNS:
-            values, offsets = flat(name)
-            lengths = np.diff(offsets)
-            bad = np.flatnonzero((lengths != 0) & (lengths != self.completion_lengths))
-            if len(bad):
-                raise DataError(f"{name} of sample row {bad[0]} does not match its completion")
-            self._logprobs[name] = (values, offsets)
-        longest_p = int(self.prompt_lengths.max())
-        longest_c = int(self.completion_lengths.max())
-        self.prompt_len = prompt_len or round_up(longest_p, pad_multiple)
-        self.completion_len = completion_len or round_up(longest_c, pad_multiple)
-        if longest_p > self.prompt_len or longest_c > self.completion_len:
-            raise ValueError(
-                f"stored prompts/completions reach {longest_p}/{longest_c} tokens, more than "
-                f"prompt_len={self.prompt_len} / completion_len={self.completion_len}"
-            )
-        self.prompt_ids = table["prompt_id"].to_numpy()
-        self.sample_index = table["sample_index"].to_numpy()
-        has_labels = "ok" in table.column_names
-        self.ok = table["ok"].to_numpy(zero_copy_only=False) if has_labels else None
-        self.toxicity = (
-            table["toxicity"].to_numpy(zero_copy_only=False).astype(np.float32)
-            if has_labels
-            else None
+        return host_batches(
+            arrays,
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            drop_remainder=drop_remainder,
+            process_index=process_index,
+            process_count=process_count,
         )
-
-    def batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        """The padded batch of sample `rows` (row index -1 = none), filled up to `batch_size`;
-        missing rows are all padding (`valid_b=False`, segment id 0, prompt id -1)."""
-        rows = np.asarray(rows, np.int64)
-        if len(rows) > batch_size:
-            raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-        rows = np.concatenate([rows, np.full(batch_size - len(rows), -1, np.int64)])
-        valid_b = rows >= 0
-        safe_b = np.where(valid_b, rows, 0)
-        P, C = self.prompt_len, self.completion_len
-        T = P + C
-        tokens_bt = np.zeros((batch_size, T), np.int32)
-        segment_ids_bt = np.zeros((batch_size, T), np.int32)
-        completion_bt = np.zeros((batch_size, T), bool)
-        logprobs = {name: np.zeros((batch_size, T), np.float32) for name in self._logprobs}
-        for b in np.flatnonzero(valid_b):
-            r = rows[b]
-            p0, p1 = self._prompt_off[r], self._prompt_off[r + 1]
-            c0, c1 = self._completion_off[r], self._completion_off[r + 1]
-            lp, lc = p1 - p0, c1 - c0
-            tokens_bt[b, P - lp : P] = self._prompt[p0:p1]
-            tokens_bt[b, P : P + lc] = self._completion[c0:c1]
-            segment_ids_bt[b, P - lp : P + lc] = 1
-            completion_bt[b, P : P + lc] = True
-            for name, (values, offsets) in self._logprobs.items():
-                v0, v1 = offsets[r], offsets[r + 1]
-                if v1 > v0:  # the log-prob of completion token j sits where j is predicted
-                    logprobs[name][b, P - 1 : P - 1 + lc] = values[v0:v1]
-        targets_bt, loss_mask_bt = next_token_targets(tokens_bt, segment_ids_bt, completion_bt)
-
-        def take(column: np.ndarray, missing: Any, dtype: Any) -> np.ndarray:
-            return np.where(valid_b, column[safe_b], missing).astype(dtype)
-
-        out = {
-            "tokens_bt": tokens_bt,
-            "segment_ids_bt": segment_ids_bt,
-            "positions_bt": positions_from_segments(segment_ids_bt),
-            "targets_bt": targets_bt,
-            "loss_mask_bt": loss_mask_bt,
-            **{f"{name}_bt": value for name, value in logprobs.items()},
-            # Sequence log-probs (importance weights, DESIGN.md §1): sums over the completion.
-            **{f"{name[:-1]}_b": value.sum(axis=1) for name, value in logprobs.items()},
-            "prompt_ids_b": take(self.prompt_ids, -1, np.int64),
-            "sample_index_b": take(self.sample_index, -1, np.int32),
-            "prompt_lengths_b": take(self.prompt_lengths, 0, np.int32),
-            "completion_lengths_b": take(self.completion_lengths, 0, np.int32),
-            "valid_b": valid_b,
-        }
-        if self.ok is not None:
-            ok_b = take(self.ok, False, bool)
-            out["ok_b"] = ok_b
-            # Failed or missing scores are masked by ok_b; 0 keeps NaN out of the loss arithmetic.
-            out["toxicity_b"] = np.where(ok_b, self.toxicity[safe_b], 0.0).astype(np.float32)
-        return out
-
-
-def _batch_of_rows(
-    arrays: SampleArrays, batch_size: int, rows: np.ndarray
-) -> dict[str, np.ndarray]:
-    # Module-level (not a lambda) so the pipeline pickles into grain worker processes.
-    return arrays.batch(np.asarray(rows), batch_size)

@@ -1,0 +1,20 @@
+"""A tiny random Llama with the local test tokenizer, shared by stage and CLI tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests._tokenizer import make_tokenizer
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    """A 2-layer random Llama `LanguageModel` (BOS-prefixing tokenizer, eos 2, pad 0)."""
+    from jaxdetox.models import ModelConfig, random_init
+
+    tok = make_tokenizer(bos_prefix=True)
+    config = ModelConfig(
+        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )  # fmt: skip
+    return random_init(config, seed=seed, tokenizer=tok)
