@@ -1,4 +1,4 @@
-"""A tiny random Llama saved as an HF checkpoint + a run config small enough for the suite."""
+"""The tiny random Llama saved as an HF checkpoint + a run config small enough for the suite."""
 
 from __future__ import annotations
 
@@ -6,19 +6,12 @@ from pathlib import Path
 
 import yaml
 
-from jaxdetox.models import ModelConfig, random_init
-from tests._tokenizer import make_tokenizer
+from tests._tiny import tiny_llama
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Write a 2-layer d=32 Llama with a byte-level BPE tokenizer to `directory`."""
-    tok = make_tokenizer(bos_prefix=True)
-    config = ModelConfig(
-        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=128,
-        eos_token_id=2, pad_token_id=0, bos_token_id=1,
-    )  # fmt: skip
-    random_init(config, seed=seed, tokenizer=tok).save_pretrained(directory)
+    """Write `tests._tiny.tiny_llama` (with its tokenizer) as an HF checkpoint dir."""
+    tiny_llama(seed).save_pretrained(directory)
     return directory
 
 
