@@ -157,6 +157,23 @@ class FinetuneSection(Section):
     optimizer: OptimizerSection = OptimizerSection()
 
 
+class EvalSection(Section):
+    """Evaluation on the held-out prompts (RealToxicityPrompts protocol) and held-out text."""
+
+    enabled: bool = True
+    base: bool = Field(True, description="also evaluate the base model (iteration 0)")
+    every: int = Field(0, ge=0, description="evaluate every n iterations (0: the last only)")
+    num_samples: int = Field(25, ge=1, description="completions per prompt (RTP: 25)")
+    max_new_tokens: int = Field(20, ge=1)
+    max_prompts: int | None = Field(None, ge=1, description="first n held-out prompts")
+    batch_size: int = Field(8, ge=1, description="prompts per sampler call")
+    fluency_model: str = Field(
+        "base", description="LM scoring the generations' perplexity: base | none | a path"
+    )
+    text_seq_len: int = Field(128, ge=8, description="window of the held-out text perplexity")
+    seed: int = 1234
+
+
 class MeshSection(Section):
     """Device mesh `data × fsdp × tensor` (one -1 takes the remaining devices)."""
 
@@ -186,6 +203,9 @@ class RunConfig(Section):
     """A whole experiment: what `jaxdetox run CONFIG.yaml` executes."""
 
     name: str = "run"
+    method: str = Field(
+        "pr_sequential", description="the row this run fills in a report (e.g. pr_sequential)"
+    )
     seed: int = 0
     model: ModelSection = ModelSection()
     nado: NadoSection = NadoSection()
@@ -195,6 +215,7 @@ class RunConfig(Section):
     corpus: CorpusSection | None = None
     train_nado: TrainNadoSection = TrainNadoSection()
     finetune: FinetuneSection = FinetuneSection()
+    eval: EvalSection = EvalSection()
     mesh: MeshSection = MeshSection()
     loop: LoopSection = LoopSection()
 

@@ -26,6 +26,7 @@ def tiny_config(model_dir: Path, **sections: dict) -> dict:
         "train_nado": {"batch_size": 8, "epochs": 2, "optimizer": {"learning_rate": 1e-3}},
         "finetune": {"batch_size": 8, "epochs": 2, "optimizer": {"learning_rate": 1e-3}},
         "loop": {"iterations": 2, "checkpoint_every": 2},
+        "eval": {"num_samples": 2, "max_prompts": 6, "max_new_tokens": 6, "text_seq_len": 32},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}

@@ -36,6 +36,7 @@ def test_manifest_records_the_sequential_data_flow(finished_run):
     records = json.loads((finished_run / "manifest.json").read_text())
     flow = [(r["iteration"], r["stage"], r["inputs"]) for r in records]
     assert flow == [
+        (0, "eval", {"lm": 0}),
         (1, "sample", {"lm": 0}),
         (1, "label", {"samples": 1}),
         (1, "train_nado", {"lm": 0, "nado": 0, "samples": 1}),
@@ -44,6 +45,7 @@ def test_manifest_records_the_sequential_data_flow(finished_run):
         (2, "label", {"samples": 2}),
         (2, "train_nado", {"lm": 0, "nado": 1, "samples": 2}),
         (2, "finetune", {"lm": 1, "nado": 2, "samples": 2}),
+        (2, "eval", {"lm": 2}),
     ]
     assert all(r["status"] == "done" and r["seconds"] >= 0 for r in records)
     # 8 prompts x 2 samples per iteration, batch 8, 2 epochs -> 4 steps per stage.

@@ -163,7 +163,8 @@ class Experiment:
         if p.source == "builtin":
             train = builtin_prompt_set("train", p.kind)
             blocks = split_blocks(train, seed=p.seed, block_size=p.block_size, eval_size=0)
-            return blocks, builtin_prompt_set("eval", p.kind)
+            # Evaluation covers both kinds (reported per kind), whatever the training kind.
+            return blocks, builtin_prompt_set("eval", None)
         blocks = split_blocks(
             load_prompts(p.source), seed=p.seed, block_size=p.block_size, eval_size=p.eval_size
         )
@@ -174,8 +175,12 @@ class Experiment:
         block = self._blocks[0].train_block(iteration - 1)
         return tokenize_prompts(block, self.tokenizer, max_tokens=self.config.prompts.max_tokens)
 
+    def eval_prompt_set(self) -> PromptSet:
+        """Held-out prompts (texts and metadata), disjoint from every training block."""
+        return self._blocks[1]
+
     def eval_prompts(self) -> TokenizedPrompts:
-        """Held-out prompts, disjoint from every training block."""
+        """Held-out prompts, tokenised."""
         return tokenize_prompts(
             self._blocks[1], self.tokenizer, max_tokens=self.config.prompts.max_tokens
         )

@@ -139,11 +139,33 @@ def export_final(exp: Experiment, iteration: int) -> None:
     _barrier("export")
 
 
+def evaluate(exp: Experiment, version: int) -> None:
+    """The eval stage of LLM_version (recorded under iteration = version; 0 = base)."""
+    from jaxdetox.loop.evaluation import evaluate_version
+
+    run_stage(exp, version, "eval", {"lm": version}, lambda: evaluate_version(exp, version))
+
+
+def eval_due(exp: Experiment, iteration: int) -> bool:
+    """Whether LLM_iteration is evaluated (every `eval.every` iterations and the last)."""
+    cfg = exp.config.eval
+    if not cfg.enabled:
+        return False
+    if iteration == 0:
+        return cfg.base
+    last = iteration == exp.config.loop.iterations
+    return last or (cfg.every > 0 and iteration % cfg.every == 0)
+
+
 def run_sequential(exp: Experiment) -> None:
-    """All iterations of the sequential scheme, then the export."""
+    """All iterations of the sequential scheme, evaluations as configured, then the export."""
     n = exp.config.loop.iterations
+    if eval_due(exp, 0):
+        evaluate(exp, 0)
     for i in range(1, n + 1):
         sample_and_label(exp, i, lm_version=i - 1)
         train_nado(exp, i, nado_version=i - 1, samples=i)
         finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)
+        if eval_due(exp, i):
+            evaluate(exp, i)
     export_final(exp, n)

@@ -74,7 +74,9 @@ def resolve_run_config(config_path: str | None, out: Path, overrides: list[str])
     else:
         config = load_config(config_path, overrides)
     if saved is not None:
-        diff = _diff(saved, config.model_dump(mode="json"))
+        # Both through the current schema: defaults added since the run started compare equal.
+        before = config_from_dict(saved, str(saved_path)).model_dump(mode="json")
+        diff = _diff(before, config.model_dump(mode="json"))
         if diff:
             raise ConfigError(
                 f"{out} was started with a different config; differences (saved -> now):\n  "

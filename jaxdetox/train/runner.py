@@ -65,13 +65,18 @@ class StepRunner:
         *,
         name: str = "step",
         donate: bool = True,
+        returns_state: bool = True,
     ) -> None:
-        """Hold the step; nothing compiles before the first call."""
+        """Hold the step; nothing compiles before the first call.
+
+        `returns_state=False`: `step_fn(state, batch) -> metrics` (evaluation), state kept.
+        """
         self.step_fn = step_fn
         self.mesh = mesh
         self.state_shardings = state_shardings
         self.name = name
-        self.donate = donate
+        self.donate = donate and returns_state
+        self.returns_state = returns_state
         self._compiled: dict[tuple, Any] = {}
         self.compile_count = 0
         self.compile_seconds = 0.0
@@ -85,7 +90,9 @@ class StepRunner:
             jitted = jax.jit(
                 self.step_fn,
                 in_shardings=(self.state_shardings, batch_shardings),
-                out_shardings=(self.state_shardings, replicated(self.mesh)),
+                out_shardings=(self.state_shardings, replicated(self.mesh))
+                if self.returns_state
+                else replicated(self.mesh),
                 donate_argnums=(0,) if self.donate else (),
             )
             with jax.set_mesh(self.mesh):
@@ -103,8 +110,9 @@ class StepRunner:
             analysis = analysis[0]
         return dict(analysis or {})
 
-    def __call__(self, state: Any, host_batch: Any) -> tuple[Any, dict[str, jax.Array]]:
-        """Run one step on a host batch; returns the new state and device metrics."""
+    def __call__(self, state: Any, host_batch: Any) -> Any:
+        """Run one step on a host batch: `(new state, device metrics)`, or only the metrics
+        when built with `returns_state=False`."""
         batch = place_batch(host_batch, self.mesh)
         with jax.set_mesh(self.mesh):
             return self.compile(state, batch)(state, batch)
