@@ -1,0 +1,59 @@
+"""`jaxdetox report RUN_DIR... [--out DIR]`: the results of runs as a table and plots.
+
+Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity probability,
+mean toxicity, perplexity on held-out text and of the generations, distinct-2, training
+time), `DIR/results.json` (the same rows) and PNG plots (toxicity per iteration, toxicity vs
+perplexity, time per iteration by stage). DIR defaults to the first run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `report` subcommand."""
+    p = subparsers.add_parser(
+        "report", help="tables and plots from run directories", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("runs", nargs="+", type=Path, help="run directories")
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: first run)")
+    p.set_defaults(func=run)
+
+
+def write_report(runs: list[Path], out: Path) -> str:
+    """Write report.md, results.json and the plots for `runs` into `out`; returns the table."""
+    import json
+
+    from jaxdetox.evaluate import plots
+    from jaxdetox.evaluate.runs import collect, results_markdown
+
+    rows, summaries = collect(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_markdown(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    made = [
+        plots.toxicity_per_iteration(summaries, out),
+        plots.toxicity_vs_perplexity(rows, out),
+        plots.stage_times(summaries, out),
+    ]
+    images = "\n".join(f"![{p.stem}]({p.name})" for p in made if p is not None)
+    runs_list = "\n".join(f"- `{s['run']}` ({s['method']}, {s['scheme']})" for s in summaries)
+    (out / "report.md").write_text(f"# Results\n\n{table}\nRuns:\n{runs_list}\n\n{images}\n")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Collect the runs and write the report."""
+    out = args.out or args.runs[0]
+    try:
+        table = write_report(args.runs, out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and plots in {out}")
+    return 0

@@ -1,0 +1,90 @@
+"""PNG plots of a report: toxicity per iteration, toxicity vs perplexity, stage times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+STAGE_COLORS = {
+    "sample": "#4C72B0",
+    "label": "#DD8452",
+    "train_nado": "#55A868",
+    "finetune": "#C44E52",
+}
+
+
+def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path | None:
+    """Mean and expected maximum toxicity of each run's evaluated LLM versions."""
+    runs = [s for s in summaries if len(s["curve"]) >= 1]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for s in runs:
+        its = [p["iteration"] for p in s["curve"]]
+        for ax, key in zip(axes, ("mean_toxicity", "expected_max_toxicity")):
+            ax.plot(its, [p[key] for p in s["curve"]], marker="o", label=s["method"])
+    for ax, title in zip(axes, ("Mean toxicity", "Expected max toxicity")):
+        ax.set_xlabel("iteration (0 = base model)")
+        ax.set_ylabel(title.lower())
+        ax.set_title(f"{title} on held-out prompts")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = out / "toxicity_per_iteration.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """One point per method: mean toxicity against held-out perplexity (lower-left is better)."""
+    rows = [r for r in rows if r.get("perplexity") and r.get("mean_toxicity") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        label = r["method"] + (f" (λ={r['kl_weight']})" if r.get("kl_weight") is not None else "")
+        ax.scatter(r["perplexity"], r["mean_toxicity"], s=60, label=label)
+        ax.annotate(r["method"], (r["perplexity"], r["mean_toxicity"]), xytext=(5, 5),
+                    textcoords="offset points", fontsize=9)  # fmt: skip
+    ax.set_xlabel("perplexity on held-out clean text")
+    ax.set_ylabel("mean toxicity of generations")
+    ax.set_title("Toxicity vs fluency (lower-left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "toxicity_vs_perplexity.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
+    """Stacked seconds per training stage for each iteration of each run."""
+    bars = [(s["method"], it, t) for s in summaries for it, t in sorted(s["times"].items())]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(bars) + 2), 4))
+    labels = [f"{m}\niter {it}" for m, it, _ in bars]
+    bottom = [0.0] * len(bars)
+    for stage, color in STAGE_COLORS.items():
+        heights = [t.get(stage, 0.0) for _, _, t in bars]
+        ax.bar(labels, heights, bottom=bottom, color=color, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylabel("seconds")
+    ax.set_title("Time per iteration by stage")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "stage_times.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

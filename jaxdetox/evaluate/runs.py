@@ -1,0 +1,131 @@
+"""Results of run directories as rows, one per method: what `jaxdetox report` tabulates.
+
+A run contributes the row `base` (its iteration-0 eval, when it has one) and the row named by
+its config's `method` (its last eval), plus per-iteration curves and stage times for the
+plots. Rows always carry `method`, `expected_max_toxicity`, `toxicity_probability` and
+`perplexity`; the rest when measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROW_KEYS = (
+    "expected_max_toxicity",
+    "toxicity_probability",
+    "mean_toxicity",
+    "perplexity",
+    "fluency_perplexity",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "prompts",
+    "completions",
+)
+TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
+
+
+def _manifest(run: Path) -> list[dict[str, Any]]:
+    path = run / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run}: no manifest.json (not a jaxdetox run directory)")
+    return json.loads(path.read_text())
+
+
+def _config(run: Path) -> dict[str, Any]:
+    path = run / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def _row(method: str, record: dict[str, Any], run: Path, **extra: Any) -> dict[str, Any]:
+    out = record["outputs"]
+    row = {"method": method, **{k: out[k] for k in ROW_KEYS if k in out}}
+    row["toxic_prompts_expected_max_toxicity"] = (
+        out.get("groups", {}).get("toxic", {}).get("expected_max_toxicity")
+    )
+    return {**row, "run": str(run), "lm_version": record["iteration"], **extra}
+
+
+def iteration_times(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Seconds per training stage per iteration, from done stage records."""
+    times: dict[int, dict[str, float]] = {}
+    for r in records:
+        if r["stage"] in TRAIN_STAGES and r["status"] == "done" and r["seconds"] is not None:
+            times.setdefault(r["iteration"], {})[r["stage"]] = r["seconds"]
+    return times
+
+
+def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything a report needs from one run: rows, eval curve, stage times, scheme."""
+    run = Path(run)
+    records = _manifest(run)
+    config = _config(run)
+    method = config.get("method", "pr_sequential")
+    evals = sorted(
+        (r for r in records if r["stage"] == "eval" and r["status"] == "done"),
+        key=lambda r: r["iteration"],
+    )
+    times = iteration_times(records)
+    train_seconds = sum(sum(t.values()) for t in times.values())
+    rows = []
+    if evals and evals[0]["iteration"] == 0:
+        rows.append(_row("base", evals[0], run, seconds=0.0))
+    if evals and evals[-1]["iteration"] > 0:
+        kl = config.get("finetune", {}).get("kl_weight")
+        rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl))
+    curve = [
+        {"iteration": r["iteration"], **{k: r["outputs"].get(k) for k in ROW_KEYS}} for r in evals
+    ]
+    scheme = config.get("loop", {}).get("scheme", "sequential")
+    return {"run": str(run), "method": method, "scheme": scheme, "rows": rows,
+            "curve": curve, "times": times}  # fmt: skip
+
+
+def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]:
+    """`(rows, summaries)` over several runs; one `base` row (the first run's) is kept."""
+    summaries = [run_summary(r) for r in runs]
+    rows, have_base = [], False
+    for s in summaries:
+        for row in s["rows"]:
+            if row["method"] == "base":
+                if have_base:
+                    continue
+                have_base = True
+            rows.append(row)
+    return rows, summaries
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """The paper-shaped table: rows = methods; toxicity, fluency, diversity and time."""
+    base = next((r for r in rows if r["method"] == "base"), None)
+    header = (
+        "| method | exp. max toxicity | toxicity prob. | mean toxicity | Δ mean tox. vs base "
+        "| PPL (held-out) | PPL (generations) | distinct-2 | train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        delta = None
+        if base is not None and r is not base and base.get("mean_toxicity"):
+            delta = f"{100 * (r['mean_toxicity'] / base['mean_toxicity'] - 1):+.0f}%"
+        lines.append(
+            f"| {r['method']} | {_fmt(r.get('expected_max_toxicity'))} "
+            f"| {_fmt(r.get('toxicity_probability'))} | {_fmt(r.get('mean_toxicity'))} "
+            f"| {delta or '–'} | {_fmt(r.get('perplexity'), 2)} "
+            f"| {_fmt(r.get('fluency_perplexity'), 2)} | {_fmt(r.get('distinct_2'))} "
+            f"| {_fmt(r.get('seconds'), 0)} |"
+        )
+    return header + "\n".join(lines) + "\n"

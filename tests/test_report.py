@@ -1,0 +1,86 @@
+"""`jaxdetox report` on a hand-made run directory, and the smoke demo end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from jaxdetox.cli import main
+from tests._tiny_run import save_tiny_model
+
+
+def _eval(iteration, mean, emt, ppl):
+    outputs = {
+        "expected_max_toxicity": emt, "toxicity_probability": emt / 2, "mean_toxicity": mean,
+        "perplexity": ppl, "fluency_perplexity": ppl * 1.5, "distinct_2": 0.9,
+        "groups": {"toxic": {"expected_max_toxicity": emt + 0.1}},
+    }  # fmt: skip
+    return {"iteration": iteration, "stage": "eval", "status": "done", "inputs": {"lm": iteration},
+            "outputs": outputs, "seconds": 3.0}  # fmt: skip
+
+
+def _stage(iteration, stage, seconds):
+    return {"iteration": iteration, "stage": stage, "status": "done", "inputs": {},
+            "outputs": {}, "seconds": seconds}  # fmt: skip
+
+
+@pytest.fixture
+def fixture_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"method": "pr_sequential", "finetune": {"kl_weight": 0.5}})
+    )
+    records = [_eval(0, 0.20, 0.60, 20.0)]
+    for i in (1, 2):
+        records += [_stage(i, s, 10.0 * i) for s in ("sample", "label", "train_nado", "finetune")]
+    records += [_eval(1, 0.15, 0.50, 21.0), _eval(2, 0.10, 0.40, 22.0)]
+    (run / "manifest.json").write_text(json.dumps(records))
+    return run
+
+
+def test_report_table_json_and_plots(fixture_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(fixture_run), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["base", "pr_sequential"]
+    base, ours = rows
+    for key in ("expected_max_toxicity", "toxicity_probability", "perplexity"):
+        assert key in base and key in ours
+    assert ours["mean_toxicity"] == 0.10 and ours["seconds"] == 120.0 and ours["kl_weight"] == 0.5
+    table = (out / "report.md").read_text()
+    assert "| pr_sequential | 0.400 | 0.200 | 0.100 | -50% | 22.00 |" in table
+    for png in ("toxicity_per_iteration", "toxicity_vs_perplexity", "stage_times"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "pr_sequential" in capsys.readouterr().out
+
+
+def test_report_on_a_non_run_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a jaxdetox run directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_demo_end_to_end(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "demo"
+    args = ["demo", "--preset", "smoke", "--model", str(model), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["base", "pr_sequential"]
+    assert all(np.isfinite(r["perplexity"]) and r["expected_max_toxicity"] >= 0 for r in rows)
+    assert (out / "report.md").exists() and list(out.glob("*.png"))
+    hf = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    with torch.no_grad():
+        assert torch.isfinite(hf(**tok("Hello there", return_tensors="pt")).logits).all()
+    assert (out / "nado" / "nado.safetensors").exists()
+    # Rerunning resumes: nothing recomputed, same report.
+    before = (out / "results.json").read_text()
+    assert main(args) == 0
+    assert (out / "results.json").read_text() == before
