@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.9",
+    "lm-eval>=0.4.13,<0.5",  # lm-evaluation-harness (core has no torch); local tasks run offline
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,6 +39,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "hatesonar==0.1.0",
         "accelerate>=1.10",  # transformers needs it to load GGUF files (the GGUF parity reference)
+        "scikit-learn>=1.3",  # reference AUROC / F1 in the detection tests
     ],
 }
 
