@@ -192,7 +192,10 @@ class MeshSection(Section):
 class LoopSection(Section):
     """The iteration scheme."""
 
-    scheme: Literal["sequential"] = "sequential"
+    scheme: Literal["sequential", "parallel"] = "sequential"
+    placement: Literal["colocated"] = Field(
+        "colocated", description="parallel scheme: roles one after another on the whole mesh"
+    )
     iterations: int = Field(2, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="train steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)

@@ -199,3 +199,29 @@ def test_stage_commands_redo_one_stage_exactly(finished_run, tmp_path, capsys):
     redone_weights = load_file(tmp_path / "redone" / "model.safetensors")
     for name in final:
         np.testing.assert_array_equal(redone_weights[name], final[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_parallel_scheme_manifest_shows_the_pipelined_data_flow(model_dir, tmp_path):
+    config = tiny_config(
+        model_dir,
+        loop={"iterations": 4, "scheme": "parallel", "checkpoint_every": 4},
+        train_nado={"epochs": 1},
+        finetune={"epochs": 1},
+        eval={"enabled": False},
+    )
+    out = tmp_path / "parallel"
+    execute(config_from_dict(config), out, progress=False)
+    records = json.loads((out / "manifest.json").read_text())
+    flow = {(r["iteration"], r["stage"]): r["inputs"] for r in records}
+    produced = {r["iteration"]: r["outputs"]["samples"] for r in records if r["stage"] == "sample"}
+    # warm-up: sequential on S_0
+    assert flow[1, "sample"] == {"lm": 0} and produced[1] == 0
+    assert flow[1, "train_nado"] == {"lm": 0, "nado": 0, "samples": 0}
+    assert flow[1, "finetune"] == {"lm": 0, "nado": 1, "samples": 0}
+    for i in (2, 3, 4):  # no stage consumes an artefact of its own iteration
+        assert flow[i, "sample"] == {"lm": i - 1} and produced[i] == i - 1
+        assert flow[i, "label"] == {"samples": i - 1}
+        assert flow[i, "train_nado"] == {"lm": 0, "nado": i - 1, "samples": i - 2}
+        assert flow[i, "finetune"] == {"lm": i - 1, "nado": i - 1, "samples": i - 2}
+    assert (out / "final" / "model" / "model.safetensors").exists()

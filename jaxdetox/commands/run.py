@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 def execute(config: object, out: Path, *, progress: bool = True) -> int:
     """Run (or resume) the experiment in `out`."""
     from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.parallel import run_parallel
     from jaxdetox.loop.sequential import run_sequential
     from jaxdetox.loop.session import open_run, setup_logging
 
@@ -78,7 +79,7 @@ def execute(config: object, out: Path, *, progress: bool = True) -> int:
     start = time.perf_counter()
     run_dir = open_run(config, out)
     exp = Experiment(config, run_dir, progress=progress)
-    run_sequential(exp)
+    (run_parallel if config.loop.scheme == "parallel" else run_sequential)(exp)
     run_dir.close()
     print(f"run {config.name!r} complete in {time.perf_counter() - start:.0f} s: {out}")
     print(f"  manifest {out / 'manifest.json'}, metrics {out / 'metrics.jsonl'}")

@@ -170,9 +170,9 @@ class Experiment:
         )
         return blocks, blocks.eval_block()
 
-    def train_prompts(self, iteration: int) -> TokenizedPrompts:
-        """The prompt block sampled in `iteration` (1-based; blocks are disjoint)."""
-        block = self._blocks[0].train_block(iteration - 1)
+    def train_prompts(self, block: int) -> TokenizedPrompts:
+        """Training prompt block `block` (0-based; blocks are disjoint)."""
+        block = self._blocks[0].train_block(block)
         return tokenize_prompts(block, self.tokenizer, max_tokens=self.config.prompts.max_tokens)
 
     def eval_prompt_set(self) -> PromptSet:
@@ -185,8 +185,8 @@ class Experiment:
             self._blocks[1], self.tokenizer, max_tokens=self.config.prompts.max_tokens
         )
 
-    def sampling_config(self, iteration: int) -> SamplingConfig:
-        """Sampling settings of `iteration` (its own seed)."""
+    def sampling_config(self, samples: int) -> SamplingConfig:
+        """Sampling settings of sample version `samples` (its own seed)."""
         s = self.config.sampling
         eos, pad = special_tokens(self.lm_config)
         return SamplingConfig(
@@ -197,7 +197,7 @@ class Experiment:
             num_samples=s.num_samples,
             eos_token_ids=eos,
             pad_token_id=pad,
-            seed=s.seed + 1000 * iteration,
+            seed=s.seed + 1000 * samples,
         )
 
     @property

@@ -35,8 +35,12 @@ def run_stage(
     stage: str,
     inputs: dict[str, int | None],
     body: Callable[[], dict[str, Any]],
+    versions: dict[str, int] | None = None,
 ) -> bool:
-    """Run one stage unless the manifest has it done; record it. Returns True if it ran."""
+    """Run one stage unless the manifest has it done; record it. Returns True if it ran.
+
+    `versions`: artefact versions the stage produces, recorded in its outputs.
+    """
     run = exp.run
     if run.is_done(iteration, stage):
         logger.info("iteration %d %s: done earlier, skipped", iteration, stage)
@@ -49,7 +53,7 @@ def run_stage(
         )
     run.update_record(iteration, stage, status="running", inputs=inputs)
     start = time.perf_counter()
-    outputs = body()
+    outputs = {**(versions or {}), **body()}
     _barrier(f"{stage}-{iteration}")
     run.update_record(
         iteration, stage, status="done", inputs=inputs, outputs=outputs,
@@ -58,18 +62,21 @@ def run_stage(
     return True
 
 
-def sample_and_label(exp: Experiment, iteration: int, lm_version: int) -> None:
-    """Stages 1–2 of `iteration`: S_i from LLM_{lm_version} on the iteration's prompt block."""
+def sample_and_label(
+    exp: Experiment, iteration: int, lm_version: int, samples: int, block: int
+) -> None:
+    """Stages 1–2 run in `iteration`: S_{samples} from LLM_{lm_version} on prompt block
+    `block` (0-based; every sample version has its own block)."""
     from jaxdetox.stages import label_stage, sample_stage
 
     def sample() -> dict[str, Any]:
         lm = exp.language_model(exp.lm_params(lm_version))
         report = sample_stage(
             lm,
-            exp.train_prompts(iteration),
+            exp.train_prompts(block),
             exp.store,
-            iteration,
-            exp.sampling_config(iteration),
+            samples,
+            exp.sampling_config(samples),
             batch_size=exp.config.sampling.batch_size,
             progress=exp.progress,
         )
@@ -77,13 +84,13 @@ def sample_and_label(exp: Experiment, iteration: int, lm_version: int) -> None:
 
     def label() -> dict[str, Any]:
         report = label_stage(
-            exp.store, iteration, exp.oracle, exp.label_name,
+            exp.store, samples, exp.oracle, exp.label_name,
             batch_size=exp.config.oracle.batch_size, progress=exp.progress,
         )  # fmt: skip
         return {"scored": report.processed, **report.extra}
 
-    run_stage(exp, iteration, "sample", {"lm": lm_version}, sample)
-    run_stage(exp, iteration, "label", {"samples": iteration}, label)
+    run_stage(exp, iteration, "sample", {"lm": lm_version}, sample, {"samples": samples})
+    run_stage(exp, iteration, "label", {"samples": samples}, label)
 
 
 def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
@@ -163,7 +170,7 @@ def run_sequential(exp: Experiment) -> None:
     if eval_due(exp, 0):
         evaluate(exp, 0)
     for i in range(1, n + 1):
-        sample_and_label(exp, i, lm_version=i - 1)
+        sample_and_label(exp, i, lm_version=i - 1, samples=i, block=i - 1)
         train_nado(exp, i, nado_version=i - 1, samples=i)
         finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)
         if eval_due(exp, i):
