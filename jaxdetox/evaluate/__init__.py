@@ -22,6 +22,12 @@ _LAZY = {
     "score_continuations": "loglikelihood",
     "JaxdetoxLM": "lm_eval_bridge",
     "run_lm_eval": "lm_eval_bridge",
+    "DetectionConfig": "detection",
+    "auroc": "detection",
+    "detection_metrics": "detection",
+    "evaluate_detection": "detection",
+    "load_labelled": "detection",
+    "toxicity_log_odds": "detection",
 }
 __all__ += sorted(_LAZY)
 
