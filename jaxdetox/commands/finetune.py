@@ -8,9 +8,8 @@ checkpoint. Rerunning resumes from the last checkpoint; a finished stage is skip
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jaxdetox.loop.stage_command import open_experiment, register_stage
+from jaxdetox.loop.stage_command import register_stage, run_one_stage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,19 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune LLM_I."""
-    from jaxdetox.config import ConfigError
     from jaxdetox.loop.sequential import finetune
-    from jaxdetox.loop.session import require_done
 
-    exp, run_dir = open_experiment(args)
-    i = args.iteration
-    try:
-        require_done(run_dir, i, "train_nado", f"finetune of iteration {i} (NADO_{i})")
-        require_done(run_dir, i - 1, "finetune", f"finetune of iteration {i} (LLM_{i - 1})")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)
-    run_dir.close()
-    print(f"LLM_{i}: {run_dir.record(i, 'finetune')['outputs']}")
-    return 0
+    i, why = args.iteration, f"finetune of iteration {args.iteration}"
+    needs = [(i, "train_nado", f"{why} (NADO_{i})"), (i - 1, "finetune", f"{why} (LLM_{i - 1})")]
+    body = lambda exp: finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)  # noqa: E731
+    return run_one_stage(args, "finetune", needs, body, f"LLM_{i}")

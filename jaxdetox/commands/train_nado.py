@@ -8,9 +8,8 @@ its checkpoint. Rerunning resumes from the last checkpoint; a finished stage is 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jaxdetox.loop.stage_command import open_experiment, register_stage
+from jaxdetox.loop.stage_command import register_stage, run_one_stage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,19 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train NADO_I on S_I."""
-    from jaxdetox.config import ConfigError
     from jaxdetox.loop.sequential import train_nado
-    from jaxdetox.loop.session import require_done
 
-    exp, run_dir = open_experiment(args)
-    i = args.iteration
-    try:
-        require_done(run_dir, i, "label", f"train_nado of iteration {i}")
-        require_done(run_dir, i - 1, "train_nado", f"train_nado of iteration {i} (NADO_{i - 1})")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    train_nado(exp, i, nado_version=i - 1, samples=i)
-    run_dir.close()
-    print(f"NADO_{i}: {run_dir.record(i, 'train_nado')['outputs']}")
-    return 0
+    i, why = args.iteration, f"train_nado of iteration {args.iteration}"
+    needs = [(i, "label", why), (i - 1, "train_nado", f"{why} (NADO_{i - 1})")]
+    body = lambda exp: train_nado(exp, i, nado_version=i - 1, samples=i)  # noqa: E731
+    return run_one_stage(args, "train_nado", needs, body, f"NADO_{i}")

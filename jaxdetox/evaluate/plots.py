@@ -11,6 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 STAGE_COLORS = {
     "sample": "#4C72B0",
     "label": "#DD8452",
@@ -37,11 +45,7 @@ def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path |
         ax.legend()
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    path = out / "toxicity_per_iteration.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "toxicity_per_iteration.png")
 
 
 def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None:
@@ -60,11 +64,7 @@ def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None
     ax.set_title("Toxicity vs fluency (lower-left is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "toxicity_vs_perplexity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "toxicity_vs_perplexity.png")
 
 
 def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
@@ -83,8 +83,4 @@ def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_title("Time per iteration by stage")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "stage_times.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "stage_times.png")

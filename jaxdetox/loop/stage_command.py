@@ -49,3 +49,28 @@ def open_experiment(args: argparse.Namespace) -> tuple[Any, Any]:
     setup_logging()
     run = open_run(config, args.out)
     return Experiment(config, run, progress=not args.no_progress), run
+
+
+def run_one_stage(
+    args: argparse.Namespace,
+    stage: str,
+    needs: list[tuple[int, str, str]],
+    body: Callable[[Any], None],
+    artefact: str,
+) -> int:
+    """Open the run, check that every `(iteration, stage, why)` in `needs` is done, run
+    `body(experiment)`, and print the stage's outputs (exit 2 with the reason otherwise)."""
+    from jaxdetox.config import ConfigError
+    from jaxdetox.loop.session import require_done
+
+    exp, run_dir = open_experiment(args)
+    try:
+        for iteration, needed, why in needs:
+            require_done(run_dir, iteration, needed, why)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    body(exp)
+    run_dir.close()
+    print(f"{artefact}: {run_dir.record(args.iteration, stage)['outputs']}")
+    return 0
