@@ -95,8 +95,8 @@ class NadoHead(nnx.Module):
         self.b = param(rngs, (v,), ("vocab",), config, init="zeros")
 
     def __call__(self, h_btd: jax.Array) -> jax.Array:
-        """Float32 logits `[B, T, V]`."""
-        return unembed(h_btd, self.w[...], self.b[...])
+        """Float32 logits `[B, T, V]` (the weight in the activations' dtype, as the LM head)."""
+        return unembed(h_btd, self.w[...].astype(h_btd.dtype), self.b[...])
 
 
 class NadoModel(nnx.Module):

@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdetox.data.packing import left_pad
-from jaxdetox.sampling.adapters import DecodeParams
 from jaxdetox.sampling.decode import DecodeModel, Params, sample_loop
+from jaxdetox.sampling.decode_form import DecodeParams
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig
 
 logger = logging.getLogger(__name__)
