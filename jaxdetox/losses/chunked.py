@@ -34,6 +34,7 @@ from jaxdetox.losses.nado import (
     one_step_expectation,
 )
 from jaxdetox.losses.token import guided_log_probs, token_kl, token_nll, upcast
+from jaxdetox.models.layers import unembed
 
 __all__ = [
     "default_chunk_size",
@@ -62,18 +63,14 @@ class RegularizedLoss(NamedTuple):
 
 
 def head_logits(h_nd: Array, head: Head) -> Array:
-    """Logits `h·Wᵀ + b` in (at least) float32: '...D,VD->...V' with float32 accumulation."""
+    """Logits `h·Wᵀ + b` in (at least) float32 (`models.layers.unembed`), shapes checked."""
     w_vd, b_v = head
     if h_nd.shape[-1] != w_vd.shape[-1]:
         raise ValueError(
             f"head_logits: hidden size {h_nd.shape[-1]} does not match head weight "
             f"w_vd {w_vd.shape} (expected [V, {h_nd.shape[-1]}])"
         )
-    out_dtype = jnp.promote_types(jnp.result_type(h_nd, w_vd), jnp.float32)
-    logits = jnp.einsum("...d,vd->...v", h_nd, w_vd, preferred_element_type=out_dtype)
-    if b_v is not None:
-        logits = logits + upcast(b_v)
-    return logits
+    return unembed(h_nd, w_vd, b_v)
 
 
 def default_chunk_size(hidden_size: int) -> int:
