@@ -1,15 +1,15 @@
-"""`LanguageModel`: what `load_pretrained` returns; model + config + tokenizer + mesh.
+"""`LanguageModel`: model + config + tokenizer + mesh, what `load_pretrained` returns.
 
-Also `build_model` / `random_init` for randomly initialised models (tests, NADO bodies,
-benchmarks). With a mesh, initialisation runs under `jit` with `out_shardings`, so every
-device creates only its own shard of each parameter.
+It sits above `jaxdetox.models` (the modules, HF/GGUF import and export) and
+`jaxdetox.sampling` (which `generate` uses), so neither of those imports the other's user.
+`random_init` makes one with random weights; `lm_sampler` gives the `Sampler` for an LM
+(optionally NADO-guided), cached on the `LanguageModel`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +20,40 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdetox import sharding
+from jaxdetox.models import gguf, hf
 from jaxdetox.models.config import ModelConfig
-from jaxdetox.models.hf import abstract_model
+from jaxdetox.models.registry import build_model
+from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, special_tokens, to_host
 
 
-def build_model(
-    config: ModelConfig, rngs: nnx.Rngs | int = 0, *, mesh: Mesh | None = None
-) -> nnx.Module:
-    """A randomly initialised model of `config.family` (HF's init: N(0, initializer_range)).
+def load_pretrained(
+    path_or_hub_id: str | os.PathLike[str],
+    *,
+    mesh: Mesh | None = None,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    tokenizer: bool = True,
+    revision: str | None = None,
+) -> LanguageModel:
+    """Load an HF checkpoint (local dir or hub id) into a `LanguageModel`, placed on `mesh`.
 
-    Built abstractly, then each parameter is drawn on the host with numpy (seeded by `rngs`
-    and the parameter's path, so values do not depend on the mesh) and placed with its
-    sharding. This avoids compiling one RNG kernel per parameter shape, which dominated
-    start-up time for small models on CPU.
+    A `.gguf` file (llama.cpp) or `"default"` (the built-in SmolLM2-135M-Instruct) goes
+    through `jaxdetox.models.gguf.load_gguf`.
     """
-    if isinstance(rngs, nnx.Rngs):
-        seed = [int(x) for x in np.asarray(jax.random.key_data(rngs.params())).ravel()]
+    if gguf.is_gguf_source(path_or_hub_id):
+        model, tok = gguf.load_gguf(
+            path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer
+        )
     else:
-        seed = [int(rngs)]
-    graphdef, abs_state = nnx.split(abstract_model(config))
-    flat = []
-    for path, var in nnx.to_flat_state(abs_state):
-        name = ".".join(str(p) for p in path)
-        kind = var.get_metadata().get("init", "normal")
-        if kind == "normal":
-            rng = np.random.default_rng([*seed, zlib.crc32(name.encode())])
-            value = rng.standard_normal(var.shape, dtype=np.float32) * config.initializer_range
-        else:
-            value = np.full(var.shape, 1.0 if kind == "ones" else 0.0, np.float32)
-        value = value.astype(var.dtype)
-        flat.append((path, var.replace(sharding.place_variable(value, var, mesh))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        model, tok = hf.load_checkpoint(
+            path_or_hub_id,
+            mesh=mesh,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            tokenizer=tokenizer,
+            revision=revision,
+        )
+    return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
 
 
 def random_init(
@@ -88,6 +91,9 @@ class LanguageModel:
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
+        # (LM graph, NADO graph) -> Sampler, for `lm_sampler`: compiled sampling programs
+        # live as long as the model they were compiled for.
+        self._samplers: dict[tuple, Sampler] = {}
 
     def split(self) -> tuple[nnx.GraphDef, nnx.State]:
         """`(graphdef, params)` for pure functions: `nnx.merge(graphdef, params)` inside jit."""
@@ -122,19 +128,43 @@ class LanguageModel:
 
     def save_pretrained(self, out: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write an HF checkpoint dir loadable by transformers.AutoModelForCausalLM."""
-        from jaxdetox.models.hf import save_pretrained
+        return hf.save_pretrained(self.model, out, tokenizer=self.tokenizer, **kwargs)
 
-        return save_pretrained(self.model, out, tokenizer=self.tokenizer, **kwargs)
+    def generate(
+        self,
+        tokens: np.ndarray | jax.Array,
+        max_new_tokens: int = 20,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> jax.Array:
+        """Continue unpadded prompts `[B, T]` -> int32 `[B, T + max_new_tokens]`; 0.0 = greedy.
 
-    def generate(self, tokens: np.ndarray | jax.Array, **kwargs: Any) -> jax.Array:
-        """Sample continuations (see `jaxdetox.sampling.generate`; DESIGN.md §4)."""
-        try:
-            from jaxdetox.sampling import generate
-        except ImportError as e:
-            raise NotImplementedError(
-                f"LanguageModel.generate needs jaxdetox.sampling.generate ({e})"
-            ) from e
-        return generate(self, tokens, **kwargs)
+        Rows stop at the config's EOS token(s), after which they hold the pad token (as
+        transformers' `generate` pads finished rows). `options` are further `SamplingConfig`
+        fields (e.g. `eos_token_ids=()`, `cache_dtype="bfloat16"`).
+        """
+        tokens_bt = np.asarray(tokens)
+        if tokens_bt.ndim != 2 or tokens_bt.shape[1] == 0:
+            raise ValueError(
+                f"generate: tokens must be int [B, T] with T >= 1, got {tokens_bt.shape}"
+            )
+        eos_ids, pad = special_tokens(self.config)
+        fields = {"eos_token_ids": eos_ids, "pad_token_id": pad, **options}  # options win
+        config = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            **fields,
+        )
+        sampler, params, _ = lm_sampler(self)
+        out = sampler.sample(params, tokens_bt.astype(np.int32).tolist(), config)
+        new_bn = to_host(out.tokens)  # whole array on every process of a multi-host mesh
+        return jnp.asarray(np.concatenate([tokens_bt.astype(np.int32), new_bn], axis=1))
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -142,3 +172,20 @@ class LanguageModel:
             f"LanguageModel({cfg.model_type}, layers={cfg.num_layers}, d={cfg.hidden_size}, "
             f"vocab={cfg.vocab_size}, dtype={cfg.dtype}, mesh={dict(self.mesh.shape) if self.mesh else None})"
         )
+
+
+def lm_sampler(lm: LanguageModel, nado: Any = None) -> tuple[Sampler, Any, Any]:
+    """`(sampler, lm_params, nado_params)` for a `LanguageModel` (and optional NADO module).
+
+    `nado`: a `NadoModel` (separate body with its own cache, or shared head on the LM's
+    hidden states), or any module / `LanguageModel` whose logits serve as `h_φ`. The
+    `Sampler` is cached on `lm`, so repeated calls reuse its compiled programs.
+    """
+    model, params = decode_model_for(lm.model)
+    nado_model, nado_params = None, None
+    if nado is not None:
+        nado_model, nado_params = decode_model_for(getattr(nado, "model", nado))
+    key = (model, nado_model)
+    if key not in lm._samplers:
+        lm._samplers[key] = Sampler(model, nado_model, mesh=lm.mesh)
+    return lm._samplers[key], params, nado_params

@@ -12,9 +12,10 @@ import torch
 import transformers
 
 from jaxdetox import losses, sharding
+from jaxdetox.lm import lm_sampler
 from jaxdetox.models import load_pretrained
 from jaxdetox.models.nado import NadoConfig, init_nado
-from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, lm_sampler, warp_logits
+from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, warp_logits
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 90]]

@@ -144,3 +144,13 @@ class SampleOutput:
         """bool `[N, max_new_tokens]`: True on generated (non-padding) slots."""
         steps = np.arange(self.tokens.shape[1])  # numpy in, numpy out; jax in, jax out
         return steps[None, :] < self.lengths[:, None]
+
+
+def special_tokens(config: Any) -> tuple[tuple[int, ...], int]:
+    """Stop tokens and pad token from a model config (pad falls back to the first EOS, then 0)."""
+    eos = config.eos_token_id
+    eos_ids = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(eos)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)
