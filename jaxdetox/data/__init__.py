@@ -17,7 +17,6 @@ from jaxdetox.data.errors import (
 )
 from jaxdetox.data.packing import left_pad, next_token_targets, positions_from_segments
 from jaxdetox.data.prompts import (
-    PromptBatch,
     PromptBlocks,
     PromptSet,
     TokenizedPrompts,
@@ -26,7 +25,6 @@ from jaxdetox.data.prompts import (
     load_rtp,
     load_rtp_tfds,
     load_toxigen,
-    prompt_batches,
     split_blocks,
     tokenize_prompts,
 )
@@ -40,7 +38,6 @@ __all__ = [
     "EmptySplitError",
     "MalformedRecordError",
     "MissingFieldError",
-    "PromptBatch",
     "PromptBlocks",
     "PromptSet",
     "SampleArrays",
@@ -58,7 +55,6 @@ __all__ = [
     "next_token_targets",
     "open_source",
     "positions_from_segments",
-    "prompt_batches",
     "split_blocks",
     "tokenize_prompts",
     "to_global",

@@ -15,7 +15,6 @@
 from jaxdetox.sampling.adapters import NnxLM, NnxSharedNado, decode_model_for
 from jaxdetox.sampling.decode import (
     DecodeModel,
-    FunctionalLM,
     repeat_kv_cache,
     sample_loop,
 )
@@ -38,7 +37,6 @@ from jaxdetox.sampling.warpers import (
 
 __all__ = [
     "DecodeModel",
-    "FunctionalLM",
     "NnxLM",
     "NnxSharedNado",
     "SampleOutput",
