@@ -1,8 +1,8 @@
 """Memory-lean LM losses that start from hidden states and head weights, not logits.
 
-The regularised objective (DESIGN.md §1) needs, per token, three vocabulary-sized rows:
+The regularised objective (docs/method.md) needs, per token, three vocabulary-sized rows:
 student logits `h·Wᵀ`, reference logits `h_ref·W_refᵀ` and NADO logits `h_φ·W_φᵀ + b`.
-At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (DESIGN.md §2) we scan
+At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (docs/method.md) we scan
 over chunks of tokens (time slices of the whole batch): each step builds the three rows for
 about `chunk_size` tokens, reduces them
 to per-token NLL and KL, and is wrapped in `jax.checkpoint`, so the backward pass recomputes

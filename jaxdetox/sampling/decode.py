@@ -188,7 +188,7 @@ def sample_loop(
 
     `prompt_bp` int32 `[B, P]` left-padded, `segment_ids_bp` 1 on real tokens and 0 on
     padding, `row_base_b` int32 `[B]` the global index of each prompt (it seeds its rows).
-    With `nado` set, tokens are drawn from the guided distribution of DESIGN.md §1; a
+    With `nado` set, tokens are drawn from the guided distribution of docs/method.md; a
     separate NADO keeps its own cache, a shared-head NADO reads the LM's hidden states.
     """
     batch, prompt_len = prompt_bp.shape

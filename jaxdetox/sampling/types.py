@@ -32,7 +32,7 @@ class SamplingConfig:
     num_samples: int = 1  # completions per prompt; the prompt is prefilled once
     eos_token_ids: tuple[int, ...] = ()  # any of these ends a row (it is kept in the output)
     pad_token_id: int = 0  # emitted after a row has ended, and used for left padding
-    alpha: float = 1.0  # NADO guidance strength (DESIGN.md §1), guided decoding only
+    alpha: float = 1.0  # NADO guidance strength (docs/method.md), guided decoding only
     cache_dtype: str = "float32"  # KV cache storage: float32 | bfloat16 | float16
     prompt_bucket: int = 16  # prompts are left-padded to a multiple of this
     seed: int = 0
@@ -127,7 +127,7 @@ class SampleOutput:
       distribution it was drawn from (after temperature/top-k/top-p); 0 for greedy and
       after the end.
     - `model_logprobs`: under the untempered, unfiltered model distribution (for guided
-      decoding that model is the guided teacher q, DESIGN.md §1).
+      decoding that model is the guided teacher q, docs/method.md).
     - `base_logprobs`: guided decoding only, under the base LM alone; else None.
     - `prompt_index` int32 `[N]`: which prompt each row continues.
     """
