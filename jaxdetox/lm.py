@@ -1,7 +1,7 @@
 """`LanguageModel`: model + config + tokenizer + mesh, what `load_pretrained` returns.
 
 It sits above `jaxdetox.models` (the modules, HF/GGUF import and export) and
-`jaxdetox.sampling` (which `generate` uses), so neither of those imports the other's user.
+`jaxdetox.sampling` (which `generate` uses), so the model code never imports the sampler.
 `random_init` makes one with random weights; `lm_sampler` gives the `Sampler` for an LM
 (optionally NADO-guided), cached on the `LanguageModel`.
 """
@@ -44,15 +44,18 @@ def load_pretrained(
         model, tok = gguf.load_gguf(
             path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer
         )
-    else:
-        model, tok = hf.load_checkpoint(
-            path_or_hub_id,
-            mesh=mesh,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            tokenizer=tokenizer,
-            revision=revision,
-        )
+        return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
+    directory = hf.resolve_checkpoint(path_or_hub_id, revision)
+    ckpt = hf.SafetensorsCheckpoint(directory)
+    model = hf.from_hf_tensors(
+        hf.read_config(directory), ckpt.get, ckpt.names(),
+        mesh=mesh, dtype=dtype, param_dtype=param_dtype, locate=ckpt.locate,
+    )  # fmt: skip
+    tok = None
+    if tokenizer and any((directory / f).exists() for f in hf.TOKENIZER_FILES):
+        from transformers import AutoTokenizer  # heavy; only when there is a tokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(directory))
     return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
 
 

@@ -238,36 +238,6 @@ def from_hf_tensors(
     return nnx.merge(graphdef, state)
 
 
-def load_checkpoint(
-    path_or_hub_id: str | os.PathLike[str],
-    *,
-    mesh: Mesh | None = None,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    tokenizer: bool = True,
-    revision: str | None = None,
-) -> tuple[nnx.Module, Any]:
-    """`(model, tokenizer or None)` from an HF checkpoint (local dir or hub id), on `mesh`."""
-    directory = resolve_checkpoint(path_or_hub_id, revision)
-    hf_config = read_config(directory)
-    ckpt = SafetensorsCheckpoint(directory)
-    model = from_hf_tensors(
-        hf_config,
-        ckpt.get,
-        ckpt.names(),
-        mesh=mesh,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        locate=ckpt.locate,
-    )
-    tok = None
-    if tokenizer and any((directory / f).exists() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(directory))
-    return model, tok
-
-
 # ----------------------------------------------------------------------------- export
 
 
