@@ -307,8 +307,8 @@ class PreNormBlock(nnx.Module):
         self.mlp = self.mlp_cls(config, rngs=rngs)
 
     def __call__(
-        self, x_btd: jax.Array, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        self, x_btd: jax.Array, ctx: AttentionContext, kv: KV | None
+    ) -> tuple[jax.Array, KV | None]:
         """One decoder layer; returns the new residual stream and this layer's cache."""
         attn_btd, kv = self.attn(self.attn_norm(x_btd), ctx, kv)
         x_btd = x_btd + attn_btd
