@@ -28,8 +28,9 @@ import torch
 import transformers
 from _results import write_results
 
+from jaxdetox.lm import lm_sampler
 from jaxdetox.models import load_pretrained
-from jaxdetox.sampling import SamplingConfig, lm_sampler
+from jaxdetox.sampling import SamplingConfig
 
 # Ours and transformers' `generate` kwargs per mode. `top_k50` is transformers' default
 # `do_sample=True` setting, which the paper's sampling used (docs/method.md).

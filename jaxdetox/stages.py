@@ -6,17 +6,20 @@ them: a committed chunk is never recomputed, and a rerun of a finished stage doe
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdetox.data.prompts import TokenizedPrompts
 from jaxdetox.data.sample_store import SampleStore
+from jaxdetox.lm import LanguageModel, lm_sampler
 from jaxdetox.oracles import Oracle
-from jaxdetox.sampling import SamplingConfig
+from jaxdetox.sampling import Sampler, SamplingConfig, sample_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,74 +39,86 @@ def oracle_label_name(name: str) -> str:
 
 
 def sample_stage(
-    lm: Any,
+    sampler: Sampler,
+    params: Any,
     prompts: TokenizedPrompts,
     store: SampleStore,
     iteration: int,
     config: SamplingConfig,
     *,
+    tokenizer: Any,
+    nado_params: Any = None,
     batch_size: int = 16,
-    nado: Any = None,
     progress: bool = True,
 ) -> StageReport:
-    """Sample `config.num_samples` completions per prompt with `lm` (optionally NADO-guided)
-    and commit them to `store`, one chunk per batch of prompts.
+    """Sample `config.num_samples` completions per prompt from `params` (a train state's LM
+    parameters, or `lm_sampler`'s; NADO-guided with `nado_params`) into `store`.
 
-    Prompts whose samples are already committed for `iteration` are skipped. Draws are seeded
-    by the prompt's index in `prompts`, so a resumed run gives the same completions.
+    Runs `sample_batches` and commits each batch as one chunk as it comes; every process
+    commits its share of the batch's prompts under a chunk name with its process index.
+    Prompts whose samples are already committed for `iteration` are skipped. Draws are
+    seeded by the prompt's position in `prompts`, so a resumed run gives the same samples.
     """
-    from jaxdetox.sampling import lm_sampler
-
     stage = "sampled"
     if store.is_done(iteration, stage):
         return StageReport(stage, 0, len(prompts), 0.0)
     done = set(store.done_prompt_ids(iteration).tolist())
-    todo = [i for i, pid in enumerate(prompts.ids) if int(pid) not in done]
-    # Longest first: similar lengths share a padding bucket, so less padding per batch.
-    todo.sort(key=lambda i: -len(prompts.tokens[i]))
-    sampler, params, nado_params = lm_sampler(lm, nado)
+    skip = [i for i, pid in enumerate(prompts.ids) if int(pid) in done]
+    process, processes = jax.process_index(), jax.process_count()
     k, new_tokens, start = config.num_samples, 0, time.perf_counter()
-    with tqdm(
-        total=len(prompts), initial=len(prompts) - len(todo), desc="sample", unit="prompt",
-        disable=not progress,
-    ) as bar:  # fmt: skip
-        for begin in range(0, len(todo), batch_size):
-            index = np.asarray(todo[begin : begin + batch_size])
-            out = sampler.sample(
-                params,
-                [prompts.tokens[i] for i in index],
-                config,
-                nado_params=nado_params,
-                prompt_ids=index,
-                batch_size=batch_size,
-            )
-            lengths = np.asarray(out.lengths)
-            tokens = np.asarray(out.tokens)
-            rows = np.repeat(index, k)
-            store.write_samples(
-                iteration,
-                f"prompts-{int(index[0]):06d}-{len(index):04d}",
-                prompt_ids=prompts.ids[rows],
-                sample_index=np.tile(np.arange(k), len(index)),
-                prompt_tokens=[prompts.tokens[i] for i in rows],
-                completion_tokens=tokens,
-                completion_lengths=lengths,
-                prompt_texts=[prompts.texts[i] for i in rows],
-                completion_texts=lm.tokenizer.batch_decode(
-                    [t[:n] for t, n in zip(tokens, lengths)], skip_special_tokens=True
-                ),
-                sampling_logprobs=np.asarray(out.logprobs),
-                model_logprobs=np.asarray(out.model_logprobs),
-                base_logprobs=None if out.base_logprobs is None else np.asarray(out.base_logprobs),
-                metadata={"sampling": dataclasses.asdict(config), "guided": nado is not None},
-            )
-            new_tokens += int(lengths.sum())
-            bar.update(len(index))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+    batches = sample_batches(
+        sampler, params, prompts.tokens, config, batch_size=batch_size,
+        nado_params=nado_params, skip=skip, progress=progress, description="sample",
+    )  # fmt: skip
+    for index_b, out in batches:
+        new_tokens += int(out.lengths.sum())
+        mine_b = np.arange(len(index_b))[process::processes]  # this process's prompts
+        if not len(mine_b):
+            continue
+        rows = (mine_b[:, None] * k + np.arange(k)).reshape(-1)  # their rows in `out`
+        out = jax.tree.map(operator.itemgetter(rows), out)
+        prompt_rows = np.repeat(index_b[mine_b], k)
+        store.write_samples(
+            iteration,
+            f"prompts-{int(index_b[0]):06d}-{len(index_b):04d}-p{process:03d}",
+            prompt_ids=prompts.ids[prompt_rows],
+            sample_index=np.tile(np.arange(k), len(mine_b)),
+            prompt_tokens=[prompts.tokens[i] for i in prompt_rows],
+            completion_tokens=out.tokens,
+            completion_lengths=out.lengths,
+            prompt_texts=[prompts.texts[i] for i in prompt_rows],
+            completion_texts=tokenizer.batch_decode(
+                [t[:n] for t, n in zip(out.tokens, out.lengths)], skip_special_tokens=True
+            ),
+            sampling_logprobs=out.logprobs,
+            model_logprobs=out.model_logprobs,
+            base_logprobs=out.base_logprobs,
+            metadata={"sampling": dataclasses.asdict(config), "guided": nado_params is not None},
+        )
     seconds = time.perf_counter() - start
     info = {"new_tokens": new_tokens, "compiles": sampler.compile_count}
     store.mark_done(iteration, stage, {"prompts": len(prompts), **info})
-    return StageReport(stage, len(todo), len(prompts) - len(todo), seconds, info)
+    return StageReport(stage, len(prompts) - len(skip), len(skip), seconds, info)
+
+
+def sample_stage_lm(
+    lm: LanguageModel,
+    prompts: TokenizedPrompts,
+    store: SampleStore,
+    iteration: int,
+    config: SamplingConfig,
+    *,
+    nado: Any = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> StageReport:
+    """`sample_stage` for a `LanguageModel` (and optional NADO module): its cached sampler,
+    parameters and tokenizer."""
+    sampler, params, nado_params = lm_sampler(lm, nado)
+    return sample_stage(
+        sampler, params, prompts, store, iteration, config, tokenizer=lm.tokenizer,
+        nado_params=nado_params, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
 
 
 def label_stage(

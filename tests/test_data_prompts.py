@@ -16,7 +16,6 @@ from jaxdetox.data import (
     load_rtp,
     load_rtp_tfds,
     load_toxigen,
-    prompt_batches,
     split_blocks,
     tokenize_prompts,
 )
@@ -196,68 +195,3 @@ def test_truncation_and_overflow(bos):
     assert list(drop.ids) == [pid for i, pid in enumerate(prompts.ids) if i not in long]
     with pytest.raises(EmptySplitError, match="all 24 prompts were dropped"):
         tokenize_prompts(prompts, tok, max_tokens=1, overflow="drop")
-
-
-def test_prompt_batches_left_padded():
-    tok = make_tokenizer(bos_prefix=True)
-    tp = tokenize_prompts(load_rtp(RTP), tok, max_tokens=30)
-    batches = list(prompt_batches(tp, 5, pad_id=tok.pad_token_id))
-    assert len(batches) == 5  # 24 prompts → 4 full batches + 1 filled batch
-    seen = []
-    for b in batches:
-        B, T = b.tokens_bt.shape
-        assert B == 5 and T % 8 == 0
-        for row in range(B):
-            n = b.lengths_b[row]
-            pid = b.prompt_ids_b[row]
-            ref = tp.tokens[list(tp.ids).index(pid)]
-            np.testing.assert_array_equal(b.tokens_bt[row, T - n :], ref)
-            assert (b.tokens_bt[row, : T - n] == tok.pad_token_id).all()
-            np.testing.assert_array_equal(b.segment_ids_bt[row], [0] * (T - n) + [1] * n)
-            np.testing.assert_array_equal(b.positions_bt[row], [0] * (T - n) + list(range(n)))
-            np.testing.assert_array_equal(b.unpadded_tokens()[row], ref)
-            if b.valid_b[row]:
-                seen.append(pid)
-    assert sorted(seen) == sorted(tp.ids.tolist())  # every prompt exactly once
-    assert batches[-1].valid_b.tolist() == [True] * 4 + [False]
-
-    fixed = next(prompt_batches(tp, 4, pad_to=40))
-    assert fixed.tokens_bt.shape == (4, 40)
-    with pytest.raises(ValueError, match="more than pad_to=4"):
-        next(prompt_batches(tp, 4, pad_to=4))
-
-    assert set(batches[0].arrays()) == {
-        "prompt_ids_b",
-        "sample_index_b",
-        "tokens_bt",
-        "segment_ids_bt",
-        "positions_bt",
-        "lengths_b",
-        "valid_b",
-    }
-    rep = batches[0].repeat(3)
-    assert rep.tokens_bt.shape == (15, batches[0].tokens_bt.shape[1])
-    assert rep.sample_index_b.tolist() == [0, 1, 2] * 5
-    np.testing.assert_array_equal(rep.prompt_ids_b, np.repeat(batches[0].prompt_ids_b, 3))
-    assert rep.texts[:3] == (batches[0].texts[0],) * 3
-
-
-def test_prompt_batches_hosts_and_resume():
-    tok = make_tokenizer()
-    tp = tokenize_prompts(load_rtp(RTP), tok, max_tokens=30)
-    single = list(prompt_batches(tp, 4))
-    hosts = [list(prompt_batches(tp, 4, process_index=i, process_count=2)) for i in range(2)]
-    for g, h0, h1 in zip(single, *hosts):
-        # The two hosts' rows make up the global batch, with one shared padded length.
-        np.testing.assert_array_equal(np.concatenate([h0.tokens_bt, h1.tokens_bt]), g.tokens_bt)
-        np.testing.assert_array_equal(
-            np.concatenate([h0.prompt_ids_b, h1.prompt_ids_b]), g.prompt_ids_b
-        )
-    done = np.concatenate([b.prompt_ids_b for b in single[:3]])
-    rest = list(prompt_batches(tp, 4, skip_ids=done))
-    np.testing.assert_array_equal(
-        np.concatenate([b.prompt_ids_b for b in rest]),
-        np.concatenate([b.prompt_ids_b for b in single[3:]]),
-    )
-    with pytest.raises(ValueError, match="not divisible by process_count 3"):
-        next(prompt_batches(tp, 4, process_index=0, process_count=3))

@@ -377,29 +377,29 @@ def test_empty_iteration_and_fixed_lengths(tmp_path):
         store.arrays(0, prompt_len=4)
 
 
-def test_prompt_batch_to_store_flow(tmp_path):
+def test_prompt_to_store_flow(tmp_path):
     """Prompts from the prompt pipeline go into the store unpadded and come back intact."""
     from _tokenizer import make_tokenizer
 
-    from jaxdetox.data import load_rtp, prompt_batches, tokenize_prompts
+    from jaxdetox.data import load_rtp, tokenize_prompts
 
     tok = make_tokenizer(bos_prefix=True)
     fixture = Path(__file__).parent / "fixtures" / "data" / "rtp_prompts.jsonl"
     tp = tokenize_prompts(load_rtp(fixture), tok, max_tokens=10)
     store = SampleStore(tmp_path)
-    for i, pb in enumerate(prompt_batches(tp, 8)):
-        rep = pb.repeat(2)
-        n = len(rep.prompt_ids_b)
+    k = 2
+    for i, begin in enumerate(range(0, len(tp), 8)):
+        index = np.repeat(np.arange(begin, min(begin + 8, len(tp))), k)
         store.write_samples(
             0,
             f"b{i:03d}",
-            prompt_ids=rep.prompt_ids_b[rep.valid_b],
-            sample_index=rep.sample_index_b[rep.valid_b],
-            prompt_tokens=[t for t, v in zip(rep.unpadded_tokens(), rep.valid_b) if v],
-            completion_tokens=np.full((n, 2), 5)[rep.valid_b],
-            completion_lengths=np.full(int(rep.valid_b.sum()), 2),
-            prompt_texts=[t for t, v in zip(rep.texts, rep.valid_b) if v],
-            completion_texts=["x"] * int(rep.valid_b.sum()),
+            prompt_ids=tp.ids[index],
+            sample_index=np.tile(np.arange(k), len(index) // k),
+            prompt_tokens=[tp.tokens[j] for j in index],
+            completion_tokens=np.full((len(index), 2), 5),
+            completion_lengths=np.full(len(index), 2),
+            prompt_texts=[tp.texts[j] for j in index],
+            completion_texts=["x"] * len(index),
         )
     table = store.read_samples(0)
     assert table.num_rows == 2 * len(tp)

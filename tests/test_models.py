@@ -11,7 +11,7 @@ from flax import nnx
 from test_models_helpers import CONFIGS, hf_logits, left_padded_batch, make_hf_model
 
 from jaxdetox.models import LanguageModel, ModelConfig, init_cache, load_pretrained, random_init
-from jaxdetox.models.hf import abstract_model
+from jaxdetox.models.registry import abstract_model
 
 TOL = 1e-4
 
@@ -187,7 +187,7 @@ def test_remat_gradients_equal_and_compile_once(loaded):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert float(jnp.abs(g_plain["layers"]["attn"]["wq"][...]).max()) > 0
 
-    from jaxdetox.models.lm import _logits
+    from jaxdetox.lm import _logits
 
     before = _logits._cache_size()
     lm.logits(np.zeros((2, 5), np.int32))

@@ -1,4 +1,4 @@
-"""The sampling loop on a tiny pure-JAX toy LM (jaxdetox/sampling/toy.py).
+"""The sampling loop on a tiny pure-JAX toy LM (tests/_toy_lm.py).
 
 References are independent of the sampler: a naive Python loop of full (cache-free)
 forwards, teacher-forced forwards, enumerated sequence distributions and chi-square tests.
@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from scipy import stats
 
 from jaxdetox.sampling import Sampler, SamplingConfig, sample_prompts, warp_logits
-from jaxdetox.sampling.toy import init_toy_params, toy_forward, toy_model
+from tests._toy_lm import init_toy_params, toy_forward, toy_model
 
 VOCAB = 11
 PROMPTS = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5], [8, 9, 7, 9, 3]]

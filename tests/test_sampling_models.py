@@ -12,9 +12,10 @@ import torch
 import transformers
 
 from jaxdetox import losses, sharding
+from jaxdetox.lm import lm_sampler
 from jaxdetox.models import load_pretrained
 from jaxdetox.models.nado import NadoConfig, init_nado
-from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, lm_sampler, warp_logits
+from jaxdetox.sampling import Sampler, SamplingConfig, decode_model_for, warp_logits
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 90]]
@@ -224,7 +225,7 @@ def test_prepared_params_give_the_same_samples(models, name):
     """`Sampler.prepare` (decode-form weights made once, as `sample_prompts` does) changes
     nothing in the output; it is idempotent and passes a NADO body through unchanged."""
     from jaxdetox.sampling import sample_prompts
-    from jaxdetox.sampling.adapters import DecodeParams
+    from jaxdetox.sampling.decode_form import DecodeParams
 
     _, lm = models(name)
     nado = init_nado(NadoConfig.for_lm(lm.config, "separate", num_layers=1), seed=1)
@@ -251,6 +252,7 @@ def test_per_layer_decode_path_equals_scanned_cache_path(models, name):
     gives the same logits and cache contents as the scanned stacked-cache path."""
     from jaxdetox.models import init_cache
     from jaxdetox.models.layers import CausalLM
+    from jaxdetox.sampling.decode_form import decode_hidden_states, decode_params
 
     _, lm = models(name)
     model, params = decode_model_for(lm.model)
@@ -275,6 +277,7 @@ def test_per_layer_decode_path_equals_scanned_cache_path(models, name):
     restacked = jnp.stack([k.transpose(0, 2, 1, 3) for k in fast_cache.k])
     np.testing.assert_allclose(np.asarray(restacked), np.asarray(cache.k), rtol=1e-5, atol=1e-6)
     assert int(fast_cache.index) == int(cache.index) == 8
-    with pytest.raises(ValueError, match="split_cache"):
-        lm.model.hidden_states(tokens, cache=cache, layer_states=lm.model.split_layers())
+    layer_states = decode_params(lm.model, params).layer_states
+    with pytest.raises(ValueError, match="heads_major_cache"):
+        decode_hidden_states(lm.model, layer_states, tokens, pos, ones, cache)
     assert isinstance(lm.model, CausalLM)

@@ -9,8 +9,9 @@ import pytest
 from _jax_processes import run_jax_processes
 from test_models_helpers import make_hf_model
 
+from jaxdetox.lm import lm_sampler
 from jaxdetox.models import load_pretrained
-from jaxdetox.sampling import SamplingConfig, lm_sampler, sample_prompts
+from jaxdetox.sampling import SamplingConfig, sample_prompts
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41, 42, 43, 44, 45, 46], [7, 8, 90], [11], [3, 4, 5, 6]]
 CONFIG = dict(max_new_tokens=5, temperature=0.9, top_k=20, num_samples=2, seed=3)
@@ -25,7 +26,8 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=int(pid))
 from jaxdetox import sharding
 from jaxdetox.models import load_pretrained
-from jaxdetox.sampling import SamplingConfig, lm_sampler, sample_prompts
+from jaxdetox.lm import lm_sampler
+from jaxdetox.sampling import SamplingConfig, sample_prompts
 
 mesh = sharding.make_mesh((4, 1, 2))  # data x fsdp x tensor over both processes
 lm = load_pretrained(model_dir, mesh=mesh, tokenizer=False)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
+from jaxdetox.lm import lm_sampler
 from jaxdetox.sampling import SamplingConfig
-from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
+from jaxdetox.stages import label_stage, oracle_label_name, sample_stage, sample_stage_lm
 from tests._tiny import tiny_llama
 
 TEXTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]
@@ -47,10 +48,16 @@ class CountingOracle:
 
 def test_resumed_sampling_equals_uninterrupted(lm, prompts, tmp_path):
     full = SampleStore(tmp_path / "full")
-    report = sample_stage(lm, prompts, full, 0, CONFIG, batch_size=2, progress=False)
+    report = sample_stage_lm(lm, prompts, full, 0, CONFIG, batch_size=2, progress=False)
     assert report.processed == len(TEXTS)
     # A rerun of a finished stage does nothing.
-    assert sample_stage(lm, prompts, full, 0, CONFIG, batch_size=2).processed == 0
+    assert sample_stage_lm(lm, prompts, full, 0, CONFIG, batch_size=2).processed == 0
+    # Chunk names carry the process index (multi-host: each process commits its share).
+    assert full.chunks(0) and all(c.endswith("-p000") for c in full.chunks(0))
+
+    # The same stage from a sampler and a params pytree (as a training loop calls it).
+    sampler, params, _ = lm_sampler(lm)
+    stage = dict(tokenizer=lm.tokenizer, batch_size=2, progress=False)
 
     # "Crash" after the first batch: only its chunk is committed, the stage is not done.
     part = SampleStore(tmp_path / "part")
@@ -58,9 +65,9 @@ def test_resumed_sampling_equals_uninterrupted(lm, prompts, tmp_path):
         ids=prompts.ids[:2], tokens=prompts.tokens[:2], texts=prompts.texts[:2],
         num_truncated=0, num_dropped=0, source="t",
     )  # fmt: skip
-    sample_stage(lm, first, part, 0, CONFIG, batch_size=2, progress=False)
+    sample_stage(sampler, params, first, part, 0, CONFIG, **stage)
     (part.root / "iter_0000" / "sampled.done.json").unlink()
-    resumed = sample_stage(lm, prompts, part, 0, CONFIG, batch_size=2, progress=False)
+    resumed = sample_stage(sampler, params, prompts, part, 0, CONFIG, **stage)
     assert (resumed.processed, resumed.skipped) == (len(TEXTS) - 2, 2)
 
     a, b = full.read_samples(0), part.read_samples(0)
@@ -71,7 +78,7 @@ def test_resumed_sampling_equals_uninterrupted(lm, prompts, tmp_path):
 
 def test_labels_resume_and_failures_stay_masked(lm, prompts, tmp_path):
     store = SampleStore(tmp_path / "s")
-    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    sample_stage_lm(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
     n = len(TEXTS) * CONFIG.num_samples
     oracle = CountingOracle()
     label_stage(store, 0, oracle, "vowels", batch_size=4, progress=False)
@@ -118,7 +125,7 @@ class FlakyOracle:
 
 def test_failed_labels_are_retried_and_good_ones_never_rescored(lm, prompts, tmp_path):
     store = SampleStore(tmp_path / "s")
-    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    sample_stage_lm(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
     texts = store.read_samples(0)["completion_text"].to_pylist()
     fail_on = max("aeiou", key=lambda c: sum(c in t for t in texts))  # fails some, not all
     failing = [fail_on in t for t in texts]
@@ -154,7 +161,7 @@ def test_failed_labels_are_retried_and_good_ones_never_rescored(lm, prompts, tmp
 
 def test_max_attempts_finishes_the_stage_with_failures_masked(lm, prompts, tmp_path):
     store = SampleStore(tmp_path / "s")
-    sample_stage(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
+    sample_stage_lm(lm, prompts, store, 0, CONFIG, batch_size=8, progress=False)
     texts = store.read_samples(0)["completion_text"].to_pylist()
     fail_on = max("aeiou", key=lambda c: sum(c in t for t in texts))
     n_fail = sum(fail_on in t for t in texts)

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox.evaluate import group_summaries, summary_markdown
     from jaxdetox.models import load_pretrained
     from jaxdetox.sampling import SamplingConfig, special_tokens
-    from jaxdetox.stages import label_stage, oracle_label_name, sample_stage
+    from jaxdetox.stages import label_stage, oracle_label_name, sample_stage_lm
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     store = SampleStore(out / "samples")
-    report = sample_stage(lm, prompts, store, args.iteration, config, batch_size=args.batch_size)
+    report = sample_stage_lm(lm, prompts, store, args.iteration, config, batch_size=args.batch_size)
     print(f"{report.stage}: {report.processed} prompts sampled, {report.skipped} already done")
 
     oracle = oracles.load(

@@ -33,7 +33,7 @@ from jaxdetox.data.prompt_sets import (
     load_toxigen,
     split_blocks,
 )
-from jaxdetox.data.prompts import PromptBatch, TokenizedPrompts, prompt_batches, tokenize_prompts
+from jaxdetox.data.prompts import TokenizedPrompts, tokenize_prompts
 from jaxdetox.data.readers import open_source
 from jaxdetox.data.sample_batches import SampleArrays
 from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleStore
@@ -46,7 +46,6 @@ __all__ = [
     "EmptySplitError",
     "MalformedRecordError",
     "MissingFieldError",
-    "PromptBatch",
     "PromptBlocks",
     "PromptSet",
     "SampleArrays",
@@ -64,7 +63,6 @@ __all__ = [
     "next_token_targets",
     "open_source",
     "positions_from_segments",
-    "prompt_batches",
     "split_blocks",
     "split_host_keys",
     "tokenize_prompts",

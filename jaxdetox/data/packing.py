@@ -68,20 +68,6 @@ def left_pad(
     return tokens_bt, segment_ids_bt
 
 
-def right_pad(
-    sequences: Sequence[np.ndarray], length: int, pad_value: float | int = 0, dtype: type = np.int32
-) -> np.ndarray:
-    """[B, length] array with each sequence left-aligned and `pad_value` after it."""
-    out = np.full((len(sequences), length), pad_value, dtype)
-    for row, seq in enumerate(sequences):
-        if len(seq) > length:
-            raise ValueError(
-                f"sequence {row} has {len(seq)} entries, more than the padded length {length}"
-            )
-        out[row, : len(seq)] = seq
-    return out
-
-
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is ≥ n (and ≥ multiple)."""
     return max(multiple, -(-n // multiple) * multiple)

@@ -1,5 +1,5 @@
 """Prompts as model input: tokenise a `PromptSet` (prompt_sets.py) with the model's special
-prefix and a length limit, and cut the result into left-padded, fixed-shape batches.
+prefix and a length limit (the sampler left-pads and batches them).
 
 The paper's code limits prompts to 30 tokens (`PAPER_PROMPT_TOKENS`).
 """
@@ -7,13 +7,11 @@ The paper's code limits prompts to 30 tokens (`PAPER_PROMPT_TOKENS`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from jaxdetox.data.errors import EmptySplitError
-from jaxdetox.data.packing import left_pad, positions_from_segments, round_up
 from jaxdetox.data.prompt_sets import PromptSet
 
 PAPER_PROMPT_TOKENS = 30
@@ -92,93 +90,3 @@ def tokenize_prompts(
         num_dropped=dropped,
         source=prompts.source,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptBatch:
-    """A left-padded batch of prompts (docs/interfaces.md: segment id 0 = padding)."""
-
-    prompt_ids_b: np.ndarray  # int64 [B]
-    sample_index_b: np.ndarray  # int32 [B], which of the k samples of the prompt this row is
-    tokens_bt: np.ndarray  # int32 [B, T]
-    segment_ids_bt: np.ndarray  # int32 [B, T]
-    positions_bt: np.ndarray  # int32 [B, T]
-    lengths_b: np.ndarray  # int32 [B]
-    valid_b: np.ndarray  # bool [B]; False on rows that only fill the last batch
-    texts: tuple[str, ...]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The numeric fields by name; `corpora.split_host_keys` keeps the ids on the host
-        before `corpora.to_global`."""
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "texts"
-        }
-
-    def unpadded_tokens(self) -> list[np.ndarray]:
-        """Each row's prompt tokens without padding."""
-        return [row[len(row) - n :] for row, n in zip(self.tokens_bt, self.lengths_b)]
-
-    def repeat(self, k: int) -> PromptBatch:
-        """Each row k times in a row (for samplers that take one sample per row)."""
-        rep = lambda x: np.repeat(x, k, axis=0)  # noqa: E731
-        return PromptBatch(
-            prompt_ids_b=rep(self.prompt_ids_b),
-            sample_index_b=np.tile(np.arange(k, dtype=np.int32), len(self.prompt_ids_b)),
-            tokens_bt=rep(self.tokens_bt),
-            segment_ids_bt=rep(self.segment_ids_bt),
-            positions_bt=rep(self.positions_bt),
-            lengths_b=rep(self.lengths_b),
-            valid_b=rep(self.valid_b),
-            texts=tuple(t for t in self.texts for _ in range(k)),
-        )
-
-
-def prompt_batches(
-    prompts: TokenizedPrompts,
-    batch_size: int,
-    *,
-    pad_id: int = 0,
-    pad_to: int | None = None,
-    pad_multiple: int = 8,
-    process_index: int = 0,
-    process_count: int = 1,
-    skip_ids: Sequence[int] | np.ndarray = (),
-) -> Iterator[PromptBatch]:
-    """Left-padded batches of `batch_size` prompts (global), this host's rows of each.
-
-    The padded length is `pad_to` if given, else the longest prompt of the global batch
-    rounded up to `pad_multiple` (few distinct lengths → few sampler compilations); every host
-    computes the same length. The last batch is filled with copies of its first prompt marked
-    `valid_b=False`, so shapes stay fixed. `skip_ids` (e.g. prompts already in the sample store)
-    are left out, which is how an interrupted sampling stage resumes.
-    """
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch_size {batch_size} is not divisible by process_count {process_count}"
-        )
-    keep = ~np.isin(prompts.ids, np.asarray(skip_ids, np.int64))
-    order = np.flatnonzero(keep)
-    host_rows = batch_size // process_count
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        valid = np.zeros(batch_size, bool)
-        valid[: len(rows)] = True
-        rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-        longest = max(len(prompts.tokens[r]) for r in rows)
-        length = pad_to if pad_to is not None else round_up(longest, pad_multiple)
-        if longest > length:
-            raise ValueError(
-                f"{prompts.source}: a prompt has {longest} tokens, more than pad_to={pad_to}"
-            )
-        mine = rows[process_index * host_rows : (process_index + 1) * host_rows]
-        tokens_bt, segment_ids_bt = left_pad([prompts.tokens[r] for r in mine], length, pad_id)
-        yield PromptBatch(
-            prompt_ids_b=prompts.ids[mine],
-            sample_index_b=np.zeros(len(mine), np.int32),
-            tokens_bt=tokens_bt,
-            segment_ids_bt=segment_ids_bt,
-            positions_bt=positions_from_segments(segment_ids_bt),
-            lengths_b=np.array([len(prompts.tokens[r]) for r in mine], np.int32),
-            valid_b=valid[process_index * host_rows : (process_index + 1) * host_rows],
-            texts=tuple(prompts.texts[r] for r in mine),
-        )

@@ -272,7 +272,7 @@ class SampleStore:
 
         Per-token fields (`completion_tokens`, `*_logprobs`) are ragged rows or right-padded
         `[N, C]` arrays with `completion_lengths`; `prompt_tokens` are ragged rows (e.g.
-        `PromptBatch.unpadded_tokens()`). `metadata` (JSON-able: model step, sampler settings)
+        `TokenizedPrompts.tokens`). `metadata` (JSON-able: model step, sampler settings)
         is kept in the file.
         """
         prompt_ids = np.asarray(prompt_ids, np.int64)

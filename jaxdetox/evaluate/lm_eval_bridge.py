@@ -11,7 +11,7 @@ prefix of an empty context, so scores are comparable with `--model hf` on the sa
   `[B, T, V]` logits).
 - `loglikelihood_rolling`: lm-eval's rolling windows of `max_length` tokens, summed per
   document.
-- `generate_until`: the project sampler (`jaxdetox.sampling.lm_sampler`) in fixed-size
+- `generate_until`: the project sampler (`jaxdetox.lm.lm_sampler`) in fixed-size
   batches, greedy unless the task asks for `do_sample`; EOS stops a row on the device, the
   task's stop strings are applied on the host to the decoded text (rows still run to
   `max_gen_toks` or EOS).
@@ -207,7 +207,8 @@ class JaxdetoxLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continue each context until a stop string, EOS or `max_gen_toks` (greedy by default)."""
-        from jaxdetox.sampling import SamplingConfig, lm_sampler, special_tokens
+        from jaxdetox.lm import lm_sampler
+        from jaxdetox.sampling import SamplingConfig, special_tokens
 
         eos_ids, pad = special_tokens(self.lm.config)
         eos_ids = tuple(dict.fromkeys((*eos_ids, self.eot_token_id)))

@@ -93,10 +93,10 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
     )
-    lm = exp.language_model(params)
     sample_stage(
-        lm, prompts, store, version, sampling, batch_size=cfg.batch_size, progress=exp.progress
-    )
+        exp.sampler, exp.sampler_params(version), prompts, store, version, sampling,
+        tokenizer=exp.tokenizer, batch_size=cfg.batch_size, progress=exp.progress,
+    )  # fmt: skip
     label_stage(store, version, exp.oracle, exp.label_name, progress=exp.progress)
     table = store.read(version, exp.label_name)
     prompt_ids = table["prompt_id"].to_numpy()

@@ -25,10 +25,16 @@ from jaxdetox.data.prompts import PromptSet, TokenizedPrompts, tokenize_prompts
 from jaxdetox.loop.rundir import RunDir
 from jaxdetox.models import NadoConfig, init_nado, load_pretrained
 from jaxdetox.models.config import ModelConfig
-from jaxdetox.models.hf import abstract_model
+from jaxdetox.models.registry import abstract_model
 from jaxdetox.sampling import SamplingConfig, special_tokens
 from jaxdetox.train.checkpoint import Checkpointer, CheckpointError
-from jaxdetox.train.state import Params, abstract_like, param_shardings, split_params
+from jaxdetox.train.state import (
+    Params,
+    abstract_like,
+    param_shardings,
+    split_params,
+    to_nnx_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,18 +148,29 @@ class Experiment:
         return params
 
     def lm_module(self, params: Params) -> nnx.Module:
-        """The LLM module for params (no copy)."""
-        return nnx.merge(self.lm_graph, params)
+        """The LLM module for params (no copy), with its variables' metadata."""
+        return nnx.merge(self.lm_graph, to_nnx_state(self.lm_abstract, params))
 
     def nado_module(self, params: Params) -> nnx.Module:
-        """The NADO module for params (no copy)."""
-        return nnx.merge(self.nado_graph, params)
+        """The NADO module for params (no copy), with its variables' metadata."""
+        return nnx.merge(self.nado_graph, to_nnx_state(self.nado_abstract, params))
 
     def language_model(self, params: Params) -> Any:
-        """A `LanguageModel` view of LLM params (for sampling and export)."""
-        from jaxdetox.models import LanguageModel
+        """A `LanguageModel` view of LLM params (for export)."""
+        from jaxdetox.lm import LanguageModel
 
         return LanguageModel(self.lm_config, self.lm_module(params), self.tokenizer, self.mesh)
+
+    @cached_property
+    def sampler(self) -> Any:
+        """One sampler for every LLM version (its compiled programs are reused)."""
+        from jaxdetox.lm import lm_sampler
+
+        return lm_sampler(self.language_model(self.lm_params(0)))[0]
+
+    def sampler_params(self, version: int) -> Any:
+        """LLM_version's parameters in the form the sampler takes."""
+        return to_nnx_state(self.lm_abstract, self.lm_params(version))
 
     # ------------------------------------------------------------------ prompts
 

@@ -74,8 +74,8 @@ def _gib(n: float) -> str:
 def plan(config: RunConfig, num_devices: int | None = None) -> str:
     """A human-readable plan: stages, mesh, and memory per device of every model state."""
     from jaxdetox.models import NadoConfig
-    from jaxdetox.models.hf import abstract_model
     from jaxdetox.models.nado import NadoModel
+    from jaxdetox.models.registry import abstract_model
 
     lm_config = model_config_of(config.model.path)
     lm_config = lm_config.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype)

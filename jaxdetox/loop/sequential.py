@@ -70,13 +70,14 @@ def sample_and_label(
     from jaxdetox.stages import label_stage, sample_stage
 
     def sample() -> dict[str, Any]:
-        lm = exp.language_model(exp.lm_params(lm_version))
         report = sample_stage(
-            lm,
+            exp.sampler,
+            exp.sampler_params(lm_version),
             exp.train_prompts(block),
             exp.store,
             samples,
             exp.sampling_config(samples),
+            tokenizer=exp.tokenizer,
             batch_size=exp.config.sampling.batch_size,
             progress=exp.progress,
         )

@@ -1,4 +1,4 @@
-"""Losses of NADO-regularised fine-tuning (DESIGN.md §1): small pure per-token functions.
+"""Losses of NADO-regularised fine-tuning (docs/method.md): small pure per-token functions.
 
 `from jaxdetox import losses` exposes everything below; the submodules group them:
 `token` (vocabulary-level NLL, guided teacher, closed-form KL), `nado` (the auxiliary

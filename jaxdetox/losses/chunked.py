@@ -1,8 +1,8 @@
 """Memory-lean LM losses that start from hidden states and head weights, not logits.
 
-The regularised objective (DESIGN.md §1) needs, per token, three vocabulary-sized rows:
+The regularised objective (docs/method.md) needs, per token, three vocabulary-sized rows:
 student logits `h·Wᵀ`, reference logits `h_ref·W_refᵀ` and NADO logits `h_φ·W_φᵀ + b`.
-At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (DESIGN.md §2) we scan
+At V = 128k a `[B, T, V]` float32 tensor is 2 GiB for 4k tokens, so (docs/method.md) we scan
 over chunks of tokens (time slices of the whole batch): each step builds the three rows for
 about `chunk_size` tokens, reduces them
 to per-token NLL and KL, and is wrapped in `jax.checkpoint`, so the backward pass recomputes
@@ -34,6 +34,7 @@ from jaxdetox.losses.nado import (
     one_step_expectation,
 )
 from jaxdetox.losses.token import guided_log_probs, token_kl, token_nll, upcast
+from jaxdetox.models.layers import unembed
 
 __all__ = [
     "default_chunk_size",
@@ -62,18 +63,14 @@ class RegularizedLoss(NamedTuple):
 
 
 def head_logits(h_nd: Array, head: Head) -> Array:
-    """Logits `h·Wᵀ + b` in (at least) float32: '...D,VD->...V' with float32 accumulation."""
+    """Logits `h·Wᵀ + b` in (at least) float32 (`models.layers.unembed`), shapes checked."""
     w_vd, b_v = head
     if h_nd.shape[-1] != w_vd.shape[-1]:
         raise ValueError(
             f"head_logits: hidden size {h_nd.shape[-1]} does not match head weight "
             f"w_vd {w_vd.shape} (expected [V, {h_nd.shape[-1]}])"
         )
-    out_dtype = jnp.promote_types(jnp.result_type(h_nd, w_vd), jnp.float32)
-    logits = jnp.einsum("...d,vd->...v", h_nd, w_vd, preferred_element_type=out_dtype)
-    if b_v is not None:
-        logits = logits + upcast(b_v)
-    return logits
+    return unembed(h_nd, w_vd, b_v)
 
 
 def default_chunk_size(hidden_size: int) -> int:

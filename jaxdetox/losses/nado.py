@@ -1,4 +1,4 @@
-"""Losses that train the NADO auxiliary model R_φ (DESIGN.md §1; paper-notes §3.3–3.4).
+"""Losses that train the NADO auxiliary model R_φ (docs/method.md).
 
 Array convention ("next-token aligned", the same as `token_nll`): position `t` of
 `logits_btv` is the model output after reading the prefix `y_≤t`, and `targets_bt[:, t]` is
@@ -64,7 +64,7 @@ def nado_bce(nado_logits_btv: Array, targets_bt: Array, labels_b: Array, mask_bt
 def bce_of_selected(logit_bt: Array, labels_bt: Array, mask_bt: Array) -> Array:
     """Masked BCE-with-logits of already selected NADO logits h[y_t+1] against labels."""
     # Every generated position regresses on the same sequence-level label: its minimiser is
-    # E[C | prefix] = R(x, y_≤t+1) under the sampling distribution (paper-notes §3.4).
+    # E[C | prefix] = R(x, y_≤t+1) under the sampling distribution (docs/method.md).
     bce_bt = optax.sigmoid_binary_cross_entropy(upcast(logit_bt), upcast(labels_bt))
     return apply_mask(bce_bt, mask_bt)
 
@@ -101,7 +101,7 @@ def nado_consistency(
     """Bellman consistency between r_t = σ(h(y_≤t)[y_t+1]) and s_t+1 = Σ_v p(v|y_≤t+1)·σ(h(y_≤t+1)[v]).
 
     Both are estimates of R(x, y_≤t+1); at the exact R they are equal (Bellman equation,
-    DESIGN §1). `kind`: "kl" = KL(Bern(r) ‖ Bern(s)) (the MT code; `reverse=True` gives
+    docs/method.md). `kind`: "kl" = KL(Bern(r) ‖ Bern(s)) (the MT code; `reverse=True` gives
     KL(Bern(s) ‖ Bern(r)) as in the LCG code), "squared" = (r − s)², "ratio" = (s/r − 1)².
     The base LM is frozen (stop-gradient); gradients reach both NADO sides. Returns [B, T],
     zero at the last position and wherever position t or t+1 is masked (a finished sequence

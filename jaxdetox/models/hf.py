@@ -13,14 +13,12 @@ are reshapes/transposes/splits only, so HF -> ours -> HF is bit-identical.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,9 +27,7 @@ from jax.sharding import Mesh
 
 from jaxdetox import sharding
 from jaxdetox.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from jaxdetox.models.lm import LanguageModel
+from jaxdetox.models.registry import abstract_model, family_module
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +59,6 @@ class TensorMap:
 def identity_map(hf_name: str, shape: tuple[int, ...], ours: str) -> TensorMap:
     """A tensor stored in the same layout on both sides."""
     return TensorMap(hf_name, shape, (ours,), lambda w: (w,), lambda w: w)
-
-
-def family_module(config: ModelConfig) -> ModuleType:
-    """The module implementing `config.family` (exposes MODEL_CLASS and hf_tensor_maps)."""
-    return importlib.import_module(f"jaxdetox.models.{config.family}")
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -173,12 +164,6 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike[str], revision: str | N
 # ----------------------------------------------------------------------------- import
 
 
-def abstract_model(config: ModelConfig) -> nnx.Module:
-    """The model with ShapeDtypeStruct leaves (no memory, no random init)."""
-    cls = family_module(config).MODEL_CLASS
-    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-
-
 def from_hf_tensors(
     hf_config: dict[str, Any],
     get_tensor: Callable[[str], np.ndarray],
@@ -251,47 +236,6 @@ def from_hf_tensors(
         [(p, v.replace(placed[_dotted(p)])) for p, v in nnx.to_flat_state(abs_state)]
     )
     return nnx.merge(graphdef, state)
-
-
-def load_pretrained(
-    path_or_hub_id: str | os.PathLike[str],
-    *,
-    mesh: Mesh | None = None,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    tokenizer: bool = True,
-    revision: str | None = None,
-) -> LanguageModel:
-    """Load an HF checkpoint (local dir or hub id) into a `LanguageModel`, placed on `mesh`.
-
-    A `.gguf` file (llama.cpp) or `"default"` (the built-in SmolLM2-135M-Instruct) goes through
-    `jaxdetox.models.gguf.load_gguf`.
-    """
-    from jaxdetox.models.gguf import is_gguf_source, load_gguf
-    from jaxdetox.models.lm import LanguageModel
-
-    if is_gguf_source(path_or_hub_id):
-        return load_gguf(
-            path_or_hub_id, mesh=mesh, dtype=dtype, param_dtype=param_dtype, tokenizer=tokenizer
-        )
-    directory = resolve_checkpoint(path_or_hub_id, revision)
-    hf_config = read_config(directory)
-    ckpt = SafetensorsCheckpoint(directory)
-    model = from_hf_tensors(
-        hf_config,
-        ckpt.get,
-        ckpt.names(),
-        mesh=mesh,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        locate=ckpt.locate,
-    )
-    tok = None
-    if tokenizer and any((directory / f).exists() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(directory))
-    return LanguageModel(model.config, model, tokenizer=tok, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- export

@@ -2,15 +2,16 @@
 and `CausalLM`, the base class that stacks a family's block over a `layers` axis and scans it.
 
 Layers are stacked (`nnx.vmap` at construction) and run with `jax.lax.scan`: one block is
-traced and compiled once however deep the model is (DESIGN.md §5: an unrolled GPT-2 small
-step was 2x slower and compiled 4x slower on CPU).
+traced and compiled once however deep the model is (an unrolled GPT-2-small training step
+was 2x slower and compiled 4x slower on CPU). The sampler's decode loop runs the same
+blocks unrolled over per-layer weights (`jaxdetox/sampling/decode_form.py`) through the
+hooks `attention_context`, `embed_tokens`, `final_norm` and `AttentionContext.write_kv`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -125,14 +126,28 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
 # ----------------------------------------------------------------------------- attention
 
 
+KV = tuple[jax.Array, jax.Array]  # one layer's (k, v) cache
+
+
+def write_kv_bskh(kv: KV, k_btkh: jax.Array, v_btkh: jax.Array, index: jax.Array) -> tuple:
+    """Write `T` new keys/values at slot `index` of a layer's `[B, S, KVH, Dh]` cache;
+    returns the new cache and the whole cache as `[B, S, KVH, Dh]` keys and values."""
+    k_bskh = jax.lax.dynamic_update_slice(kv[0], k_btkh.astype(kv[0].dtype), (0, index, 0, 0))
+    v_bskh = jax.lax.dynamic_update_slice(kv[1], v_btkh.astype(kv[1].dtype), (0, index, 0, 0))
+    return (k_bskh, v_bskh), k_bskh, v_bskh
+
+
 class AttentionContext(NamedTuple):
     """What every layer's attention shares: visibility mask, RoPE angles, cache write slot."""
 
     mask_bts: jax.Array  # bool: query t may attend to key slot s
     cos_bth: jax.Array | None
     sin_bth: jax.Array | None
+    positions_bt: jax.Array  # int32 positions of the new tokens
+    kv_segment_bs: jax.Array  # segment ids of every key slot (after this call's write)
     write_index: jax.Array | None  # cache slot of the first new token, None without cache
-    heads_major_cache: bool = False  # per-layer cache is [B, KVH, S, Dh] (split_cache)
+    # (kv, k_btkh, v_btkh, index) -> (kv', k_bskh, v_bskh): how a layer's cache is stored.
+    write_kv: Callable[..., tuple] = write_kv_bskh
 
 
 def attention_mask(
@@ -169,56 +184,40 @@ class Attention(nnx.Module):
             self.bo = param(None, (d,), ("embed",), config, init="zeros")
 
     def _project(self, x_btd: jax.Array, name: str) -> jax.Array:
+        """`x @ w` for w = wq / wk / wv `[D, heads, Dh]` (+ bias) -> `[B, T, heads, Dh]`."""
         dt = x_btd.dtype
         w_dnh = getattr(self, "w" + name)[...].astype(dt)
         # A plain [D, N*H] matmul: XLA:CPU keeps the dot on the weights' storage order
-        # (split_layers' contracting-last copies included) instead of copying them.
+        # (the sampler's `[out, in]` decode copies included) instead of copying them.
         y = (x_btd @ w_dnh.reshape(w_dnh.shape[0], -1)).reshape(*x_btd.shape[:2], *w_dnh.shape[1:])
         if self.config.attention_bias:
             y = y + getattr(self, "b" + name)[...].astype(dt)
         return y
 
     def __call__(
-        self,
-        x_btd: jax.Array,
-        ctx: AttentionContext,
-        kv: tuple[jax.Array, jax.Array] | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Attend; with `kv` (this layer's cache `[B, S, KVH, Dh]` x2) write then read it."""
+        self, x_btd: jax.Array, ctx: AttentionContext, kv: KV | None
+    ) -> tuple[jax.Array, KV | None]:
+        """Attend; with `kv` (this layer's cache) write the new keys/values, then read it."""
         cfg, dt = self.config, x_btd.dtype
         q_btnh = constrain(self._project(x_btd, "q"), ("batch", "length", "heads", "head_dim"))
-        k_btkh = self._project(x_btd, "k")
-        v_btkh = self._project(x_btd, "v")
+        k_bskh = self._project(x_btd, "k")
+        v_bskh = self._project(x_btd, "v")
         if ctx.cos_bth is not None:
             q_btnh = apply_rope(q_btnh, ctx.cos_bth, ctx.sin_bth)
-            k_btkh = apply_rope(k_btkh, ctx.cos_bth, ctx.sin_bth)
-        kv_layout = "BSKH"
-        if kv is not None:
-            start = (0, ctx.write_index, 0, 0)
-            if ctx.heads_major_cache:
-                # Per-layer decode cache [B, KVH, S, Dh]: the score and output dots read it
-                # without copying (from [B, S, KVH, Dh] XLA transposed the whole cache for
-                # every layer and step: ~20 ms of a ~100 ms GPT-2-small B=32 step on CPU).
-                k_btkh, v_btkh = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
-                start, kv_layout = (0, 0, ctx.write_index, 0), "BKSH"
-            k_cache = jax.lax.dynamic_update_slice(kv[0], k_btkh.astype(kv[0].dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(kv[1], v_btkh.astype(kv[1].dtype), start)
-            kv = (k_cache, v_cache)
-            k_btkh, v_btkh = k_cache.astype(dt), v_cache.astype(dt)  # the whole cache
+            k_bskh = apply_rope(k_bskh, ctx.cos_bth, ctx.sin_bth)
+        if kv is not None:  # keys/values: the whole cache (S slots) instead of the T new ones
+            kv, k_bskh, v_bskh = ctx.write_kv(kv, k_bskh, v_bskh, ctx.write_index)
+            k_bskh, v_bskh = k_bskh.astype(dt), v_bskh.astype(dt)
         b, t, n, h = q_btnh.shape
-        groups = n // cfg.num_kv_heads
-        # Query head j uses KV head j // groups (HF's repeat_kv order).
-        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, groups, h)
-        # kv_layout: "BSKH" (stacked cache, no cache) or "BKSH" (per-layer decode cache).
-        scores = jnp.einsum(
-            f"BTKGH,{kv_layout}->BKGTS", q_btkgh, k_btkh, preferred_element_type=F32
-        )
-        scores = scores * (1.0 / math.sqrt(h))
-        scores = jnp.where(ctx.mask_bts[:, None, None, :, :], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", probs, v_btkh)
-        out_btnh = out_btkgh.reshape(b, t, n, h)
-        y_btd = out_btnh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
+        # Query head j uses KV head j // G (HF's repeat_kv order).
+        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
+        scores_bkgts = jnp.einsum(
+            "BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32
+        ) * (1.0 / math.sqrt(h))
+        scores_bkgts = jnp.where(ctx.mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
+        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
+        y_btd = out_btkgh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
         if cfg.attention_bias:
             y_btd = y_btd + self.bo[...].astype(dt)
         return y_btd, kv
@@ -286,11 +285,12 @@ class DenseMLP(nnx.Module):
 
 
 def unembed(h_btd: jax.Array, w_vd: jax.Array, bias_v: jax.Array | None = None) -> jax.Array:
-    """Float32 logits `h_btd @ w_vd.T (+ bias_v)`: the LM head, NADO head and samplers share it."""
-    logits_btv = jnp.einsum(
-        "BTD,VD->BTV", h_btd, w_vd.astype(h_btd.dtype), preferred_element_type=F32
-    )
-    return logits_btv if bias_v is None else logits_btv + bias_v.astype(F32)
+    """Logits `h @ w_vd.T (+ bias_v)` over any leading axes, accumulated and returned in (at
+    least) float32; the operands meet in their promoted dtype (cast `w_vd` first to compute
+    in the activations' dtype). The LM head, NADO head, samplers and chunked losses share it."""
+    out_dtype = jnp.promote_types(jnp.result_type(h_btd, w_vd), F32)
+    logits_btv = jnp.einsum("...D,VD->...V", h_btd, w_vd, preferred_element_type=out_dtype)
+    return logits_btv if bias_v is None else logits_btv + bias_v.astype(out_dtype)
 
 
 class PreNormBlock(nnx.Module):
@@ -307,8 +307,8 @@ class PreNormBlock(nnx.Module):
         self.mlp = self.mlp_cls(config, rngs=rngs)
 
     def __call__(
-        self, x_btd: jax.Array, ctx: AttentionContext, kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        self, x_btd: jax.Array, ctx: AttentionContext, kv: KV | None
+    ) -> tuple[jax.Array, KV | None]:
         """One decoder layer; returns the new residual stream and this layer's cache."""
         attn_btd, kv = self.attn(self.attn_norm(x_btd), ctx, kv)
         x_btd = x_btd + attn_btd
@@ -319,47 +319,6 @@ def default_positions(segment_ids_bt: jax.Array, offset_b: jax.Array | int = 0) 
     """Running count of non-padding tokens per row (first real token -> `offset`)."""
     count_bt = jnp.cumsum((segment_ids_bt != 0).astype(jnp.int32), axis=1)
     return jnp.maximum(count_bt - 1, 0) + jnp.asarray(offset_b, jnp.int32).reshape(-1, 1)
-
-
-def contracted_axes(axes: Sequence[str | None]) -> int | None:
-    """How many leading axes a layer kernel contracts in its matmul (None: not a kernel).
-
-    Input kernels (`("embed", ...)`: q/k/v, fc, gate, up) contract their first axis;
-    output kernels (`(..., "embed")`: o, proj, down) all but their last.
-    """
-    if len(axes) < 2:
-        return None
-    if axes[0] == "embed":
-        return 1
-    if axes[-1] == "embed":
-        return len(axes) - 1
-    return None
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _decode_copy(variable: nnx.Variable, i: int) -> nnx.Variable:
-    """Layer `i` of a stacked variable; kernels become `[out, in]` matrices (contracted axis
-    innermost), which XLA:CPU's dots at decode shapes (`[32, 768] x W`) run ~25 % faster
-    (benchmarks/README.md, sampling). `_logical_view` undoes it."""
-    value = variable[...][i]
-    k = contracted_axes(variable.get_metadata()["out_sharding"][1:])
-    if k is None:
-        return variable.replace(value)
-    shape = value.shape
-    matrix = value.reshape(math.prod(shape[:k]), math.prod(shape[k:])).T
-    return variable.replace(matrix, logical_shape=shape)
-
-
-def _logical_view(variable: nnx.Variable) -> nnx.Variable:
-    """A `_decode_copy` kernel in its logical shape: a transpose (+ reshape) that XLA folds
-    into the consuming dot, so nothing is copied."""
-    shape = variable.get_metadata().get("logical_shape")
-    if shape is None:
-        return variable
-    return variable.replace(variable[...].T.reshape(shape))
 
 
 class CausalLM(nnx.Module):
@@ -398,41 +357,32 @@ class CausalLM(nnx.Module):
         w = self.embed if self.config.tie_word_embeddings else self.lm_head
         return w[...], None
 
-    def hidden_states(
+    def attention_context(
         self,
-        tokens_bt: jax.Array,
-        *,
-        positions_bt: jax.Array | None = None,
-        segment_ids_bt: jax.Array | None = None,
-        cache: KVCache | None = None,
-        layer_states: Sequence[nnx.State] | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states `[B, T, D]` after the final norm, and the updated cache.
-
-        `layer_states` (from `split_layers()`, made once outside a decode loop) runs the
-        layers unrolled from per-layer weights; a cache then holds per-layer tuples of
-        `k` / `v` (`split_cache`).
-        """
+        shape_bt: tuple[int, int],
+        positions_bt: jax.Array | None,
+        segment_ids_bt: jax.Array | None,
+        cache: KVCache | None,
+    ) -> AttentionContext:
+        """Mask, RoPE angles, positions and cache slots shared by every layer of one call."""
         cfg = self.config
-        b, t = tokens_bt.shape
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+        b, t = shape_bt
+        segment_ids_bt = (
+            jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+        ).astype(jnp.int32)
         q_slot_t = jnp.arange(t, dtype=jnp.int32)
         if cache is None:
-            if positions_bt is None:
-                positions_bt = default_positions(segment_ids_bt)
-            kv_segment_bs, kv_slot_s, write_index = segment_ids_bt, q_slot_t, None
-        else:
-            write_index = cache.index
-            if positions_bt is None:
-                offset_b = jnp.sum(cache.segment_ids != 0, axis=1)
-                positions_bt = default_positions(segment_ids_bt, offset_b)
+            offset_b, write_index = 0, None
+            kv_segment_bs, kv_slot_s = segment_ids_bt, q_slot_t
+        else:  # the T new tokens go to slots [index, index + T)
+            offset_b, write_index = jnp.sum(cache.segment_ids != 0, axis=1), cache.index
             q_slot_t = q_slot_t + write_index
             kv_segment_bs = jax.lax.dynamic_update_slice(
                 cache.segment_ids, segment_ids_bt, (0, write_index)
             )
             kv_slot_s = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
+        if positions_bt is None:
+            positions_bt = default_positions(segment_ids_bt, offset_b)
         positions_bt = positions_bt.astype(jnp.int32)
         mask_bts = attention_mask(
             segment_ids_bt, kv_segment_bs, q_slot_t, kv_slot_s, cfg.sliding_window
@@ -440,21 +390,43 @@ class CausalLM(nnx.Module):
         cos = sin = None
         if self.uses_rope:
             cos, sin = rope_cos_sin(positions_bt, rope_inv_freq(cfg))
-        ctx = AttentionContext(mask_bts, cos, sin, write_index)
+        return AttentionContext(mask_bts, cos, sin, positions_bt, kv_segment_bs, write_index)
 
-        dt = cfg.jnp_dtype
+    def embed_tokens(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """Token (+ position) embeddings `[B, T, D]` in the compute dtype."""
+        dt = self.config.jnp_dtype
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
         pos_btd = self.embed_positions(positions_bt)
         if pos_btd is not None:
             x_btd = x_btd + pos_btd.astype(dt)
-        x_btd = constrain(x_btd, ("batch", "length", "embed"))
+        return constrain(x_btd, ("batch", "length", "embed"))
 
+    def hidden_states(
+        self,
+        tokens_bt: jax.Array,
+        *,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states `[B, T, D]` after the final norm, and the updated cache."""
+        ctx = self.attention_context(tokens_bt.shape, positions_bt, segment_ids_bt, cache)
+        x_btd = self.embed_tokens(tokens_bt, ctx.positions_bt)
+        kv = None if cache is None else (cache.k, cache.v)
+        x_btd, kv = self._scan_layers(x_btd, ctx, kv)
+        return self.final_norm(x_btd), advance_cache(cache, ctx, kv)
+
+    def _scan_layers(
+        self, x_btd: jax.Array, ctx: AttentionContext, kv_stacked: KV | None
+    ) -> tuple[jax.Array, KV | None]:
+        """The layer stack as one `lax.scan` over the stacked weights (and stacked cache)."""
+        t = x_btd.shape[1]
         graphdef, layer_state = nnx.split(self.layers)
 
         # The stacked cache rides in the scan carry and each layer writes only its T new
         # slots into it (in place). As scan xs/ys instead, the whole [L, B, S, ...] cache
         # was rewritten every decode step (GPT-2-small, B=32, CPU: 181 -> 145 ms per step
-        # at S=50, 1077 -> 527 ms at S=400; measured for the sampler, issue 4).
+        # at S=50, 1077 -> 527 ms at S=400).
         def run_layer(carry: tuple[jax.Array, Any], layer_in: tuple[Any, Any]) -> tuple:
             x, kv_all = carry
             state, i = layer_in
@@ -463,95 +435,20 @@ class CausalLM(nnx.Module):
             if kv_all is not None:
                 kv_all = tuple(
                     jax.lax.dynamic_update_slice(
-                        stacked, jax.lax.dynamic_slice_in_dim(layer, write_index, t, 1)[None],
-                        (i, 0, write_index, 0, 0),
+                        stacked, jax.lax.dynamic_slice_in_dim(layer, ctx.write_index, t, 1)[None],
+                        (i, 0, ctx.write_index, 0, 0),
                     )
                     for stacked, layer in zip(kv_all, kv)
                 )  # fmt: skip
             return (constrain(x, ("batch", "length", "embed")), kv_all), None
 
-        if cfg.remat:
+        if self.config.remat:
             run_layer = jax.checkpoint(run_layer, prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        if layer_states is not None:
-            ctx = ctx._replace(heads_major_cache=True)
-            x_btd, kv_out = self._unrolled_layers(graphdef, layer_states, x_btd, ctx, kv_in)
-        else:
-            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x_btd, kv_out), _ = jax.lax.scan(run_layer, (x_btd, kv_in), (layer_state, layer_ids))
-        h_btd = self.final_norm(x_btd)
-
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(
-                k=kv_out[0],
-                v=kv_out[1],
-                segment_ids=kv_segment_bs,
-                positions=jax.lax.dynamic_update_slice(
-                    cache.positions, positions_bt, (0, write_index)
-                ),
-                index=write_index + t,
-            )
-        return h_btd, new_cache
-
-    def split_layers(self) -> list[nnx.State]:
-        """One parameter state per layer (copies of the stacked weights), for decode loops.
-
-        Inside a loop, XLA:CPU copies a layer's weights out of the stack before each matmul
-        (a dot cannot read a dynamic slice in place): for GPT-2 small at batch 32 that is
-        ~340 MB of copies per decode step, about as much as the matmuls themselves read.
-        Kernels are stored as `[out, in]` matrices (`_decode_copy`) and `hidden_states`
-        reads them through a transposed view that XLA folds into the dots. A sampler calls
-        this once before its loop and passes the result to `hidden_states`.
-        """
-        _, state = nnx.split(self.layers)
-        return [
-            jax.tree.map(lambda v, i=i: _decode_copy(v, i), state, is_leaf=_is_variable)
-            for i in range(self.config.num_layers)
-        ]
-
-    @staticmethod
-    def split_cache(cache: KVCache) -> KVCache:
-        """The cache with `k` / `v` as tuples of per-layer `[B, KVH, S, Dh]` arrays (copies,
-        heads-major), the form `hidden_states(layer_states=...)` reads and writes in place."""
-        return dataclasses.replace(
-            cache,
-            k=tuple(cache.k[i].transpose(0, 2, 1, 3) for i in range(cache.k.shape[0])),
-            v=tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(cache.v.shape[0])),
+        layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x_btd, kv_stacked), _ = jax.lax.scan(
+            run_layer, (x_btd, kv_stacked), (layer_state, layer_ids)
         )
-
-    def _unrolled_layers(
-        self,
-        graphdef: nnx.GraphDef,
-        layer_states: Sequence[nnx.State],
-        x_btd: jax.Array,
-        ctx: AttentionContext,
-        kv_in: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] | None,
-    ) -> tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] | None]:
-        """The layer stack as a Python loop over per-layer weights and per-layer caches."""
-        if len(layer_states) != self.config.num_layers:
-            raise ValueError(
-                f"layer_states: expected {self.config.num_layers} per-layer states "
-                f"(CausalLM.split_layers()), got {len(layer_states)}"
-            )
-        if kv_in is not None and not isinstance(kv_in[0], tuple):
-            raise ValueError(
-                "layer_states needs a per-layer cache: pass CausalLM.split_cache(cache)"
-            )
-        ks, vs = [], []
-        for i, state in enumerate(layer_states):
-            kv = None if kv_in is None else (kv_in[0][i], kv_in[1][i])
-            # The barrier ties the weights to this step's activations so XLA cannot hoist
-            # the (free, folded-into-the-dot) transposed view out of a decode loop as a
-            # materialised copy in the logical layout.
-            state, x_btd = jax.lax.optimization_barrier((state, x_btd))
-            state = jax.tree.map(_logical_view, state, is_leaf=_is_variable)
-            x_btd, kv = nnx.merge(graphdef, state)(x_btd, ctx, kv)
-            x_btd = constrain(x_btd, ("batch", "length", "embed"))
-            if kv is not None:
-                ks.append(kv[0])
-                vs.append(kv[1])
-        return x_btd, (None if kv_in is None else (tuple(ks), tuple(vs)))
+        return x_btd, kv_stacked
 
     def __call__(
         self,
@@ -565,5 +462,18 @@ class CausalLM(nnx.Module):
         h_btd, new_cache = self.hidden_states(
             tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
         )
-        logits_btv = unembed(h_btd, *self.unembed_weights())
+        w_vd, bias_v = self.unembed_weights()
+        logits_btv = unembed(h_btd, w_vd.astype(h_btd.dtype), bias_v)
         return constrain(logits_btv, ("batch", "length", "vocab")), new_cache
+
+
+def advance_cache(cache: KVCache | None, ctx: AttentionContext, kv: Any) -> KVCache | None:
+    """The cache after a call: keys/values `kv`, the new tokens' segment ids and positions
+    at slots `[index, index + T)`, and `index + T` (None without a cache)."""
+    if cache is None:
+        return None
+    t = ctx.positions_bt.shape[1]
+    positions_bs = jax.lax.dynamic_update_slice(
+        cache.positions, ctx.positions_bt, (0, ctx.write_index)
+    )
+    return KVCache(kv[0], kv[1], ctx.kv_segment_bs, positions_bs, ctx.write_index + t)

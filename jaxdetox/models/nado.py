@@ -1,4 +1,4 @@
-"""The NADO auxiliary model R_φ (DESIGN.md §1; issue 3): `σ(h_φ(x, y_<t)[v]) = R(x, y_<t∘v)`.
+"""The NADO auxiliary model R_φ (docs/method.md): `σ(h_φ(x, y_<t)[v]) = R(x, y_<t∘v)`.
 
 Two variants, as in the authors' code:
 
@@ -33,9 +33,9 @@ from jax.sharding import Mesh
 from jaxdetox import sharding
 from jaxdetox.models.cache import KVCache, init_cache
 from jaxdetox.models.config import ModelConfig
-from jaxdetox.models.hf import CheckpointError, abstract_model, family_module
+from jaxdetox.models.hf import CheckpointError
 from jaxdetox.models.layers import param, unembed
-from jaxdetox.models.lm import build_model
+from jaxdetox.models.registry import abstract_model, build_model, family_module
 
 VARIANTS = ("separate", "shared")
 CONFIG_FILE = "nado_config.json"
@@ -95,8 +95,8 @@ class NadoHead(nnx.Module):
         self.b = param(rngs, (v,), ("vocab",), config, init="zeros")
 
     def __call__(self, h_btd: jax.Array) -> jax.Array:
-        """Float32 logits `[B, T, V]`."""
-        return unembed(h_btd, self.w[...], self.b[...])
+        """Float32 logits `[B, T, V]` (the weight in the activations' dtype, as the LM head)."""
+        return unembed(h_btd, self.w[...].astype(h_btd.dtype), self.b[...])
 
 
 class NadoModel(nnx.Module):

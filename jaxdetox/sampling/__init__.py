@@ -5,19 +5,28 @@
 - `sample_loop` (decode.py): prefill + decode, one pure function, jit-able
 - `Sampler`, `sample_prompts`, `to_host` (sampler.py): bucketing, compile cache, sharding
   (multi-host included), progress bar
-- `generate(lm, tokens, ...)` (generate.py): `LanguageModel.generate` (DESIGN.md §4)
+- `NnxLM`, `NnxSharedNado`, `decode_model_for` (adapters.py): the Flax models as
+  `DecodeModel`s; a `CausalLM` decodes in its decode form (decode_form.py)
+
+`LanguageModel.generate` and `lm_sampler` (a `Sampler` for a `LanguageModel`) live in
+`jaxdetox.lm`, above this package.
 """
 
 from jaxdetox.sampling.adapters import NnxLM, NnxSharedNado, decode_model_for
 from jaxdetox.sampling.decode import (
     DecodeModel,
-    FunctionalLM,
     repeat_kv_cache,
     sample_loop,
 )
-from jaxdetox.sampling.generate import generate, lm_sampler, special_tokens
-from jaxdetox.sampling.sampler import Sampler, bucket_length, left_pad, sample_prompts, to_host
-from jaxdetox.sampling.types import SampleOutput, SamplingConfig, StaticSpec
+from jaxdetox.sampling.sampler import (
+    Sampler,
+    bucket_length,
+    left_pad,
+    sample_batches,
+    sample_prompts,
+    to_host,
+)
+from jaxdetox.sampling.types import SampleOutput, SamplingConfig, StaticSpec, special_tokens
 from jaxdetox.sampling.warpers import (
     apply_temperature,
     select_tokens,
@@ -28,7 +37,6 @@ from jaxdetox.sampling.warpers import (
 
 __all__ = [
     "DecodeModel",
-    "FunctionalLM",
     "NnxLM",
     "NnxSharedNado",
     "SampleOutput",
@@ -38,10 +46,9 @@ __all__ = [
     "apply_temperature",
     "bucket_length",
     "decode_model_for",
-    "generate",
     "left_pad",
-    "lm_sampler",
     "repeat_kv_cache",
+    "sample_batches",
     "sample_loop",
     "sample_prompts",
     "to_host",

@@ -5,7 +5,8 @@ the same architecture shares compiled samplers, and parameters travel as argumen
 prefill computes logits for the last position only (hidden states -> one unembedding row
 per prompt) instead of `[B, P, V]`.
 
-- `NnxLM`: Llama / GPT-2 `CausalLM`s and the separate-body `NadoModel` (own KV cache).
+- `NnxLM`: Llama / GPT-2 `CausalLM`s and the separate-body `NadoModel` (own KV cache); a
+  `CausalLM` decodes in its decode form (`decode_form.py`).
 - `NnxSharedNado`: the shared-backbone `NadoModel` (a head on the LM's hidden states).
 - `decode_model_for(module)` picks the right one.
 """
@@ -13,14 +14,21 @@ per prompt) instead of `[B, P, V]`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 from flax import nnx
 
 from jaxdetox import sharding
+from jaxdetox.models.cache import init_cache
 from jaxdetox.models.layers import CausalLM, unembed
 from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
+from jaxdetox.sampling.decode_form import (
+    DecodeParams,
+    decode_hidden_states,
+    decode_params,
+    heads_major_cache,
+)
 
 
 def _constrain_cache(cache: Any) -> Any:
@@ -36,18 +44,12 @@ def _constrain_cache(cache: Any) -> Any:
 
 
 def _project(module: nnx.Module, h_btd: jax.Array) -> jax.Array:
-    """float32 logits `h @ w_vd.T (+ bias)` from the module's `unembed_weights()`."""
-    return unembed(h_btd, *module.unembed_weights())
+    """float32 logits of the module's head (`unembed_weights()`, in the activations' dtype)."""
+    w_vd, bias_v = module.unembed_weights()
+    return unembed(h_btd, w_vd.astype(h_btd.dtype), bias_v)
 
 
-class DecodeParams(NamedTuple):
-    """An LM's parameters prepared once before the decode loop (`NnxLM.prepare_decode`)."""
-
-    params: Params
-    layer_states: list  # one nnx.State per layer: CausalLM.split_layers()
-
-
-def _unwrap(params: Params | DecodeParams) -> tuple[Params, list | None]:
+def _unwrap(params: Params | DecodeParams) -> tuple[Params, tuple | None]:
     """`(params, layer_states or None)` from plain or prepared parameters."""
     if isinstance(params, DecodeParams):
         return params.params, params.layer_states
@@ -73,19 +75,17 @@ class NnxLM:
     ) -> tuple[jax.Array, Cache]:
         """Final hidden states `[B, T, D]` and the updated cache.
 
-        Prepared weights run the unrolled per-layer form only with the per-layer decode
-        cache (`prepare_decode`); the prefill, on the stacked cache, runs the scanned form.
+        Prepared weights with the per-layer decode cache (`prepare_decode`) run the decode
+        form; anything else (the prefill, on the stacked cache) the model's scanned form.
         """
         params, layer_states = _unwrap(params)
-        per_layer_cache = cache is not None and isinstance(cache.k, tuple)
-        use_layers = layer_states is not None and (cache is None or per_layer_cache)
-        extra = {"layer_states": layer_states} if use_layers else {}
-        return nnx.merge(self.graphdef, params).hidden_states(
-            tokens_bt,
-            positions_bt=positions_bt,
-            segment_ids_bt=segment_ids_bt,
-            cache=cache,
-            **extra,
+        module = nnx.merge(self.graphdef, params)
+        if layer_states is not None and cache is not None and isinstance(cache.k, tuple):
+            return decode_hidden_states(
+                module, layer_states, tokens_bt, positions_bt, segment_ids_bt, cache
+            )
+        return module.hidden_states(
+            tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
         )
 
     def project(self, params: Params, h_btd: jax.Array) -> jax.Array:
@@ -93,36 +93,26 @@ class NnxLM:
         return _project(nnx.merge(self.graphdef, _unwrap(params)[0]), h_btd)
 
     def prepare_params(self, params: Params) -> Params:
-        """Per-layer decode copies of a `CausalLM`'s weights (`DecodeParams`), made once.
+        """A `CausalLM`'s decode-form weights (`decode_form.decode_params`), made once.
 
-        A `CausalLM` runs its decode steps unrolled over per-layer arrays: slicing a
-        layer out of the stacked weights inside the loop copies it every step (XLA:CPU),
-        which cost about as much as the matmuls (GPT-2 small, B=32; benchmarks/README.md).
-        `Sampler.prepare` calls this once so that many batches share the copies; otherwise
-        `prepare_decode` makes them inside every call. Other modules (the NADO body) keep
-        the scanned form and get their parameters back unchanged.
+        `Sampler.prepare` calls this once so that many batches share the per-layer copies;
+        otherwise `prepare_decode` makes them inside every call. Other modules (the NADO
+        body) keep the scanned form and get their parameters back unchanged.
         """
         if isinstance(params, DecodeParams):
             return params
         module = nnx.merge(self.graphdef, params)
         if not isinstance(module, CausalLM):
             return params
-        return DecodeParams(params, module.split_layers())
+        return decode_params(module, params)
 
     def prepare_decode(self, params: Params, cache: Cache) -> tuple[Params, Cache]:
-        """Decode-form weights (`prepare_params`) and per-layer heads-major cache for the
+        """Decode-form weights (`prepare_params`) and the per-layer heads-major cache for the
         decode loop, after the prefill."""
         params = self.prepare_params(params)
         if not isinstance(params, DecodeParams) or cache is None:
             return params, cache
-        cache = CausalLM.split_cache(cache)
-        axes = ("batch", "kv_heads", "length", "head_dim")
-        cache = dataclasses.replace(
-            cache,
-            k=tuple(sharding.constrain(k, axes) for k in cache.k),
-            v=tuple(sharding.constrain(v, axes) for v in cache.v),
-        )
-        return params, cache
+        return params, heads_major_cache(cache)
 
     def apply(
         self,
@@ -143,8 +133,6 @@ class NnxLM:
         if hasattr(module, "init_cache"):
             cache = module.init_cache(batch, max_len, dtype)
         else:
-            from jaxdetox.models import init_cache
-
             cache = init_cache(module.config, batch, max_len, dtype)
         return _constrain_cache(cache)
 

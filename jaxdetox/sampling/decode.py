@@ -21,7 +21,6 @@ the sharding, and the same prompt index always gets the same completions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -81,42 +80,6 @@ def repeat_kv_cache(cache: Cache, repeats: int) -> Cache:
         return jnp.repeat(leaf, repeats, axis=axis)
 
     return jax.tree_util.tree_map_with_path(repeat_leaf, cache)
-
-
-@dataclasses.dataclass(frozen=True)
-class FunctionalLM:
-    """`DecodeModel` from plain functions following the model call contract.
-
-    `apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache) -> (logits_btv, cache)`
-    and `init_cache_fn(batch, max_len, dtype) -> cache` (a KVCache-contract pytree). Keep
-    one instance per model: instances compare by the identity of the functions, and a new
-    one means a new compilation.
-    """
-
-    apply_fn: Callable[..., tuple[jax.Array, Cache]]
-    init_cache_fn: Callable[[int, int, Any], Cache]
-
-    def apply(
-        self,
-        params: Params,
-        tokens_bt: jax.Array,
-        positions_bt: jax.Array,
-        segment_ids_bt: jax.Array,
-        cache: Cache,
-        last_only: bool,
-    ) -> tuple[jax.Array, Cache]:
-        """Call `apply_fn`; slice the last position when `last_only`."""
-        logits_btv, cache = self.apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache)
-        return (logits_btv[:, -1:] if last_only else logits_btv), cache
-
-    def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
-        """Call `init_cache_fn` (params are not needed for the shapes here)."""
-        del params
-        return self.init_cache_fn(batch, max_len, dtype)
-
-    def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
-        """KVCache-contract repeat."""
-        return repeat_kv_cache(cache, repeats)
 
 
 def prompt_positions(segment_ids_bp: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -225,7 +188,7 @@ def sample_loop(
 
     `prompt_bp` int32 `[B, P]` left-padded, `segment_ids_bp` 1 on real tokens and 0 on
     padding, `row_base_b` int32 `[B]` the global index of each prompt (it seeds its rows).
-    With `nado` set, tokens are drawn from the guided distribution of DESIGN.md §1; a
+    With `nado` set, tokens are drawn from the guided distribution of docs/method.md; a
     separate NADO keeps its own cache, a shared-head NADO reads the LM's hidden states.
     """
     batch, prompt_len = prompt_bp.shape

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,9 +22,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdetox import sharding
 from jaxdetox.data.packing import left_pad
-from jaxdetox.sampling.adapters import DecodeParams
 from jaxdetox.sampling.decode import DecodeModel, Params, sample_loop
+from jaxdetox.sampling.decode_form import DecodeParams
 from jaxdetox.sampling.types import SampleOutput, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ def bucket_length(length: int, multiple: int) -> int:
 
 def _leaf_signature(leaf: Any) -> tuple:
     """Shape, dtype and (for committed jax arrays) sharding of one argument leaf."""
-    sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
-    return (tuple(np.shape(leaf)), str(jnp.result_type(leaf)), sharding)
+    placement = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+    return (tuple(np.shape(leaf)), str(jnp.result_type(leaf)), placement)
 
 
 def _signature(tree: Any) -> tuple:
@@ -231,18 +232,64 @@ def to_host(tree: Any) -> Any:
 
 
 def _default_batch_axes(mesh: Mesh) -> tuple[str, ...] | None:
-    """Mesh axes the batch is sharded over: the rules table's `batch` entry if available."""
-    try:
-        from jaxdetox import sharding as rules_module
-
-        rules = dict(rules_module.LOGICAL_AXIS_RULES)
-        axes = rules.get("batch")
-    except (ImportError, AttributeError):
-        axes = ("data", "fsdp")
+    """Mesh axes the batch is sharded over: the rules table's `batch` entry."""
+    axes = dict(sharding.LOGICAL_AXIS_RULES).get("batch")
     if axes is None:
         return None
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return tuple(a for a in axes if a in mesh.shape) or None
+
+
+def sample_batches(
+    sampler: Sampler,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    batch_size: int = 32,
+    nado_params: Params | None = None,
+    skip: Collection[int] = (),
+    progress: bool = True,
+    description: str = "sampling",
+) -> Iterator[tuple[np.ndarray, SampleOutput]]:
+    """The long-job sampling driver: yields `(index_b, out)` per batch of prompts, as done.
+
+    `index_b` are positions in `prompts`; `out` holds `num_samples` consecutive rows per
+    prompt of `index_b`, as numpy on every process of a multi-host mesh (`to_host`).
+    Prompts at the positions in `skip` (e.g. already stored) are left out. The rest go
+    longest first (similar lengths share a bucket, so less padding). A prompt's draws are
+    seeded by its position, so results depend neither on `batch_size` nor on `skip`. The
+    decode-form weights are made once (`Sampler.prepare`); a tqdm bar shows prompts/s,
+    tokens/s and the ETA.
+    """
+    from tqdm.auto import tqdm
+
+    skipped = {int(i) for i in skip}
+    todo = sorted(
+        (i for i in range(len(prompts)) if i not in skipped), key=lambda i: -len(prompts[i])
+    )
+    if todo and config.max_new_tokens > 1:  # decode-form weights once for all batches
+        params, nado_params = sampler.prepare(params, nado_params)
+    new_tokens, start = 0, time.perf_counter()
+    with tqdm(
+        total=len(prompts), initial=len(prompts) - len(todo), desc=description, unit="prompt",
+        disable=not progress,
+    ) as bar:  # fmt: skip
+        for begin in range(0, len(todo), batch_size):
+            index_b = np.asarray(todo[begin : begin + batch_size])
+            out = sampler.sample(
+                params,
+                [prompts[i] for i in index_b],
+                config,
+                nado_params=nado_params,
+                prompt_ids=index_b,
+                batch_size=batch_size,
+            )
+            out = to_host(out)
+            new_tokens += int(out.lengths.sum())
+            bar.update(len(index_b))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+            yield index_b, out
 
 
 def sample_prompts(
@@ -256,44 +303,19 @@ def sample_prompts(
     progress: bool = True,
     description: str = "sampling",
 ) -> SampleOutput:
-    """Sample completions for many prompts in fixed-size batches, as numpy arrays.
-
-    Prompts are processed longest first (similar lengths share a bucket, so less padding);
-    outputs come back in the input order, `num_samples` consecutive rows per prompt, on
-    every process of a multi-host mesh. Each prompt's draws are seeded by its index, so
-    results do not depend on `batch_size`.
-    Shows a tqdm bar with prompts/s, tokens/s and the ETA.
-    """
-    from tqdm.auto import tqdm
-
+    """Every batch of `sample_batches`, as numpy arrays in the input order: rows
+    `i * num_samples ... i * num_samples + num_samples - 1` continue prompt `i`."""
     if not prompts:
         raise ValueError("sample_prompts: no prompts given")
     k = config.num_samples
-    if config.max_new_tokens > 1:  # decode-form weights once for all batches
-        params, nado_params = sampler.prepare(params, nado_params)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    parts: list[tuple[np.ndarray, SampleOutput]] = []
-    new_tokens = 0
-    start = time.perf_counter()
-    with tqdm(total=len(prompts), desc=description, unit="prompt", disable=not progress) as bar:
-        for begin in range(0, len(order), batch_size):
-            ids = order[begin : begin + batch_size]
-            out = sampler.sample(
-                params,
-                [prompts[i] for i in ids],
-                config,
-                nado_params=nado_params,
-                prompt_ids=ids,
-                batch_size=batch_size,
-            )
-            out = to_host(out)
-            parts.append((np.asarray(ids), out))
-            new_tokens += int(out.lengths.sum())
-            bar.update(len(ids))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+    parts = list(
+        sample_batches(
+            sampler, params, prompts, config, batch_size=batch_size, nado_params=nado_params,
+            progress=progress, description=description,
+        )
+    )  # fmt: skip
     # Scatter the batches back to input order: prompt i owns rows i*k .. i*k + k - 1.
     rows = np.concatenate([(ids[:, None] * k + np.arange(k)).reshape(-1) for ids, _ in parts])
     inverse = np.empty_like(rows)
     inverse[rows] = np.arange(len(rows))
-    merged = jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *[o for _, o in parts])
-    return merged
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *[o for _, o in parts])

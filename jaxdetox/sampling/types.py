@@ -32,7 +32,7 @@ class SamplingConfig:
     num_samples: int = 1  # completions per prompt; the prompt is prefilled once
     eos_token_ids: tuple[int, ...] = ()  # any of these ends a row (it is kept in the output)
     pad_token_id: int = 0  # emitted after a row has ended, and used for left padding
-    alpha: float = 1.0  # NADO guidance strength (DESIGN.md §1), guided decoding only
+    alpha: float = 1.0  # NADO guidance strength (docs/method.md), guided decoding only
     cache_dtype: str = "float32"  # KV cache storage: float32 | bfloat16 | float16
     prompt_bucket: int = 16  # prompts are left-padded to a multiple of this
     seed: int = 0
@@ -127,7 +127,7 @@ class SampleOutput:
       distribution it was drawn from (after temperature/top-k/top-p); 0 for greedy and
       after the end.
     - `model_logprobs`: under the untempered, unfiltered model distribution (for guided
-      decoding that model is the guided teacher q, DESIGN.md §1).
+      decoding that model is the guided teacher q, docs/method.md).
     - `base_logprobs`: guided decoding only, under the base LM alone; else None.
     - `prompt_index` int32 `[N]`: which prompt each row continues.
     """
@@ -144,3 +144,13 @@ class SampleOutput:
         """bool `[N, max_new_tokens]`: True on generated (non-padding) slots."""
         steps = np.arange(self.tokens.shape[1])  # numpy in, numpy out; jax in, jax out
         return steps[None, :] < self.lengths[:, None]
+
+
+def special_tokens(config: Any) -> tuple[tuple[int, ...], int]:
+    """Stop tokens and pad token from a model config (pad falls back to the first EOS, then 0)."""
+    eos = config.eos_token_id
+    eos_ids = () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(eos)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos_ids[0] if eos_ids else 0
+    return eos_ids, int(pad)

@@ -76,6 +76,17 @@ def split_params(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, Params]:
     return graphdef, abstract, nnx.to_pure_dict(state)
 
 
+def to_nnx_state(abstract_state: nnx.State, params: Params) -> nnx.State:
+    """An nnx State (Variables with their metadata, e.g. logical axes) holding `params`."""
+    flat = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        value = params
+        for key in path:
+            value = value[key]
+        flat.append((path, var.replace(value)))
+    return nnx.from_flat_state(flat)
+
+
 def bind(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
     """The module for these pure-dict params (inside jit: traced, nothing copied)."""
     return nnx.merge(graphdef, params)

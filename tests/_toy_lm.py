@@ -1,20 +1,59 @@
-"""A tiny pure-JAX causal LM that follows the model call and KV-cache contracts.
+"""A tiny pure-JAX causal LM that follows the model call and KV-cache contracts, as a
+`DecodeModel` built from plain functions (`FunctionalLM`).
 
-Used by the sampler's tests (and handy for pipeline tests that must not depend on the
-real model families): each token's logits are a bigram table row plus a projection of the
-mean of the embeddings it attends to (same non-zero segment, earlier or same cache slot).
+Used by the sampler's tests, which must not depend on the real model families: each
+token's logits are a bigram table row plus a projection of the mean of the embeddings it
+attends to (same non-zero segment, earlier or same cache slot).
 It has the contract's `KVCache` fields, so the sampler's cache handling is exercised.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxdetox.sampling.decode import FunctionalLM
+from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalLM:
+    """`DecodeModel` from plain functions following the model call contract.
+
+    `apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache) -> (logits_btv, cache)`
+    and `init_cache_fn(batch, max_len, dtype) -> cache` (a KVCache-contract pytree). Keep
+    one instance per model: instances compare by the identity of the functions, and a new
+    one means a new compilation.
+    """
+
+    apply_fn: Callable[..., tuple[jax.Array, Cache]]
+    init_cache_fn: Callable[[int, int, Any], Cache]
+
+    def apply(
+        self,
+        params: Params,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        segment_ids_bt: jax.Array,
+        cache: Cache,
+        last_only: bool,
+    ) -> tuple[jax.Array, Cache]:
+        """Call `apply_fn`; slice the last position when `last_only`."""
+        logits_btv, cache = self.apply_fn(params, tokens_bt, positions_bt, segment_ids_bt, cache)
+        return (logits_btv[:, -1:] if last_only else logits_btv), cache
+
+    def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
+        """Call `init_cache_fn` (params are not needed for the shapes here)."""
+        del params
+        return self.init_cache_fn(batch, max_len, dtype)
+
+    def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
+        """KVCache-contract repeat."""
+        return repeat_kv_cache(cache, repeats)
 
 
 class ToyCache(NamedTuple):
