@@ -84,3 +84,19 @@ def test_smoke_demo_end_to_end(tmp_path):
     before = (out / "results.json").read_text()
     assert main(args) == 0
     assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_eval_command_on_a_checkpoint(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "eval"
+    args = ["eval", str(model), "--out", str(out), "--method", "tiny", "--no-progress",
+            "eval.num_samples=2", "eval.max_prompts=4", "eval.max_new_tokens=4",
+            "eval.text_seq_len=32", "prompts.max_tokens=12"]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["tiny"]
+    assert rows[0]["prompts"] == 4 and rows[0]["completions"] == 8
+    assert np.isfinite(rows[0]["perplexity"]) and 0 <= rows[0]["distinct_2"] <= 1
+    assert main(["eval", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot load" in capsys.readouterr().err

@@ -74,7 +74,8 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     train_seconds = sum(sum(t.values()) for t in times.values())
     rows = []
     if evals and evals[0]["iteration"] == 0:
-        rows.append(_row("base", evals[0], run, seconds=0.0))
+        # An evaluation-only directory (`jaxdetox eval`) names its one row by its method.
+        rows.append(_row("base" if times else method, evals[0], run, seconds=0.0))
     if evals and evals[-1]["iteration"] > 0:
         kl = config.get("finetune", {}).get("kl_weight")
         rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl))
