@@ -18,6 +18,7 @@ from jaxdetox.losses.chunked import (
     regularized_lm_loss,
     regularized_lm_loss_naive,
 )
+from jaxdetox.losses.fused import FusedLoss, fused_lm_loss
 from jaxdetox.losses.nado import (
     CONSISTENCY_KINDS,
     bce_of_selected,
@@ -42,6 +43,7 @@ from jaxdetox.losses.token import (
 
 __all__ = [
     "CONSISTENCY_KINDS",
+    "FusedLoss",
     "NadoLoss",
     "RegularizedLoss",
     "apply_mask",
@@ -50,6 +52,7 @@ __all__ = [
     "consistency_of",
     "chunked_nll",
     "default_chunk_size",
+    "fused_lm_loss",
     "guided_log_probs",
     "head_logits",
     "log_softmax",

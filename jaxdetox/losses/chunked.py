@@ -92,6 +92,17 @@ def _check_tokens(name: str, x: Array, bt: tuple[int, ...], extra: int) -> None:
         raise ValueError(f"{name} must be {want} with B, T = {bt}, got shape {x.shape}")
 
 
+def chunk_layout(b: int, t: int, d: int, chunk_size: int | None) -> tuple[int, int, int]:
+    """`(time steps per chunk, number of chunks, padding of T)` for ~`chunk_size` tokens."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(d)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    steps_per_chunk = min(t, max(1, chunk_size // b))
+    n_chunks = math.ceil(t / steps_per_chunk)
+    return steps_per_chunk, n_chunks, n_chunks * steps_per_chunk - t
+
+
 def _map_token_chunks(
     fn: Callable[..., tuple[Array, ...]],
     per_token: tuple[Array, ...],
@@ -108,13 +119,7 @@ def _map_token_chunks(
     states (its D picks the default chunk size).
     """
     b, t = per_token[0].shape[:2]
-    if chunk_size is None:
-        chunk_size = default_chunk_size(per_token[0].shape[-1])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    steps_per_chunk = min(t, max(1, chunk_size // b))
-    n_chunks = math.ceil(t / steps_per_chunk)
-    pad = n_chunks * steps_per_chunk - t
+    steps_per_chunk, n_chunks, pad = chunk_layout(b, t, per_token[0].shape[-1], chunk_size)
 
     padded = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in per_token]
 

@@ -6,7 +6,8 @@ The LLM objective (docs/method.md, "LLM objective"), per batch stream s (`corpus
 
 with q = softmax(logit_ref + α·log σ(h_φ)) the guided teacher (reference LLM ⊕ NADO,
 stop-gradient) and the KL an exact sum over the vocabulary, computed in token chunks from
-hidden states by `losses.regularized_lm_loss` (no `[B, T, V]` tensor). Each stream is a
+hidden states by `losses.fused_lm_loss` (no `[B, T, V]` tensor; its gradient is formed
+in the forward pass, chunk by chunk). Each stream is a
 token-weighted mean over its own loss-mask tokens, so λ weighs a KL token against an NLL
 token. The NADO objective is the per-token BCE of σ(h_φ[y_t]) against the sequence label
 (+ the Bellman consistency regulariser, + self-normalised importance weights), from
@@ -150,22 +151,26 @@ def lm_sums(
     stream: dict[str, jax.Array],
     teacher: Teacher | None,
     config: StepConfig,
-) -> tuple[jax.Array, jax.Array]:
-    """Weighted sums Σ m·NLL and Σ m·KL(q ‖ p_θ) over a stream (KL = 0 without a teacher)."""
+    nll_scale: float | jax.Array,
+    kl_scale: float | jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(loss, Σ m·NLL, Σ m·KL)` of a stream: loss = nll_scale·Σ m·NLL + kl_scale·Σ m·KL.
+
+    The loss comes from `losses.fused_lm_loss`, which forms its gradient in the forward pass
+    (3 vocabulary-row matmuls per chunk instead of 6 under a checkpoint); the two sums are
+    metrics (KL = 0 without a teacher).
+    """
     h_btd, head = lm_hidden(models.lm, lm_params, stream)
     w_bt = _sequence_weights(stream)
-    mask_bt = stream["loss_mask_bt"]
-    if teacher is None:
-        nll_bt = losses.chunked_nll(
-            h_btd, head, stream["targets_bt"], mask_bt, chunk_size=config.chunk_size
-        )
-        return jnp.sum(nll_bt * w_bt), jnp.zeros((), F32)
-    t = _frozen(teacher)
-    nll_bt, kl_bt = losses.regularized_lm_loss(
-        h_btd, head, t.h_ref, t.ref_head, t.h_nado, t.nado_head,
-        stream["targets_bt"], mask_bt, alpha=config.alpha, chunk_size=config.chunk_size,
+    t = None if teacher is None else _frozen(teacher)
+    out = losses.fused_lm_loss(
+        h_btd, head, stream["targets_bt"], nll_scale * w_bt,
+        kl_weight_bt=None if t is None else kl_scale * w_bt,
+        teacher=None if t is None else (t.h_ref, t.ref_head, t.h_nado, t.nado_head),
+        alpha=config.alpha, chunk_size=config.chunk_size,
     )  # fmt: skip
-    return jnp.sum(nll_bt * w_bt), jnp.sum(kl_bt * w_bt)
+    terms = jax.lax.stop_gradient((out.nll_bt, out.kl_bt))
+    return out.loss, jnp.sum(terms[0] * w_bt), jnp.sum(terms[1] * w_bt)
 
 
 def nado_weights(stream: dict[str, jax.Array], config: StepConfig) -> jax.Array:
@@ -237,9 +242,12 @@ def lm_loss(
             teacher = (teachers or {}).get(name)
             if teacher is None:
                 teacher = teacher_features(models, ref_params, nado_params, batch[name])
-        nll, kl = lm_sums(models, lm_params, batch[name], teacher, config)
         n = denominators[name]
-        total = total + (spec.nll_weight * nll + config.kl_weight * kl) / n
+        loss, nll, kl = lm_sums(
+            models, lm_params, batch[name], teacher, config,
+            spec.nll_weight / n, config.kl_weight / n,
+        )  # fmt: skip
+        total = total + loss
         sums[f"lm/{name}/nll_sum"], sums[f"lm/{name}/kl_sum"] = nll, kl
     return total, sums
 

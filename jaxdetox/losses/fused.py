@@ -1,0 +1,155 @@
+"""The regularised LM loss with its gradient formed in the forward pass (fused chunks).
+
+`regularized_lm_loss` checkpoints each token chunk, so its backward recomputes all three
+vocabulary rows (student, reference, NADO): 6 `[chunk, V]` logits matmuls + 2 gradient
+matmuls per chunk. But the loss is a *weighted sum* whose per-token weights are known up
+front, and its gradient with respect to the student logits is closed form:
+
+    ∂/∂z [ w·NLL(z, y) + k·KL(q ‖ softmax z) ] = (w + k)·softmax(z) − w·onehot(y) − k·q
+
+so each chunk can emit `dh = g·W` and accumulate `dW += gᵀ·h` (and `db`) right away — the
+"fused linear cross-entropy" idea — and the backward only scales them by the incoming
+cotangent. That is 3 logits + 2 gradient matmuls per chunk (1 + 2 without a teacher), with
+the memory of the chunked form: residuals `[B, T, D]` and one `[V, D]` (+ `[V]`).
+
+Only the returned `loss` is differentiable (in `h` and the student head); the per-token
+`nll_bt` / `kl_bt` it also returns are for metrics. Tested against `regularized_lm_loss_naive`
+(values and gradients) in tests/test_losses_fused.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jaxdetox.losses.chunked import Head, chunk_layout, head_logits
+from jaxdetox.losses.token import guided_log_probs
+
+F32 = jnp.float32
+
+
+class FusedLoss(NamedTuple):
+    """`loss` = Σ w·NLL + Σ k·KL (differentiable); per-token terms for metrics (not)."""
+
+    loss: Array
+    nll_bt: Array
+    kl_bt: Array
+
+
+def _pad_t(x: Array, pad: int) -> Array:
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _forward(
+    h: Array,
+    w: Array,
+    b: Array | None,
+    teacher: tuple[Array, Head, Array, Head] | None,
+    targets: Array,
+    nll_w: Array,
+    kl_w: Array,
+    alpha: Array,
+    chunk_size: int | None,
+) -> tuple[FusedLoss, tuple[Array, Array, Array | None]]:
+    batch, t, d = h.shape
+    steps, n_chunks, pad = chunk_layout(batch, t, d, chunk_size)
+    per_token = [h, targets, nll_w, kl_w]
+    if teacher is not None:
+        per_token += [teacher[0], teacher[2]]
+    padded = [_pad_t(x, pad) for x in per_token]
+    w32 = w.astype(F32)
+
+    def body(carry: tuple[Array, Array | None], i: Array) -> tuple:
+        dw, db = carry
+        sl = [jax.lax.dynamic_slice_in_dim(x, i * steps, steps, axis=1) for x in padded]
+        hc, tc, nw, kw = sl[:4]
+        logits = head_logits(hc, (w, b))  # [B, c, V] float32
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        p = jnp.exp(log_p)
+        nll = -jnp.take_along_axis(log_p, tc[..., None], axis=-1)[..., 0]
+        g = nw[..., None] * (p - jax.nn.one_hot(tc, p.shape[-1], dtype=F32))
+        kl = jnp.zeros_like(nll)
+        if teacher is not None:
+            ref_head, nado_head = teacher[1], teacher[3]
+            log_q = guided_log_probs(
+                head_logits(sl[4], ref_head), head_logits(sl[5], nado_head), alpha
+            )
+            q = jnp.exp(log_q)
+            kl = jnp.sum(q * (log_q - log_p), axis=-1)
+            g = g + kw[..., None] * (p - q)
+        dh = jnp.einsum("BCV,VD->BCD", g, w32)
+        dw = dw + jnp.einsum("BCV,BCD->VD", g, hc.astype(F32))
+        if db is not None:
+            db = db + jnp.sum(g, axis=(0, 1))
+        return (dw, db), (nll, kl, dh)
+
+    init = (jnp.zeros(w.shape, F32), None if b is None else jnp.zeros(b.shape, F32))
+    (dw, db), (nll, kl, dh) = jax.lax.scan(body, init, jnp.arange(n_chunks))
+
+    def tokens(y: Array) -> Array:  # [n_chunks, B, c, ...] -> [B, T, ...]
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape(batch, n_chunks * steps, *y.shape[3:])[:, :t]
+
+    nll, kl, dh = tokens(nll), tokens(kl), tokens(dh)
+    loss = jnp.sum(nll_w * nll) + jnp.sum(kl_w * kl)
+    return FusedLoss(loss, nll, kl), (dh, dw, db)
+
+
+@jax.custom_vjp
+def _fused(h, w, b, teacher, targets, nll_w, kl_w, alpha, chunk_size):  # noqa: ANN001, ANN202
+    return _forward(h, w, b, teacher, targets, nll_w, kl_w, alpha, chunk_size)[0]
+
+
+def _fused_fwd(h, w, b, teacher, targets, nll_w, kl_w, alpha, chunk_size):  # noqa: ANN001, ANN202
+    out, (dh, dw, db) = _forward(h, w, b, teacher, targets, nll_w, kl_w, alpha, chunk_size)
+    return out, (dh.astype(h.dtype), dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
+
+
+def _fused_bwd(res, cts):  # noqa: ANN001, ANN202
+    dh, dw, db = res
+    c = cts.loss  # the per-token outputs carry no gradient (metrics)
+    grads = (c.astype(dh.dtype) * dh, c.astype(dw.dtype) * dw)
+    return (
+        *grads,
+        None if db is None else c.astype(db.dtype) * db,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_lm_loss(
+    h_btd: Array,
+    head: Head,
+    targets_bt: Array,
+    nll_weight_bt: Array,
+    *,
+    kl_weight_bt: Array | None = None,
+    teacher: tuple[Array, Head, Array, Head] | None = None,
+    alpha: float | Array = 1.0,
+    chunk_size: int | None = None,
+) -> FusedLoss:
+    """Σ nll_weight·NLL + Σ kl_weight·KL(q ‖ p_θ) with q = guided(reference, NADO), in token
+    chunks, its gradient (in `h_btd` and the student head) formed in the forward pass.
+
+    `teacher` = `(h_ref_btd, ref_head, h_nado_btd, nado_head)` (stop-gradient; None: NLL
+    only). Weights are float `[B, T]`, 0 where a token does not count.
+    """
+    w, b = head
+    if teacher is not None:
+        teacher = jax.lax.stop_gradient(teacher)
+    zeros = jnp.zeros(targets_bt.shape, F32)
+    kl_w = zeros if kl_weight_bt is None or teacher is None else kl_weight_bt.astype(F32)
+    return _fused(
+        h_btd, w, b, teacher, targets_bt.astype(jnp.int32), nll_weight_bt.astype(F32), kl_w,
+        jnp.asarray(alpha, F32), chunk_size,
+    )  # fmt: skip
