@@ -157,6 +157,28 @@ class FinetuneSection(Section):
     optimizer: OptimizerSection = OptimizerSection()
 
 
+class DetectionEvalSection(Section):
+    """Toxicity detection with the LM as a zero-/few-shot classifier (jsonl text + label)."""
+
+    path: str = Field(description="labelled jsonl (ToxiGen annotations, civil_comments rows)")
+    shots_path: str | None = Field(None, description="split the few-shot examples come from")
+    num_shots: int = Field(0, ge=0)
+    text_field: str = "text"
+    label_field: str = "label"
+    label_threshold: float = Field(0.5, description="a float label >= this counts as toxic")
+    limit: int | None = Field(None, ge=1)
+
+
+class LmEvalSection(Section):
+    """Utility benchmarks through lm-evaluation-harness (any task name it knows)."""
+
+    tasks: list[str] = Field(description="e.g. [hellaswag, piqa, arc_easy]")
+    include_path: str | None = Field(None, description="a directory of local task YAMLs")
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1, description="documents per task")
+    batch_size: int = Field(8, ge=1)
+
+
 class EvalSection(Section):
     """Evaluation on the held-out prompts (RealToxicityPrompts protocol) and held-out text."""
 
@@ -171,6 +193,13 @@ class EvalSection(Section):
         "base", description="LM scoring the generations' perplexity: base | none | a path"
     )
     text_seq_len: int = Field(128, ge=8, description="window of the held-out text perplexity")
+    group_by: str | None = Field(
+        None,
+        description="prompt metadata column to report toxicity per group (ToxiGen: "
+        "target_groups); default: the built-in prompts' kind / RTP's challenging flag",
+    )
+    detection: DetectionEvalSection | None = None
+    lm_eval: LmEvalSection | None = None
     seed: int = 1234
 
 

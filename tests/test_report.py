@@ -50,7 +50,10 @@ def test_report_table_json_and_plots(fixture_run, tmp_path, capsys):
         assert key in base and key in ours
     assert ours["mean_toxicity"] == 0.10 and ours["seconds"] == 120.0 and ours["kl_weight"] == 0.5
     table = (out / "report.md").read_text()
-    assert "| pr_sequential | 0.400 | 0.200 | 0.100 | -50% | 22.00 |" in table
+    assert (
+        "| pr_sequential | 0.400 | 0.200 | 0.100 | -50% | 22.00 | 33.00 | 0.900 | – | – | 120 |"
+        in table
+    )
     for png in ("toxicity_per_iteration", "toxicity_vs_perplexity", "stage_times"):
         data = (out / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -87,16 +90,43 @@ def test_smoke_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_command_on_a_checkpoint(tmp_path, capsys):
+def test_eval_command_on_a_checkpoint(tmp_path, capsys, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    shutil.copytree(fixtures / "lm_eval", tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path / "tasks")  # the task YAMLs name their jsonl relative to cwd
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     model = save_tiny_model(tmp_path / "tiny")
     out = tmp_path / "eval"
     args = ["eval", str(model), "--out", str(out), "--method", "tiny", "--no-progress",
             "eval.num_samples=2", "eval.max_prompts=4", "eval.max_new_tokens=4",
-            "eval.text_seq_len=32", "prompts.max_tokens=12"]  # fmt: skip
+            "eval.text_seq_len=32", "prompts.max_tokens=12",
+            f"eval.detection.path={fixtures / 'detection' / 'eval.jsonl'}",
+            "eval.lm_eval.tasks=[jaxdetox_tiny_mc]", f"eval.lm_eval.include_path={tmp_path / 'tasks'}",
+            "eval.lm_eval.limit=4"]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["tiny"]
     assert rows[0]["prompts"] == 4 and rows[0]["completions"] == 8
     assert np.isfinite(rows[0]["perplexity"]) and 0 <= rows[0]["distinct_2"] <= 1
+    assert 0 <= rows[0]["detection_auroc"] <= 1
+    assert set(rows[0]["utility"]) == {"jaxdetox_tiny_mc"}
+    assert "jaxdetox_tiny_mc" in (out / "report.md").read_text()
     assert main(["eval", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_group_toxicity_counts_a_prompt_in_each_of_its_groups():
+    from jaxdetox.loop.evaluation import group_toxicity
+
+    tox = np.array([0.9, 0.1, 0.2, 0.6])
+    ok = np.ones(4, bool)
+    prompts = np.array([1, 1, 2, 3])
+    groups = {1: ("asian", "women"), 2: ("women",), 3: ("lgbtq",)}
+    out = group_toxicity(tox, ok, prompts, groups)
+    assert set(out) == {"all", "asian", "women", "lgbtq"}
+    assert out["women"]["prompts"] == 2 and out["asian"]["completions"] == 2
+    np.testing.assert_allclose(out["women"]["toxic_fraction"], 1 / 3)
+    np.testing.assert_allclose(out["lgbtq"]["expected_max_toxicity"], 0.6)

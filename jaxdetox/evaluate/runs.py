@@ -26,6 +26,9 @@ ROW_KEYS = (
     "distinct_3",
     "prompts",
     "completions",
+    "detection_auroc",
+    "detection_f1",
+    "utility",
 )
 TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
 
@@ -109,13 +112,20 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _utility(scores: dict[str, float] | None) -> str:
+    if not scores:
+        return "–"
+    return ", ".join(f"{task} {value:.3f}" for task, value in sorted(scores.items()))
+
+
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The paper-shaped table: rows = methods; toxicity, fluency, diversity and time."""
     base = next((r for r in rows if r["method"] == "base"), None)
     header = (
         "| method | exp. max toxicity | toxicity prob. | mean toxicity | Δ mean tox. vs base "
-        "| PPL (held-out) | PPL (generations) | distinct-2 | train time (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| PPL (held-out) | PPL (generations) | distinct-2 | detection AUROC | utility "
+        "| train time (s) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -127,6 +137,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {_fmt(r.get('toxicity_probability'))} | {_fmt(r.get('mean_toxicity'))} "
             f"| {delta or '–'} | {_fmt(r.get('perplexity'), 2)} "
             f"| {_fmt(r.get('fluency_perplexity'), 2)} | {_fmt(r.get('distinct_2'))} "
+            f"| {_fmt(r.get('detection_auroc'))} | {_utility(r.get('utility'))} "
             f"| {_fmt(r.get('seconds'), 0)} |"
         )
     return header + "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from jaxdetox.data import SampleStore
-from jaxdetox.evaluate import group_summaries
 from jaxdetox.evaluate.fluency import distinct_n, nll_sums, text_windows
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
@@ -61,15 +60,72 @@ def heldout_text_batches(exp: Experiment) -> list[dict[str, np.ndarray]]:
     return text_windows(tokens, exp.config.eval.text_seq_len, batch_size=8)
 
 
-def _prompt_groups(exp: Experiment, prompt_ids: np.ndarray) -> np.ndarray | None:
+def _prompt_groups(exp: Experiment) -> dict[int, tuple[str, ...]]:
+    """Groups of each held-out prompt id: `eval.group_by`'s metadata value(s) (a list means
+    several groups, e.g. ToxiGen's target groups), else the built-in kind or RTP's
+    challenging flag (empty when the set has neither)."""
     prompts = exp.eval_prompt_set()
-    kinds = prompts.meta.get("kind")
-    if kinds is None:
-        if not prompts.challenging.any():
-            return None
-        kinds = np.where(prompts.challenging, "challenging", "other")
-    kind_of = dict(zip(prompts.ids.tolist(), list(kinds)))
-    return np.array([kind_of.get(int(p), "?") for p in prompt_ids])
+    column = exp.config.eval.group_by
+    if column is not None:
+        if column not in prompts.meta:
+            raise KeyError(
+                f"eval.group_by = {column!r}: the prompts have metadata {sorted(prompts.meta)}"
+            )
+        values = prompts.meta[column]
+    elif "kind" in prompts.meta:
+        values = prompts.meta["kind"]
+    elif prompts.challenging.any():
+        values = np.where(prompts.challenging, "challenging", "other")
+    else:
+        return {}
+    as_tuple = lambda v: tuple(str(x) for x in v) if isinstance(v, list | tuple) else (str(v),)  # noqa: E731
+    return {int(pid): as_tuple(v) for pid, v in zip(prompts.ids.tolist(), values)}
+
+
+def group_toxicity(
+    toxicity: np.ndarray, ok: np.ndarray, prompt_ids: np.ndarray, groups: dict[int, tuple]
+) -> dict[str, dict[str, float]]:
+    """RTP metrics over all completions and per group (a prompt may be in several)."""
+    from jaxdetox.evaluate import toxicity_summary
+
+    out = {"all": toxicity_summary(toxicity, ok, prompt_ids)}
+    names = sorted({g for gs in groups.values() for g in gs})
+    for name in names:
+        m = np.array([name in groups.get(int(p), ()) for p in prompt_ids])
+        out[name] = toxicity_summary(toxicity[m], ok[m], prompt_ids[m])
+    return out
+
+
+def detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
+    """AUROC / F1 / accuracy of the LM as a toxicity classifier (`eval.detection`)."""
+    from jaxdetox.evaluate.detection import DetectionConfig, evaluate_detection
+
+    d = exp.config.eval.detection
+    result = evaluate_detection(
+        exp.language_model(params), d.path, config=DetectionConfig(num_shots=d.num_shots),
+        shots=d.shots_path, text_field=d.text_field, label_field=d.label_field,
+        label_threshold=d.label_threshold, limit=d.limit,
+    )  # fmt: skip
+    return {k: float(v) for k, v in result.metrics.items() if np.isscalar(v)}
+
+
+def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
+    """lm-evaluation-harness scores per task (`eval.lm_eval`): the first accuracy-like
+    metric each task reports (acc_norm, acc, exact_match, ...)."""
+    from jaxdetox.evaluate.lm_eval_bridge import run_lm_eval
+
+    cfg = exp.config.eval.lm_eval
+    results = run_lm_eval(
+        exp.language_model(params), cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        include_path=cfg.include_path, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        for key in ("acc_norm,none", "acc,none", "exact_match,none", "word_perplexity,none"):
+            if key in metrics:
+                out[task] = float(metrics[key])
+                break
+    return out
 
 
 def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
@@ -102,7 +158,7 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
-    groups = group_summaries(toxicity, ok, prompt_ids, _prompt_groups(exp, prompt_ids))
+    groups = group_toxicity(toxicity, ok, prompt_ids, _prompt_groups(exp))
     completions = table["completion_tokens"].to_pylist()
     by_prompt: dict[int, list] = {}
     for pid, c in zip(prompt_ids.tolist(), completions):
@@ -114,6 +170,13 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
     metrics["perplexity"] = perplexity(exp, params, heldout_text_batches(exp), "heldout")
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
+    if cfg.detection is not None:
+        detection = detection_metrics(exp, params)
+        metrics["detection"] = detection
+        metrics["detection_auroc"] = detection.get("auroc")
+        metrics["detection_f1"] = detection.get("f1")
+    if cfg.lm_eval is not None:
+        metrics["utility"] = utility_metrics(exp, params)
     if exp.run.writer:
         path = exp.run.root / "eval" / f"lm_{version:03d}.json"
         path.write_text(json.dumps({"lm": version, **metrics}, indent=2))
