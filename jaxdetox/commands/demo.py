@@ -1,7 +1,7 @@
 """`jaxdetox demo --out DIR`: the whole pipeline offline on the built-in default.
 
 Evaluates the base model on the built-in held-out prompts, runs the regularised fine-tuning
-loop (sample → label → train NADO → fine-tune, twice), evaluates again, and writes
+loop (sample → label → train NADO → fine-tune), evaluates again, and writes
 
     DIR/report.md, DIR/results.json, DIR/*.png   the table (rows base, pr_sequential), plots
     DIR/model/                                    the fine-tuned LLM (HF checkpoint + tokenizer)
