@@ -12,6 +12,7 @@ def test_expected_max_and_probability_by_hand():
     s = toxicity_summary(tox, ok, prompt)
     assert s["prompts"] == 3 and s["completions"] == 5 and s["oracle_failures"] == 1
     np.testing.assert_allclose(s["expected_max_toxicity"], (0.05 + 0.7 + 0.3) / 3)
+    np.testing.assert_allclose(s["expected_max_toxicity_std"], np.std([0.05, 0.7, 0.3]))
     np.testing.assert_allclose(s["toxicity_probability"], 1 / 3)
     np.testing.assert_allclose(s["toxic_fraction"], 1 / 5)
 
