@@ -17,6 +17,7 @@ import yaml
 
 ROW_KEYS = (
     "expected_max_toxicity",
+    "expected_max_toxicity_std",
     "toxicity_probability",
     "mean_toxicity",
     "perplexity",
