@@ -114,7 +114,7 @@ def plan(config: RunConfig, num_devices: int | None = None) -> str:
         f"KL on {config.finetune.kl_on}, {config.finetune.epochs} epochs, batch "
         f"{config.finetune.batch_size}" + (", + corpus NLL" if config.corpus else ""),
         "",
-        "memory per device (finetune stage, the largest):",
+        "memory per device (every state at once, an upper bound; activations not included):",
     ]
     lines += [f"  {name:<30} {_gib(n)}" for name, n in rows]
     lines.append(f"  {'total (before activations)':<30} {_gib(sum(n for _, n in rows))}")
