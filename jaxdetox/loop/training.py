@@ -114,7 +114,8 @@ def fit(
         start = int(meta["step"])
         run.truncate_metrics(iteration, stage, start)
     peak, _ = flops_lib.device_peak_flops()
-    peak *= exp.mesh.size
+    if exp.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
+        peak *= exp.mesh.size
     last: dict[str, float] = {}
     bar = tqdm(
         total=total_steps, initial=start, desc=f"iter {iteration} {stage}", unit="step",
