@@ -60,6 +60,38 @@ def test_report_table_json_and_plots(fixture_run, tmp_path, capsys):
     assert "pr_sequential" in capsys.readouterr().out
 
 
+def test_lambda_sweep_plot_from_runs_at_several_lambdas(tmp_path):
+    from jaxdetox.commands.report import write_report
+
+    runs = []
+    for i, (lam, tox) in enumerate([(0.5, 0.15), (1.0, 0.12), (2.0, 0.09)]):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "config.yaml").write_text(
+            yaml.safe_dump({"method": "pr_sequential", "finetune": {"kl_weight": lam}})
+        )
+        records = [
+            _eval(0, 0.20, 0.60, 20.0),
+            _stage(1, "finetune", 5.0),
+            _eval(1, tox, 0.5, 20 + lam),
+        ]
+        (run / "manifest.json").write_text(json.dumps(records))
+        runs.append(run)
+    write_report(runs, tmp_path / "out")
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["method"], r.get("kl_weight")) for r in rows] == [
+        ("base", None),
+        ("pr_sequential", 0.5),
+        ("pr_sequential", 1.0),
+        ("pr_sequential", 2.0),
+    ]
+    data = (tmp_path / "out" / "lambda_sweep.png").read_bytes()
+    assert data[:4] == b"\x89PNG" and len(data) > 10_000
+    # a single λ draws no sweep
+    write_report(runs[:1], tmp_path / "one")
+    assert not (tmp_path / "one" / "lambda_sweep.png").exists()
+
+
 def test_report_on_a_non_run_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a jaxdetox run directory" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity probability,
 mean toxicity, perplexity on held-out text and of the generations, distinct-2, training
 time), `DIR/results.json` (the same rows) and PNG plots (toxicity per iteration, toxicity vs
-perplexity, time per iteration by stage). DIR defaults to the first run directory.
+perplexity, time per iteration by stage, and toxicity / perplexity against λ when the runs
+sweep it). DIR defaults to the first run directory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def write_report(runs: list[Path], out: Path) -> str:
         plots.toxicity_per_iteration(summaries, out),
         plots.toxicity_vs_perplexity(rows, out),
         plots.stage_times(summaries, out),
+        plots.lambda_sweep(rows, out),
     ]
     images = "\n".join(f"![{p.stem}]({p.name})" for p in made if p is not None)
     runs_list = "\n".join(f"- `{s['run']}` ({s['method']}, {s['scheme']})" for s in summaries)

@@ -84,3 +84,27 @@ def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "stage_times.png")
+
+
+def lambda_sweep(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Mean toxicity and held-out perplexity against λ, for methods run at several λ."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("kl_weight") is not None and r.get("mean_toxicity") is not None:
+            by_method.setdefault(r["method"], []).append(r)
+    sweeps = {m: sorted(rs, key=lambda r: r["kl_weight"]) for m, rs in by_method.items()}
+    sweeps = {m: rs for m, rs in sweeps.items() if len({r["kl_weight"] for r in rs}) > 1}
+    if not sweeps:
+        return None
+    fig, (tox_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, rs in sweeps.items():
+        lambdas = [r["kl_weight"] for r in rs]
+        tox_ax.plot(lambdas, [r["mean_toxicity"] for r in rs], marker="o", label=method)
+        ppl_ax.plot(lambdas, [r.get("perplexity") for r in rs], marker="o", label=method)
+    for ax, label in ((tox_ax, "mean toxicity"), (ppl_ax, "perplexity on held-out text")):
+        ax.set_xlabel("λ (weight of the KL term)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.capitalize()} vs λ")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out / "lambda_sweep.png")
