@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from jaxdetox.data import SampleStore
+from jaxdetox.data.packing import round_up
 from jaxdetox.evaluate.fluency import distinct_n, nll_sums, text_windows
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
@@ -197,6 +198,6 @@ def fluency_perplexity(exp: Experiment, store: SampleStore, version: int) -> flo
         shuffle=False,
         num_epochs=1,
         prompt_len=exp.prompt_len,
-        completion_len=exp.config.eval.max_new_tokens + (-exp.config.eval.max_new_tokens % 8),
+        completion_len=round_up(exp.config.eval.max_new_tokens, 8),
     )
     return perplexity(exp, exp.lm_params(0), list(batches), "fluency")

@@ -19,18 +19,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxdetox.train.state import key_path
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not match what the run expects."""
 
 
-def _path_str(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_str(p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat}
+    return {".".join(key_path(p)): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat}
 
 
 def describe_mismatch(stored: Any, target: Any) -> list[str]:

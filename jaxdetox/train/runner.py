@@ -102,14 +102,6 @@ class StepRunner:
             logger.info("compiled %s in %.1f s", self.name, time.perf_counter() - start)
         return self._compiled[key]
 
-    def cost_analysis(self, state: Any, host_batch: Any) -> dict[str, float]:
-        """XLA's cost analysis (flops, bytes accessed) of the compiled step."""
-        batch = place_batch(host_batch, self.mesh)
-        analysis = self.compile(state, batch).cost_analysis()
-        if isinstance(analysis, list):
-            analysis = analysis[0]
-        return dict(analysis or {})
-
     def __call__(self, state: Any, host_batch: Any) -> Any:
         """Run one step on a host batch: `(new state, device metrics)`, or only the metrics
         when built with `returns_state=False`."""

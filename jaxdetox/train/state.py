@@ -102,7 +102,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _key_path(path: tuple) -> tuple[str, ...]:
+def key_path(path: tuple) -> tuple[str, ...]:
+    """A jax key path as plain strings (dict keys, attribute names, sequence indices)."""
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
@@ -121,12 +122,12 @@ def opt_state_shardings(
         params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)
     )
     by_path = {
-        _key_path(path): (tuple(x.shape), s) for (path, x), s in zip(flat_params, flat_shardings)
+        key_path(path): (tuple(x.shape), s) for (path, x), s in zip(flat_params, flat_shardings)
     }
     rep = replicated(mesh)
 
     def leaf_sharding(path: tuple, leaf: Any) -> NamedSharding:
-        keys = _key_path(path)
+        keys = key_path(path)
         for start in range(len(keys)):
             match = by_path.get(keys[start:])
             if match is not None and match[0] == tuple(leaf.shape):
@@ -180,20 +181,3 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
-
-def state_memory_bytes(tree: Any) -> int:
-    """Total bytes of a (concrete or abstract) pytree's arrays (global, not per device)."""
-    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def per_device_bytes(tree: Any, shardings: Any) -> int:
-    """Bytes of a tree's arrays held by one device under `shardings` (the largest shard)."""
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        shard = s.shard_shape(tuple(x.shape)) if hasattr(s, "shard_shape") else x.shape
-        n = 1
-        for d in shard:
-            n *= d
-        total += n * jnp.dtype(x.dtype).itemsize
-    return total
