@@ -218,17 +218,53 @@ class MeshSection(Section):
         return self
 
 
+ROLES = ("sampler", "nado", "lm")
+
+
 class LoopSection(Section):
-    """The iteration scheme."""
+    """The iteration scheme and where its roles (sampler, NADO trainer, LLM trainer) run."""
 
     scheme: Literal["sequential", "parallel"] = "sequential"
-    placement: Literal["colocated"] = Field(
-        "colocated", description="parallel scheme: roles one after another on the whole mesh"
+    placement: Literal["colocated", "split", "jobs"] = Field(
+        "colocated",
+        description="colocated: the roles one after another on the whole mesh; split: "
+        "concurrently on disjoint sub-meshes of this host (`roles`); jobs: one program per "
+        "role (`jaxdetox run --role ...`), coordinating through the run directory",
+    )
+    roles: dict[Literal["sampler", "nado", "lm"], int | list[int]] = Field(
+        default_factory=dict,
+        description="split: each role's local devices, as indices into jax.devices() or a "
+        "count (counted off in the order sampler, nado, lm); each role's mesh is `mesh` "
+        "with its -1 filled from the role's devices",
     )
     iterations: int = Field(2, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="train steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     async_checkpoints: bool = True
+    wait_timeout: float = Field(
+        86400.0, gt=0, description="split/jobs: seconds a role waits for another's output"
+    )
+    poll_seconds: float = Field(5.0, gt=0, description="jobs: manifest polling interval")
+
+    @model_validator(mode="after")
+    def _roles_fit_placement(self) -> LoopSection:
+        if self.placement == "split":
+            missing = [r for r in ROLES if r not in self.roles]
+            if missing:
+                raise ValueError(f"placement 'split' needs devices for roles {missing}")
+            lists = [v for v in self.roles.values() if isinstance(v, list)]
+            if lists and len(lists) != len(ROLES):
+                raise ValueError("roles: give every role a device list, or every role a count")
+            flat = [d for v in lists for d in v]
+            if len(flat) != len(set(flat)):
+                raise ValueError(f"roles: the device lists must be disjoint, got {self.roles}")
+            if any(v < 1 for v in self.roles.values() if isinstance(v, int)) or any(
+                not v for v in lists
+            ):
+                raise ValueError(f"roles: every role needs at least one device, got {self.roles}")
+        elif self.roles:
+            raise ValueError(f"roles are for placement 'split' (placement is {self.placement!r})")
+        return self
 
 
 class RunConfig(Section):

@@ -50,9 +50,12 @@ def sample_stage(
     nado_params: Any = None,
     batch_size: int = 16,
     progress: bool = True,
+    versions: dict[str, int] | None = None,
 ) -> StageReport:
     """Sample `config.num_samples` completions per prompt from `params` (a train state's LM
     parameters, or `lm_sampler`'s; NADO-guided with `nado_params`) into `store`.
+    `versions` (e.g. `{"lm": 2}`: which model drew them) go into every chunk's metadata and
+    the stage's done record.
 
     Runs `sample_batches` and commits each batch as one chunk as it comes; every process
     commits its share of the batch's prompts under a chunk name with its process index.
@@ -93,10 +96,14 @@ def sample_stage(
             sampling_logprobs=out.logprobs,
             model_logprobs=out.model_logprobs,
             base_logprobs=out.base_logprobs,
-            metadata={"sampling": dataclasses.asdict(config), "guided": nado_params is not None},
+            metadata={
+                "sampling": dataclasses.asdict(config),
+                "guided": nado_params is not None,
+                "versions": versions or {},
+            },
         )
     seconds = time.perf_counter() - start
-    info = {"new_tokens": new_tokens, "compiles": sampler.compile_count}
+    info = {"new_tokens": new_tokens, "compiles": sampler.compile_count, "versions": versions or {}}
     store.mark_done(iteration, stage, {"prompts": len(prompts), **info})
     return StageReport(stage, len(prompts) - len(skip), len(skip), seconds, info)
 

@@ -45,3 +45,39 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
         math.exp(float(out["nll_sum"]) / float(out["tokens"])), 50, rtol=1e-5
     )
     assert float(out["tokens"]) == 25  # 29 tokens in 4 windows: 7 + 7 + 7 + 4 targets
+
+
+def test_continuation_perplexity_of_another_family_matches_transformers(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from jaxdetox.evaluate.fluency import continuation_perplexity
+    from jaxdetox.models import load_pretrained
+    from tests._tokenizer import make_tokenizer
+
+    # A GPT-2 fluency model with its own tokenizer (no BOS, another vocabulary).
+    tok = make_tokenizer(vocab_size=300)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=2, eos_token_id=2)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    prompts = ["The quick brown fox", "Thanks for the help ", "Prices rose", "A long time"]
+    completions = [" jumps over the dog.", "with the report!", "", " ago the city built"]
+    ours = continuation_perplexity(
+        load_pretrained(tmp_path / "gpt2"), prompts, completions, batch_size=2
+    )
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    nll, tokens = 0.0, 0
+    for p, c in zip(prompts, completions):
+        if not c:
+            continue
+        context = tok.encode(p.rstrip())
+        whole = tok.encode(p.rstrip() + p[len(p.rstrip()) :] + c)
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([whole])).logits[0].double(), -1)
+        for i in range(len(context), len(whole)):
+            nll -= float(logp[i - 1, whole[i]])
+        tokens += len(whole) - len(context)
+    np.testing.assert_allclose(ours, math.exp(nll / tokens), rtol=1e-4)

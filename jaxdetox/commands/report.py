@@ -30,7 +30,7 @@ def write_report(runs: list[Path], out: Path) -> str:
     import json
 
     from jaxdetox.evaluate import plots
-    from jaxdetox.evaluate.runs import collect, results_markdown
+    from jaxdetox.evaluate.runs import collect, iteration_time_markdown, results_markdown
 
     rows, summaries = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,11 +40,16 @@ def write_report(runs: list[Path], out: Path) -> str:
         plots.toxicity_per_iteration(summaries, out),
         plots.toxicity_vs_perplexity(rows, out),
         plots.stage_times(summaries, out),
+        plots.iteration_times(summaries, out),
         plots.lambda_sweep(rows, out),
     ]
     images = "\n".join(f"![{p.stem}]({p.name})" for p in made if p is not None)
-    runs_list = "\n".join(f"- `{s['run']}` ({s['method']}, {s['scheme']})" for s in summaries)
-    (out / "report.md").write_text(f"# Results\n\n{table}\nRuns:\n{runs_list}\n\n{images}\n")
+    runs_list = "\n".join(
+        f"- `{s['run']}` ({s['method']}, {s['scheme']}, {s['placement']})" for s in summaries
+    )
+    times = iteration_time_markdown(summaries)
+    times = f"## Iteration time\n\n{times}\n" if times else ""
+    (out / "report.md").write_text(f"# Results\n\n{table}\n{times}Runs:\n{runs_list}\n\n{images}\n")
     return table
 
 

@@ -3,6 +3,7 @@
     jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny
     jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny finetune.kl_weight=0.5
     jaxdetox run experiments/tiny/pr_sequential.yaml --dry-run     # validate + plan only
+    jaxdetox run CONFIG --out gs://bucket/run --role lm    # one role (loop.placement=jobs)
 
 Rerunning the same command resumes the run where it stopped: finished stages are skipped,
 sampling and labelling continue from their committed chunks, training from its last
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxdetox.config import ROLES
 from jaxdetox.loop.session import add_distributed_args
 
 
@@ -33,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        help="loop.placement=jobs: run this role only (start one program per role on the same "
+        "--out; each waits for the others' outputs)",
+    )
     add_distributed_args(p)
     p.set_defaults(func=run)
 
@@ -54,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
                 config = resolve_run_config(None, args.out, overrides)
             else:
                 config = load_config(config_path, overrides)
+            from jaxdetox.loop.flow import describe_flow
+
             print(plan(config))
+            print()
+            print(describe_flow(config))
             return 0
         if args.out is None:
             raise ConfigError("jaxdetox run: --out RUN_DIR is required")
@@ -62,26 +74,37 @@ def run(args: argparse.Namespace) -> int:
 
         init_distributed(args)
         config = resolve_run_config(config_path, args.out, overrides)
+        placement = config.loop.placement
+        if (placement == "jobs") != (args.role is not None):
+            raise ConfigError(
+                f"loop.placement is {placement!r}: "
+                + (
+                    "start each role with --role sampler|nado|lm (one program per role)"
+                    if args.role is None
+                    else "--role is only for loop.placement=jobs"
+                )
+            )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return execute(config, args.out, progress=not args.no_progress)
+    return execute(config, args.out, progress=not args.no_progress, role=args.role)
 
 
-def execute(config: object, out: Path, *, progress: bool = True) -> int:
-    """Run (or resume) the experiment in `out`."""
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.parallel import run_parallel
-    from jaxdetox.loop.sequential import run_sequential
+def execute(config: object, out: Path, *, progress: bool = True, role: str | None = None) -> int:
+    """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`)."""
+    from jaxdetox.loop.placement import run_placed
     from jaxdetox.loop.session import open_run, setup_logging
 
     setup_logging()
     start = time.perf_counter()
-    run_dir = open_run(config, out)
-    exp = Experiment(config, run_dir, progress=progress)
-    (run_parallel if config.loop.scheme == "parallel" else run_sequential)(exp)
+    run_dir = open_run(config, out, role=role)
+    complete = run_placed(config, run_dir, role=role, progress=progress)
     run_dir.close()
-    print(f"run {config.name!r} complete in {time.perf_counter() - start:.0f} s: {out}")
+    took = time.perf_counter() - start
+    if not complete:
+        print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
+        return 0
+    print(f"run {config.name!r} complete in {took:.0f} s: {out}")
     print(f"  manifest {out / 'manifest.json'}, metrics {out / 'metrics.jsonl'}")
     print(f"  final LLM {out / 'final' / 'model'} (HF checkpoint), NADO {out / 'final' / 'nado'}")
     return 0

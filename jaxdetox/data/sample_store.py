@@ -362,6 +362,11 @@ class SampleStore:
         path = directory / f"{_check_name('stage', stage)}.done.json"
         _write_json_atomic(path, {"stage": stage, "time": time.time(), **(info or {})})
 
+    def done_info(self, iteration: int, stage: str) -> dict[str, Any] | None:
+        """The info `mark_done(iteration, stage, info)` committed, or None if not done."""
+        path = self._iter_dir(iteration) / f"{_check_name('stage', stage)}.done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
     def is_done(self, iteration: int, stage: str) -> bool:
         """Whether `mark_done(iteration, stage)` was committed."""
         return (self._iter_dir(iteration) / f"{_check_name('stage', stage)}.done.json").exists()

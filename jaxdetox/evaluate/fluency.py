@@ -6,6 +6,9 @@
   (each window restarts its positions; the first token of a window is context only).
 - `nll_sums`: the pure function a runner jits: Σ NLL and Σ tokens of a batch under an LLM,
   from hidden states in token chunks (no `[B, T, V]` logits). Perplexity = exp(Σ NLL / Σ n).
+- `continuation_perplexity`: perplexity of completions given their prompts under any
+  `LanguageModel` — re-tokenised with *its* tokenizer, so the fluency model (the paper's
+  practice: a larger model than the one evaluated) may come from another family.
 """
 
 from __future__ import annotations
@@ -77,3 +80,19 @@ def nll_sums(params: Any, batch: dict[str, dict[str, jax.Array]], *, graphdef: A
         nll_sum += jnp.sum(nll * mask)
         tokens += jnp.sum(mask)
     return {"nll_sum": nll_sum, "tokens": tokens}
+
+
+def continuation_perplexity(
+    lm: Any, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 16
+) -> float:
+    """exp(−Σ log p(completion | prompt) / Σ completion tokens) under `lm`, each text pair
+    tokenised by `lm.tokenizer` as lm-eval splits it; empty completions are left out."""
+    from jaxdetox.evaluate.loglikelihood import encode_pair, score_continuations
+
+    pairs = [encode_pair(lm.tokenizer, p, c) for p, c in zip(prompts, completions) if c]
+    pairs = [(ctx, cont) for ctx, cont in pairs if cont]
+    if not pairs:
+        return float("nan")
+    scores = score_continuations(lm, pairs, batch_size=batch_size)
+    tokens = sum(len(cont) for _, cont in pairs)
+    return float(np.exp(-sum(logp for logp, _ in scores) / tokens))

@@ -86,6 +86,29 @@ def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     return _save(fig, out / "stage_times.png")
 
 
+def iteration_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
+    """Per run and iteration: measured wall time next to the sum of its stages (the
+    sequential cost) and its slowest stage (the ideal overlapped cost)."""
+    bars = [(s, it, w) for s in summaries for it, w in s.get("walls", {}).items()]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(bars) + 2), 4))
+    x = range(len(bars))
+    width = 0.28
+    for offset, key, label in ((-width, "sum", "sum of stages"), (0.0, "wall", "wall time"),
+                               (width, "slowest", "slowest stage")):  # fmt: skip
+        ax.bar([i + offset for i in x], [w[key] for _, _, w in bars], width, label=label)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(
+        [f"{s['method']} ({s['placement']})\niter {it}" for s, it, _ in bars], fontsize=8
+    )
+    ax.set_ylabel("seconds")
+    ax.set_title("Iteration time: sequential cost vs measured vs ideal overlap")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out / "iteration_times.png")
+
+
 def lambda_sweep(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Mean toxicity and held-out perplexity against λ, for methods run at several λ."""
     by_method: dict[str, list[dict[str, Any]]] = {}

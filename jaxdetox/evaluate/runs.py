@@ -8,7 +8,6 @@ plots. Rows always carry `method`, `expected_max_toxicity`, `toxicity_probabilit
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,12 @@ TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
 
 
 def _manifest(run: Path) -> list[dict[str, Any]]:
-    path = run / "manifest.json"
-    if not path.exists():
+    from jaxdetox.loop.rundir import read_manifest
+
+    records = read_manifest(run)
+    if not records:
         raise FileNotFoundError(f"{run}: no manifest.json (not a jaxdetox run directory)")
-    return json.loads(path.read_text())
+    return records
 
 
 def _config(run: Path) -> dict[str, Any]:
@@ -64,6 +65,24 @@ def iteration_times(records: list[dict[str, Any]]) -> dict[int, dict[str, float]
     return times
 
 
+def iteration_walls(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Per iteration: `wall` (first training stage's start to the last one's end), `sum` (its
+    stages one after another) and `slowest` (one stage: what a perfectly overlapped
+    iteration costs), in seconds, from done records that carry start times."""
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        if r["stage"] in TRAIN_STAGES and r["status"] == "done" and r.get("started") is not None:
+            spans.setdefault(r["iteration"], []).append((r["started"], r["seconds"]))
+    return {
+        it: {
+            "wall": max(s + d for s, d in pairs) - min(s for s, _ in pairs),
+            "sum": sum(d for _, d in pairs),
+            "slowest": max(d for _, d in pairs),
+        }
+        for it, pairs in sorted(spans.items())
+    }
+
+
 def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything a report needs from one run: rows, eval curve, stage times, scheme."""
     run = Path(run)
@@ -86,9 +105,10 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     curve = [
         {"iteration": r["iteration"], **{k: r["outputs"].get(k) for k in ROW_KEYS}} for r in evals
     ]
-    scheme = config.get("loop", {}).get("scheme", "sequential")
-    return {"run": str(run), "method": method, "scheme": scheme, "rows": rows,
-            "curve": curve, "times": times}  # fmt: skip
+    loop = config.get("loop", {})
+    return {"run": str(run), "method": method, "scheme": loop.get("scheme", "sequential"),
+            "placement": loop.get("placement", "colocated"), "rows": rows, "curve": curve,
+            "times": times, "walls": iteration_walls(records)}  # fmt: skip
 
 
 def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]:
@@ -117,6 +137,31 @@ def _utility(scores: dict[str, float] | None) -> str:
     if not scores:
         return "–"
     return ", ".join(f"{task} {value:.3f}" for task, value in sorted(scores.items()))
+
+
+def iteration_time_markdown(summaries: list[dict[str, Any]]) -> str:
+    """Sequential vs parallel: mean iteration wall time per run, against the sum of its
+    stages and its slowest stage (iteration 1 of the parallel scheme is its warm-up)."""
+    lines = [
+        "| run | scheme | placement | iterations | wall / iteration (s) | sum of stages (s) "
+        "| slowest stage (s) | wall / slowest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        walls = s["walls"]
+        if s["scheme"] == "parallel":
+            walls = {it: w for it, w in walls.items() if it > 1} or walls
+        if not walls:
+            continue
+        mean = {
+            k: sum(w[k] for w in walls.values()) / len(walls) for k in ("wall", "sum", "slowest")
+        }
+        lines.append(
+            f"| {s['method']} | {s['scheme']} | {s['placement']} | {len(walls)} "
+            f"| {mean['wall']:.1f} | {mean['sum']:.1f} | {mean['slowest']:.1f} "
+            f"| {mean['wall'] / mean['slowest']:.2f} |"
+        )
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def results_markdown(rows: list[dict[str, Any]]) -> str:

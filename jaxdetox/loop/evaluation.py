@@ -20,7 +20,12 @@ import numpy as np
 
 from jaxdetox.data import SampleStore
 from jaxdetox.data.packing import round_up
-from jaxdetox.evaluate.fluency import distinct_n, nll_sums, text_windows
+from jaxdetox.evaluate.fluency import (
+    continuation_perplexity,
+    distinct_n,
+    nll_sums,
+    text_windows,
+)
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.state import Params
@@ -186,11 +191,16 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
 
 def fluency_perplexity(exp: Experiment, store: SampleStore, version: int) -> float:
     """Perplexity of LLM_version's eval completions (given their prompts) under the
-    fluency model (`base`: the base LLM; a larger model in the paper's practice)."""
+    fluency model: `base` (the base LLM, on the stored tokens) or a checkpoint path (the
+    paper's practice: a larger model; texts re-tokenised with its own tokenizer)."""
     cfg = exp.config.eval
     if cfg.fluency_model != "base":
-        raise NotImplementedError(
-            f"eval.fluency_model = {cfg.fluency_model!r}: only 'base' and 'none' are wired in"
+        table = store.read(version)
+        return continuation_perplexity(
+            fluency_lm(exp),
+            table["prompt_text"].to_pylist(),
+            table["completion_text"].to_pylist(),
+            batch_size=cfg.batch_size,
         )
     batches = store.batches(
         version,
@@ -201,3 +211,17 @@ def fluency_perplexity(exp: Experiment, store: SampleStore, version: int) -> flo
         completion_len=round_up(exp.config.eval.max_new_tokens, 8),
     )
     return perplexity(exp, exp.lm_params(0), list(batches), "fluency")
+
+
+def fluency_lm(exp: Experiment) -> Any:
+    """The configured fluency model on the experiment's mesh (loaded once per experiment)."""
+    from jaxdetox.models import load_pretrained
+
+    path = exp.config.eval.fluency_model
+    cached = exp.runners.get(("fluency_lm", path))
+    if cached is None:
+        cached = load_pretrained(path, mesh=exp.mesh, dtype=exp.config.model.dtype)
+        if cached.tokenizer is None:
+            raise ValueError(f"eval.fluency_model {path!r}: no tokenizer files found there")
+        exp.runners["fluency_lm", path] = cached
+    return cached

@@ -4,13 +4,18 @@ blocks, the sample store, the oracle, and the versioned artefacts (LLM_j, NADO_k
 Artefacts are versioned by iteration: `lm_params(j)` is LLM_j (0 = the base model),
 `nado_params(k)` is NADO_k (0 = the initial NADO). Each is kept in memory once made and
 otherwise restored from the stage checkpoint that produced it (`iter_00j/finetune/artifact`,
-`iter_00k/train_nado/artifact`), so a restarted run never recomputes a finished stage.
+`iter_00k/train_nado/artifact`), so a restarted run never recomputes a finished stage. With
+the `split` placement each role has its own `Experiment` on its own sub-mesh, and a version
+another role made is taken from their shared `Handover` by `jax.device_put` (a resharding
+copy between sub-meshes) instead of from disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from functools import cached_property
 from typing import Any
 
@@ -41,10 +46,31 @@ logger = logging.getLogger(__name__)
 ARTIFACT = "artifact"
 
 
-def mesh_for(config: RunConfig) -> jax.sharding.Mesh:
-    """The run's device mesh."""
+def mesh_for(config: RunConfig, devices: list[Any] | None = None) -> jax.sharding.Mesh:
+    """The run's device mesh (on `devices`, default all)."""
     m = config.mesh
-    return sharding.make_mesh((m.data, m.fsdp, m.tensor))
+    return sharding.make_mesh((m.data, m.fsdp, m.tensor), devices)
+
+
+class Handover:
+    """Finished artefacts of the role threads of one program, by (kind, version)."""
+
+    def __init__(self) -> None:
+        """An empty hand-over table."""
+        self._items: dict[tuple[str, int], Params] = {}
+        self._lock = threading.Lock()
+
+    def put(self, kind: str, version: int, params: Params) -> None:
+        """Publish `kind` (lm | nado) `version`; drops versions two or more older."""
+        with self._lock:
+            self._items[kind, version] = params
+            for old in [k for k in self._items if k[0] == kind and k[1] < version - 1]:
+                del self._items[old]
+
+    def get(self, kind: str, version: int) -> Params | None:
+        """The published params, or None."""
+        with self._lock:
+            return self._items.get((kind, version))
 
 
 def builtin_prompt_set(split: str, kind: str | None) -> PromptSet:
@@ -61,12 +87,22 @@ def builtin_prompt_set(split: str, kind: str | None) -> PromptSet:
 class Experiment:
     """Shared state of one run (built once per process)."""
 
-    def __init__(self, config: RunConfig, run: RunDir, *, progress: bool = True) -> None:
-        """Load the base LLM onto the mesh and open the sample store."""
+    def __init__(
+        self,
+        config: RunConfig,
+        run: RunDir,
+        *,
+        progress: bool = True,
+        devices: list[Any] | None = None,
+        handover: Handover | None = None,
+    ) -> None:
+        """Load the base LLM onto the mesh (over `devices`, default all) and open the sample
+        store; `handover`: the table shared with other roles' experiments of this program."""
         self.config = config
         self.run = run
         self.progress = progress
-        self.mesh = mesh_for(config)
+        self.handover = handover
+        self.mesh = mesh_for(config, devices)
         logger.info("loading %s onto mesh %s", config.model.path, dict(self.mesh.shape))
         base = load_pretrained(
             config.model.path,
@@ -96,28 +132,40 @@ class Experiment:
         )
         self.nado_graph, self.nado_abstract, nado_params = split_params(initial_nado)
         self.nado_shardings = param_shardings(self.nado_abstract, self.mesh)
+        self.handover_seconds = 0.0  # spent bringing in other stages' LLM / NADO versions
         self._lm: dict[int, Params] = {0: base_params}
         self._nado: dict[int, Params] = {0: nado_params}
         self.store = SampleStore(run.samples)
-        self.runners: dict[tuple, Any] = {}  # compiled train steps, reused across iterations
+        # compiled train steps (and the eval fluency model), reused across iterations
+        self.runners: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ artefacts
 
     def lm_params(self, iteration: int) -> Params:
-        """LLM_iteration (0 = base), from memory or its finetune artefact."""
+        """LLM_iteration (0 = base), from memory, another role, or its finetune artefact."""
         if iteration not in self._lm:
-            self._lm[iteration] = self._restore_artifact(
-                iteration, "finetune", self.lm_abstract, self.lm_shardings
-            )
+            self._lm[iteration] = self._fetch("lm", iteration, self.lm_abstract, self.lm_shardings)
         return self._lm[iteration]
 
     def nado_params(self, iteration: int) -> Params:
-        """NADO_iteration (0 = initial), from memory or its train_nado artefact."""
+        """NADO_iteration (0 = initial), from memory, another role, or its train_nado
+        artefact."""
         if iteration not in self._nado:
-            self._nado[iteration] = self._restore_artifact(
-                iteration, "train_nado", self.nado_abstract, self.nado_shardings
+            self._nado[iteration] = self._fetch(
+                "nado", iteration, self.nado_abstract, self.nado_shardings
             )
         return self._nado[iteration]
+
+    def _fetch(self, kind: str, iteration: int, abstract: Any, shardings: Params) -> Params:
+        start = time.perf_counter()
+        shared = self.handover.get(kind, iteration) if self.handover else None
+        if shared is not None:  # made by another role on its sub-mesh: reshard onto ours
+            params = jax.block_until_ready(jax.device_put(shared, shardings))
+        else:
+            stage = "finetune" if kind == "lm" else "train_nado"
+            params = self._restore_artifact(iteration, stage, abstract, shardings)
+        self.handover_seconds += time.perf_counter() - start
+        return params
 
     def keep(self, kind: str, iteration: int, params: Params) -> None:
         """Hold a finished artefact in memory (and drop versions no stage will need)."""
@@ -125,12 +173,17 @@ class Experiment:
         table[iteration] = params
         for old in [k for k in table if 0 < k < iteration - 1]:
             del table[old]
+        if self.handover is not None:
+            self.handover.put(kind, iteration, params)
 
-    def save_artifact(self, iteration: int, stage: str, params: Params) -> str:
-        """Write a stage's output parameters (orbax, atomic); returns the directory."""
+    def save_artifact(
+        self, iteration: int, stage: str, params: Params, inputs: dict[str, int]
+    ) -> str:
+        """Write a stage's output parameters (orbax, atomic) with the versions they were made
+        from; returns the directory."""
         directory = self.run.stage_dir(iteration, stage) / ARTIFACT
         with Checkpointer(directory, keep=1, async_save=False) as ckpt:
-            ckpt.save(0, params)
+            ckpt.save(0, params, meta={"iteration": iteration, "stage": stage, "inputs": inputs})
         return str(directory)
 
     def _restore_artifact(
@@ -144,7 +197,16 @@ class Experiment:
             )
         target = abstract_like(nnx.to_pure_dict(abstract), shardings)
         with Checkpointer(directory, keep=1, async_save=False) as ckpt:
-            params, _, _ = ckpt.restore(target, step=0)
+            params, _, meta = ckpt.restore(target, step=0)
+        record = self.run.record(iteration, stage)
+        made_from = meta.get("inputs")
+        if record is not None and made_from is not None and made_from != record["inputs"]:
+            from jaxdetox.loop.flow import VersionError, describe
+
+            raise VersionError(
+                f"{directory}: made from {describe(made_from)}, but the manifest's {stage} of "
+                f"iteration {iteration} consumed {describe(record['inputs'])}"
+            )
         return params
 
     def lm_module(self, params: Params) -> nnx.Module:

@@ -1,7 +1,8 @@
 """The run directory: resolved config, manifest of stage records, metrics, artefact paths.
 
     RUN/config.yaml           the resolved config (a rerun must match it)
-    RUN/manifest.json         [{"iteration", "stage", "status", "inputs", "outputs", "seconds"}]
+    RUN/manifest.json         [{"iteration", "stage", "status", "inputs", "outputs", "seconds",
+                                "started", "role", "devices", "device_seconds"}]
     RUN/metrics.jsonl         one JSON object per logged step
     RUN/tensorboard/          the same scalars as TensorBoard events
     RUN/samples/              the sample store (every iteration's samples and labels)
@@ -11,12 +12,19 @@
 Stage `inputs` name the iteration whose artefact the stage consumed: `lm` (0 = the base
 LLM), `nado` (0 = the initial NADO), `samples`. Only process 0 writes the manifest and the
 logs; every write is atomic (temp file + rename), so a kill never leaves a torn file.
+
+With the `jobs` placement each role is its own program writing its own files —
+`manifest.<role>.json`, `metrics.<role>.jsonl`, `tensorboard/<role>/` — so no two programs
+ever write one file (which no shared filesystem or object store would make safe); readers
+merge them, and the role that finishes last writes the merged `manifest.json`. Threads of
+one program (the `split` placement) share one `RunDir`, whose writes take a lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +35,43 @@ STAGES = ("sample", "label", "train_nado", "finetune", "eval")
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-class RunDir:
-    """Paths and bookkeeping of one run directory."""
+def _stage_key(record: dict[str, Any]) -> tuple[int, int]:
+    return record["iteration"], STAGES.index(record["stage"])
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        """Use (and create) `root`."""
+
+def read_manifest(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every stage record of the run in `root`: `manifest.json` merged with the per-role
+    manifests of the `jobs` placement (a role's own record wins), in iteration order."""
+    root = Path(root)
+    merged: dict[tuple[int, str], dict[str, Any]] = {}
+    paths = [root / "manifest.json", *sorted(root.glob("manifest.*.json"))]
+    for path in paths:
+        if path.exists():
+            for r in json.loads(path.read_text()):
+                merged[r["iteration"], r["stage"]] = r
+    return sorted(merged.values(), key=_stage_key)
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory (of one role, with the `jobs` placement)."""
+
+    def __init__(self, root: str | os.PathLike[str], role: str | None = None) -> None:
+        """Use (and create) `root`; `role` gives the role's own manifest and metrics files."""
         self.root = Path(root)
+        self.role = role
         self.writer = jax.process_index() == 0
         if self.writer:
             self.root.mkdir(parents=True, exist_ok=True)
         self._tb = None
+        self._lock = threading.RLock()  # role threads of the `split` placement share this
+
+    def _own(self, name: str, suffix: str) -> Path:
+        return self.root / (f"{name}.{self.role}{suffix}" if self.role else f"{name}{suffix}")
 
     # ------------------------------------------------------------------ paths
 
@@ -63,14 +93,19 @@ class RunDir:
 
     @property
     def manifest_path(self) -> Path:
-        """`manifest.json`."""
-        return self.root / "manifest.json"
+        """The manifest this program writes: `manifest.json` (`manifest.<role>.json`)."""
+        return self._own("manifest", ".json")
 
     def manifest(self) -> list[dict[str, Any]]:
-        """All stage records (empty for a new run)."""
-        if not self.manifest_path.exists():
-            return []
-        return json.loads(self.manifest_path.read_text())
+        """All stage records of the run, every role's (empty for a new run)."""
+        with self._lock:
+            return read_manifest(self.root)
+
+    def write_merged_manifest(self) -> None:
+        """Write every role's records into `manifest.json` (the `jobs` placement's last role)."""
+        if self.writer:
+            text = json.dumps(self.manifest(), indent=2) + "\n"
+            _atomic_write(self.root / "manifest.json", text)
 
     def record(self, iteration: int, stage: str) -> dict[str, Any] | None:
         """The record of `stage` in `iteration`, if any."""
@@ -93,72 +128,90 @@ class RunDir:
         inputs: dict[str, int | None],
         outputs: dict[str, Any] | None = None,
         seconds: float | None = None,
+        role: str | None = None,
+        devices: int | None = None,
+        started: float | None = None,
     ) -> None:
-        """Create or replace the record of (iteration, stage) and write the manifest."""
+        """Create or replace the record of (iteration, stage) in this program's manifest.
+
+        `devices`: how many devices the stage ran on; with `seconds` it gives the record's
+        `device_seconds` (what the stage cost, whatever ran beside it). `started`: wall-clock
+        start (epoch seconds); with `seconds` it places the stage on the run's timeline.
+        """
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r}; expected one of {STAGES}")
         if not self.writer:
             return
-        records = [
-            r for r in self.manifest() if not (r["iteration"] == iteration and r["stage"] == stage)
-        ]
-        records.append(
-            {
-                "iteration": iteration,
-                "stage": stage,
-                "status": status,
-                "inputs": inputs,
-                "outputs": outputs or {},
-                "seconds": None if seconds is None else round(float(seconds), 3),
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-        )
-        records.sort(key=lambda r: (r["iteration"], STAGES.index(r["stage"])))
-        _atomic_write(self.manifest_path, json.dumps(records, indent=2) + "\n")
+        record = {
+            "iteration": iteration,
+            "stage": stage,
+            "status": status,
+            "inputs": inputs,
+            "outputs": outputs or {},
+            "seconds": None if seconds is None else round(float(seconds), 3),
+            "started": None if started is None else round(started, 3),
+            "role": role,
+            "devices": devices,
+            "device_seconds": (
+                None if seconds is None or devices is None else round(seconds * devices, 3)
+            ),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        with self._lock:
+            own = json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else []
+            records = [r for r in own if (r["iteration"], r["stage"]) != (iteration, stage)]
+            records = sorted([*records, record], key=_stage_key)
+            _atomic_write(self.manifest_path, json.dumps(records, indent=2) + "\n")
 
     # ------------------------------------------------------------------ metrics
 
     @property
     def metrics_path(self) -> Path:
-        """`metrics.jsonl`."""
-        return self.root / "metrics.jsonl"
+        """The metrics file this program writes: `metrics.jsonl` (`metrics.<role>.jsonl`)."""
+        return self._own("metrics", ".jsonl")
 
     def truncate_metrics(self, iteration: int, stage: str, after_step: int) -> None:
         """Drop logged steps of a stage beyond `after_step` (a resumed stage redoes them)."""
         if not self.writer or not self.metrics_path.exists():
             return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("iteration") == iteration and r.get("stage") == stage:
-                if r.get("step", 0) > after_step:
-                    continue
-            kept.append(line)
-        _atomic_write(self.metrics_path, "".join(k + "\n" for k in kept))
+        with self._lock:
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                r = json.loads(line)
+                if r.get("iteration") == iteration and r.get("stage") == stage:
+                    if r.get("step", 0) > after_step:
+                        continue
+                kept.append(line)
+            _atomic_write(self.metrics_path, "".join(k + "\n" for k in kept))
 
     def log(self, iteration: int, stage: str, step: int, scalars: dict[str, float]) -> None:
         """Append one metrics record (JSONL) and the same scalars to TensorBoard."""
         if not self.writer:
             return
         record = {"iteration": iteration, "stage": stage, "step": step, **scalars}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        tb = self._tensorboard()
-        if tb is not None:
+        with self._lock:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            tb = self._tensorboard()
             for key, value in scalars.items():  # one curve per iteration, grouped by stage
                 tb.add_scalar(f"{stage}/iter_{iteration:03d}/{key}", value, step)
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Every logged record."""
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        """Every logged record (every role's)."""
+        paths = [self.root / "metrics.jsonl", *sorted(self.root.glob("metrics.*.jsonl"))]
+        return [
+            json.loads(line)
+            for path in paths
+            if path.exists()
+            for line in path.read_text().splitlines()
+        ]
 
     def _tensorboard(self) -> Any:
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.root / "tensorboard"), flush_secs=10)
+            logdir = self.root / "tensorboard" / (self.role or "")
+            self._tb = SummaryWriter(str(logdir), flush_secs=10)
         return self._tb
 
     def close(self) -> None:

@@ -39,8 +39,11 @@ def run_stage(
 ) -> bool:
     """Run one stage unless the manifest has it done; record it. Returns True if it ran.
 
-    `versions`: artefact versions the stage produces, recorded in its outputs.
+    `versions`: artefact versions the stage produces, recorded in its outputs. A stage that
+    raises is recorded `failed` (with the error), so roles waiting for it stop too.
     """
+    from jaxdetox.loop.flow import ROLE_OF
+
     run = exp.run
     if run.is_done(iteration, stage):
         logger.info("iteration %d %s: done earlier, skipped", iteration, stage)
@@ -51,25 +54,37 @@ def run_stage(
             f"iteration {iteration} {stage}: a started record consumed {previous['inputs']}, "
             f"this run would consume {inputs}; refusing to mix versions"
         )
-    run.update_record(iteration, stage, status="running", inputs=inputs)
-    start = time.perf_counter()
-    outputs = {**(versions or {}), **body()}
+    where = {
+        "role": ROLE_OF[stage],
+        "devices": int(exp.mesh.devices.size),
+        "started": time.time(),
+    }
+    run.update_record(iteration, stage, status="running", inputs=inputs, **where)
+    start, fetched = time.perf_counter(), exp.handover_seconds
+    try:
+        outputs = {**(versions or {}), **body()}
+        # time spent resharding / restoring other stages' models (the schedule's hand-over)
+        outputs["handover_seconds"] = round(exp.handover_seconds - fetched, 3)
+    except Exception as e:
+        run.update_record(
+            iteration, stage, status="failed", inputs=inputs,
+            outputs={"error": f"{type(e).__name__}: {e}"}, **where,
+        )  # fmt: skip
+        raise
     _barrier(f"{stage}-{iteration}")
     run.update_record(
         iteration, stage, status="done", inputs=inputs, outputs=outputs,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, **where,
     )  # fmt: skip
     return True
 
 
-def sample_and_label(
-    exp: Experiment, iteration: int, lm_version: int, samples: int, block: int
-) -> None:
-    """Stages 1–2 run in `iteration`: S_{samples} from LLM_{lm_version} on prompt block
-    `block` (0-based; every sample version has its own block)."""
-    from jaxdetox.stages import label_stage, sample_stage
+def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block: int) -> None:
+    """Stage 1 run in `iteration`: S_{samples} from LLM_{lm_version} on prompt block `block`
+    (0-based; every sample version has its own block). The store records LLM_{lm_version}."""
+    from jaxdetox.stages import sample_stage
 
-    def sample() -> dict[str, Any]:
+    def body() -> dict[str, Any]:
         report = sample_stage(
             exp.sampler,
             exp.sampler_params(lm_version),
@@ -80,18 +95,33 @@ def sample_and_label(
             tokenizer=exp.tokenizer,
             batch_size=exp.config.sampling.batch_size,
             progress=exp.progress,
+            versions={"lm": lm_version},
         )
         return {"prompts": report.processed + report.skipped, **report.extra}
 
-    def label() -> dict[str, Any]:
+    run_stage(exp, iteration, "sample", {"lm": lm_version}, body, {"samples": samples})
+
+
+def label(exp: Experiment, iteration: int, samples: int) -> None:
+    """Stage 2 run in `iteration`: the oracle's labels of S_{samples}."""
+    from jaxdetox.stages import label_stage
+
+    def body() -> dict[str, Any]:
         report = label_stage(
             exp.store, samples, exp.oracle, exp.label_name,
             batch_size=exp.config.oracle.batch_size, progress=exp.progress,
         )  # fmt: skip
         return {"scored": report.processed, **report.extra}
 
-    run_stage(exp, iteration, "sample", {"lm": lm_version}, sample, {"samples": samples})
-    run_stage(exp, iteration, "label", {"samples": samples}, label)
+    run_stage(exp, iteration, "label", {"samples": samples}, body)
+
+
+def sample_and_label(
+    exp: Experiment, iteration: int, lm_version: int, samples: int, block: int
+) -> None:
+    """Stages 1–2 run in `iteration`: S_{samples} from LLM_{lm_version}, then its labels."""
+    sample(exp, iteration, lm_version, samples, block)
+    label(exp, iteration, samples)
 
 
 def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
@@ -110,13 +140,12 @@ def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int)
 
     def body() -> dict[str, Any]:
         result = train_nado_stage(exp, iteration, nado_version=nado_version, samples=samples)
-        artifact = exp.save_artifact(iteration, "train_nado", result.params)
+        artifact = exp.save_artifact(iteration, "train_nado", result.params, inputs)
         exp.keep("nado", iteration, result.params)
         return _training_outputs(result, artifact)
 
-    run_stage(
-        exp, iteration, "train_nado", {"lm": 0, "nado": nado_version, "samples": samples}, body
-    )
+    inputs = {"lm": 0, "nado": nado_version, "samples": samples}
+    run_stage(exp, iteration, "train_nado", inputs, body)
 
 
 def finetune(
@@ -128,7 +157,7 @@ def finetune(
         result = finetune_stage(
             exp, iteration, lm_version=lm_version, nado_version=nado_version, samples=samples
         )
-        artifact = exp.save_artifact(iteration, "finetune", result.params)
+        artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
         exp.keep("lm", iteration, result.params)
         return _training_outputs(result, artifact)
 
@@ -154,26 +183,8 @@ def evaluate(exp: Experiment, version: int) -> None:
     run_stage(exp, version, "eval", {"lm": version}, lambda: evaluate_version(exp, version))
 
 
-def eval_due(exp: Experiment, iteration: int) -> bool:
-    """Whether LLM_iteration is evaluated (every `eval.every` iterations and the last)."""
-    cfg = exp.config.eval
-    if not cfg.enabled:
-        return False
-    if iteration == 0:
-        return cfg.base
-    last = iteration == exp.config.loop.iterations
-    return last or (cfg.every > 0 and iteration % cfg.every == 0)
-
-
 def run_sequential(exp: Experiment) -> None:
-    """All iterations of the sequential scheme, evaluations as configured, then the export."""
-    n = exp.config.loop.iterations
-    if eval_due(exp, 0):
-        evaluate(exp, 0)
-    for i in range(1, n + 1):
-        sample_and_label(exp, i, lm_version=i - 1, samples=i, block=i - 1)
-        train_nado(exp, i, nado_version=i - 1, samples=i)
-        finetune(exp, i, lm_version=i - 1, nado_version=i, samples=i)
-        if eval_due(exp, i):
-            evaluate(exp, i)
-    export_final(exp, n)
+    """All iterations of the sequential scheme on one mesh, evaluations, then the export."""
+    from jaxdetox.loop.placement import run_colocated
+
+    run_colocated(exp)

@@ -86,11 +86,14 @@ def resolve_run_config(config_path: str | None, out: Path, overrides: list[str])
     return config
 
 
-def open_run(config: RunConfig, out: Path) -> RunDir:
-    """The run directory with the resolved config saved (process 0 writes)."""
-    run = RunDir(out)
+def open_run(config: RunConfig, out: Path, role: str | None = None) -> RunDir:
+    """The run directory with the resolved config saved (process 0 writes; atomically, as
+    the roles of a `jobs` run may start together)."""
+    run = RunDir(out, role=role)
     if run.writer and not (out / CONFIG_FILE).exists():
-        (out / CONFIG_FILE).write_text(dump_config(config))
+        tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(dump_config(config))
+        os.replace(tmp, out / CONFIG_FILE)
     return run
 
 

@@ -1,0 +1,200 @@
+"""The data flow of a run as data: every stage, the role that runs it, the versions it
+consumes and the one it produces. Both schemes are a list of `Stage`s; the placements only
+differ in who executes which stages and how a consumer learns that its inputs exist.
+
+Versions: `lm` j is LLM_j (0 = the base model), `nado` k is NADO_k (0 = the initial NADO),
+`samples` s is the sample store S_s (drawn) and `labels` s the same store labelled.
+
+    sequential, iteration i:  S_i ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_i);
+                              LLM_i ← (LLM_{i−1}, NADO_i, S_i)
+    parallel, iteration i≥2:  S_{i−1} ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_{i−2});
+                              LLM_i ← (LLM_{i−1}, NADO_{i−1}, S_{i−2})
+    parallel, iteration 1 (warm-up, sequential on S_0): S_0 ← LLM_0; NADO_1 ← (NADO_0, S_0);
+                              LLM_1 ← (LLM_0, NADO_1, S_0)
+
+Before a stage runs, `check_inputs` verifies that the record of every stage it depends on is
+done *and consumed what this flow says it should* — a role handed an artefact made from
+other versions stops with an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxdetox.config import RunConfig
+
+ROLE_OF = {
+    "sample": "sampler",
+    "label": "sampler",
+    "eval": "sampler",
+    "train_nado": "nado",
+    "finetune": "lm",
+    "export": "lm",
+}
+NAMES = {"lm": "LLM", "nado": "NADO", "samples": "S", "labels": "labelled S", "eval": "eval"}
+
+
+class VersionError(RuntimeError):
+    """An input was made from other versions than the data flow prescribes."""
+
+
+class InputFailed(RuntimeError):
+    """The stage that makes an input failed (its record says so, with the error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the flow: `inputs` as the manifest records them, `output` = (kind, version)."""
+
+    iteration: int
+    name: str
+    inputs: tuple[tuple[str, int], ...]
+    output: tuple[str, int] | None
+    block: int | None = None  # sample: its prompt block (0-based)
+
+    @property
+    def role(self) -> str:
+        """The role that runs this stage."""
+        return ROLE_OF[self.name]
+
+    @property
+    def input_versions(self) -> dict[str, int]:
+        """`inputs` as the manifest's dict."""
+        return dict(self.inputs)
+
+    def needs(self) -> list[tuple[str, int]]:
+        """The artefacts (kind, version) this stage waits for (base LLM / initial NADO: none)."""
+        out = []
+        for kind, version in self.inputs:
+            if kind in ("lm", "nado") and version == 0:
+                continue
+            if kind == "samples" and self.name != "label":
+                kind = "labels"  # training consumes labelled samples
+            out.append((kind, version))
+        return out
+
+    def __str__(self) -> str:
+        return f"{self.name} of iteration {self.iteration}"
+
+
+def version_name(kind: str, version: int) -> str:
+    """`LLM_3`, `NADO_2`, `S_1`, ..."""
+    return f"{NAMES[kind]}_{version}"
+
+
+def describe(inputs: dict[str, int]) -> str:
+    """`{lm: 1, nado: 2}` -> `LLM_1, NADO_2`."""
+    return ", ".join(version_name(k, v) for k, v in inputs.items()) or "nothing"
+
+
+def _stage(iteration: int, name: str, output: tuple[str, int] | None, **inputs: int) -> Stage:
+    return Stage(iteration, name, tuple(inputs.items()), output)
+
+
+def _sample(iteration: int, lm: int, samples: int, block: int) -> list[Stage]:
+    drawn = dataclasses.replace(
+        _stage(iteration, "sample", ("samples", samples), lm=lm), block=block
+    )
+    return [drawn, _stage(iteration, "label", ("labels", samples), samples=samples)]
+
+
+def _train_nado(iteration: int, nado: int, samples: int) -> Stage:
+    return _stage(iteration, "train_nado", ("nado", iteration), lm=0, nado=nado, samples=samples)
+
+
+def _finetune(iteration: int, lm: int, nado: int, samples: int) -> Stage:
+    return _stage(iteration, "finetune", ("lm", iteration), lm=lm, nado=nado, samples=samples)
+
+
+def eval_due(config: RunConfig, iteration: int) -> bool:
+    """Whether LLM_iteration is evaluated (every `eval.every` iterations and the last)."""
+    cfg = config.eval
+    if not cfg.enabled:
+        return False
+    if iteration == 0:
+        return cfg.base
+    last = iteration == config.loop.iterations
+    return last or (cfg.every > 0 and iteration % cfg.every == 0)
+
+
+def plan_stages(config: RunConfig) -> list[Stage]:
+    """Every stage of the run in an order that runs it on one mesh (the `colocated` order)."""
+    n = config.loop.iterations
+    stages: list[Stage] = []
+
+    def evaluate(version: int) -> None:
+        if eval_due(config, version):
+            stages.append(_stage(version, "eval", ("eval", version), lm=version))
+
+    evaluate(0)
+    for i in range(1, n + 1):
+        if config.loop.scheme == "sequential" or i == 1:
+            s = i if config.loop.scheme == "sequential" else 0
+            stages += _sample(i, lm=i - 1, samples=s, block=i - 1)
+            stages.append(_train_nado(i, nado=i - 1, samples=s))
+            stages.append(_finetune(i, lm=i - 1, nado=i, samples=s))
+        else:  # (C), (A), (B): nothing consumes an artefact of its own iteration
+            stages += _sample(i, lm=i - 1, samples=i - 1, block=i - 1)
+            stages.append(_train_nado(i, nado=i - 1, samples=i - 2))
+            stages.append(_finetune(i, lm=i - 1, nado=i - 1, samples=i - 2))
+        evaluate(i)
+    stages.append(_stage(n, "export", None, lm=n, nado=n))
+    return stages
+
+
+def producers(stages: list[Stage]) -> dict[tuple[str, int], Stage]:
+    """The stage that makes each artefact."""
+    return {s.output: s for s in stages if s.output is not None}
+
+
+def check_inputs(
+    stage: Stage,
+    made_by: dict[tuple[str, int], Stage],
+    records: dict[tuple[int, str], dict[str, Any]],
+) -> list[Stage]:
+    """The dependencies of `stage` not done yet; raises `VersionError` when a done one
+    consumed other versions than the flow says, `InputFailed` when one failed."""
+    pending = []
+    for need in stage.needs():
+        producer = made_by[need]
+        record = records.get((producer.iteration, producer.name))
+        if record is None or record["status"] == "running":
+            pending.append(producer)
+            continue
+        if record["status"] == "failed":
+            raise InputFailed(
+                f"{stage} (role {stage.role}) needs {version_name(*need)}, but {producer} "
+                f"failed in role {record.get('role') or producer.role}: "
+                f"{record['outputs'].get('error', 'no message')}"
+            )
+        if record["inputs"] != producer.input_versions:
+            raise VersionError(
+                f"{stage} (role {stage.role}) needs {version_name(*need)} made by {producer} "
+                f"from {describe(producer.input_versions)}, but the run directory's "
+                f"{version_name(*need)} was made from {describe(record['inputs'])}; "
+                "refusing to mix versions (was the run directory reused with another scheme?)"
+            )
+    return pending
+
+
+def describe_flow(config: RunConfig) -> str:
+    """The data flow as text, one line per iteration and role (for `--dry-run`)."""
+    loop = config.loop
+    where = {
+        "colocated": "every role on the whole mesh, one after another",
+        "split": f"roles concurrently on sub-meshes of this host's devices {dict(loop.roles)}",
+        "jobs": "one program per role (`jaxdetox run CONFIG --out RUN --role ROLE`)",
+    }[loop.placement]
+    lines = [f"data flow ({loop.scheme} scheme; placement {loop.placement}: {where}):"]
+    by_iteration: dict[int, list[Stage]] = {}
+    for stage in plan_stages(config):
+        if stage.name not in ("label", "export"):
+            by_iteration.setdefault(stage.iteration, []).append(stage)
+    for iteration, stages in sorted(by_iteration.items()):
+        parts = []
+        for s in stages:
+            made = version_name(*s.output) if s.name != "eval" else f"eval of LLM_{s.iteration}"
+            parts.append(f"{s.role}: {made} <- {describe(s.input_versions)}")
+        lines.append(f"  iteration {iteration}: " + "; ".join(parts))
+    return "\n".join(lines)
