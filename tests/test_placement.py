@@ -233,12 +233,12 @@ def test_iteration_walls_from_stage_start_times():
         record(2, "train_nado", 10.0, 3.0), record(2, "finetune", 10.0, 4.0),
     ]  # fmt: skip
     walls = iteration_walls(records)
-    assert walls[1] == {"wall": 9.0, "sum": 9.0, "slowest": 4.0}
-    assert walls[2] == {"wall": 4.0, "sum": 9.0, "slowest": 4.0}
+    assert walls[1] == {"start": 0.0, "end": 9.0, "wall": 9.0, "sum": 9.0, "slowest": 4.0}
+    assert walls[2] == {"start": 10.0, "end": 14.0, "wall": 4.0, "sum": 9.0, "slowest": 4.0}
     summary = {"method": "pr_parallel", "scheme": "parallel", "placement": "split",
                "walls": walls}  # fmt: skip
-    table = iteration_time_markdown([summary])
-    assert "| pr_parallel | parallel | split | 1 | 4.0 | 9.0 | 4.0 | 1.00 |" in table
+    table = iteration_time_markdown([summary])  # iteration 2 ends 5 s after iteration 1
+    assert "| pr_parallel | parallel | split | 1 | 5.0 | 9.0 | 4.0 | 1.25 |" in table
 
 
 def test_a_failed_input_stops_the_waiting_role():
@@ -261,3 +261,8 @@ def test_a_failed_input_stops_the_waiting_role():
     }  # fmt: skip
     with pytest.raises(InputFailed, match="train_nado of iteration 1 failed in role nado: Float"):
         check_inputs(finetune_2, producers(stages), records)
+    # A stage further down stops too: sample 2 waits for LLM_1, which can never be made.
+    del records[1, "finetune"]
+    sample_2 = next(s for s in stages if (s.iteration, s.name) == (2, "sample"))
+    with pytest.raises(InputFailed, match="needs NADO_1, but train_nado of iteration 1 failed"):
+        check_inputs(sample_2, producers(stages), records)

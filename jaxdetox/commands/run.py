@@ -105,6 +105,7 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
         print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
         return 0
     print(f"run {config.name!r} complete in {took:.0f} s: {out}")
-    print(f"  manifest {out / 'manifest.json'}, metrics {out / 'metrics.jsonl'}")
+    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
+    print(f"  manifest {out / 'manifest.json'}, metrics {metrics}")
     print(f"  final LLM {out / 'final' / 'model'} (HF checkpoint), NADO {out / 'final' / 'nado'}")
     return 0

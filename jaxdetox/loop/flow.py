@@ -160,6 +160,8 @@ def check_inputs(
         producer = made_by[need]
         record = records.get((producer.iteration, producer.name))
         if record is None or record["status"] == "running":
+            # not made yet: fail now if it never can be (an input of it failed upstream)
+            check_inputs(producer, made_by, records)
             pending.append(producer)
             continue
         if record["status"] == "failed":

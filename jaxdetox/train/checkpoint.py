@@ -48,8 +48,10 @@ class Checkpointer:
     def __init__(
         self, directory: str | os.PathLike[str], *, keep: int = 2, async_save: bool = True
     ) -> None:
-        """Open (or create) the checkpoint directory."""
-        self.directory = epath.Path(directory)
+        """Open (or create) the checkpoint directory (a relative local path is made absolute,
+        as orbax requires)."""
+        local = "://" not in os.fspath(directory)
+        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
