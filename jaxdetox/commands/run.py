@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from jaxdetox.config import ROLES
+from jaxdetox.fileio import as_path
 from jaxdetox.loop.session import add_distributed_args
 
 
@@ -32,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="CONFIG.yaml (omit to resume RUN_DIR as saved)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    p.add_argument("--out", type=Path, help="run directory (required unless --dry-run)")
+    p.add_argument(
+        "--out", type=as_path, help="run directory, local or gs://... (required unless --dry-run)"
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(

@@ -9,7 +9,8 @@ Layout (`SCHEMA_VERSION` in `store.json` and in every file's metadata):
 
 Append-only and crash-safe: a chunk is written to a dot-prefixed temporary name in the same
 directory, flushed, fsynced and renamed into place, so readers (which ignore dot-files) see a
-chunk entirely or not at all. A sample's key is (prompt_id, sample_index); resuming a stage
+chunk entirely or not at all; on an object store (`gs://...`) the chunk is uploaded as one
+object, which appears only once complete. A sample's key is (prompt_id, sample_index); resuming a stage
 means skipping the prompts `done_prompt_ids` lists (sampling) or the keys `unlabelled` does
 not list (labelling). A failed label (`ok=False`) stays in its chunk; a retry commits a new
 chunk whose good label supersedes it when reading. `arrays()` / `batches()` read an iteration
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
+from jaxdetox import fileio
 from jaxdetox.data.errors import DataError, EmptySplitError, SchemaError
 from jaxdetox.data.sample_batches import SampleArrays, host_batches
 
@@ -112,6 +114,10 @@ def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]
     meta = dict(table.schema.metadata or {})
     meta[_META_KEY] = json.dumps({"schema_version": SCHEMA_VERSION, **metadata}).encode()
     table = table.replace_schema_metadata(meta)
+    if not fileio.is_local(path):  # object stores: one upload, visible only when complete
+        with path.open("wb") as f:
+            pq.write_table(table, f)
+        return
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with tmp.open("wb") as f:
@@ -131,9 +137,6 @@ def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]
 
 def _commit(tmp: epath.Path, path: epath.Path) -> None:
     """Move `tmp` to `path` atomically, refusing to replace a chunk another writer committed."""
-    if "://" in str(path):  # object stores: the upload itself is atomic
-        tmp.replace(path)
-        return
     try:
         os.link(os.fspath(tmp), os.fspath(path))  # fails if `path` exists (no clobber)
     except FileExistsError:
@@ -159,9 +162,7 @@ def _fsync_dir(directory: epath.Path) -> None:
 
 
 def _write_json_atomic(path: epath.Path, data: Mapping[str, Any]) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(path)
+    fileio.atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
     _fsync_dir(path.parent)
 
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxdetox import sharding
+from jaxdetox import fileio, sharding
 from jaxdetox.config import RunConfig
 from jaxdetox.data import SampleStore, load_prompt_records, load_prompts, split_blocks
 from jaxdetox.data.prompts import PromptSet, TokenizedPrompts, tokenize_prompts
@@ -302,7 +302,8 @@ class Experiment:
         from jaxdetox import oracles
 
         o = self.config.oracle
-        return oracles.load(o.name, cache=self.run.root / "oracle_cache.sqlite", **o.args)
+        cache = fileio.local_file(self.run.root / "oracle_cache.sqlite")
+        return oracles.load(o.name, cache=cache, **o.args)
 
     @property
     def label_name(self) -> str:

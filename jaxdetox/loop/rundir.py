@@ -11,7 +11,8 @@
 
 Stage `inputs` name the iteration whose artefact the stage consumed: `lm` (0 = the base
 LLM), `nado` (0 = the initial NADO), `samples`. Only process 0 writes the manifest and the
-logs; every write is atomic (temp file + rename), so a kill never leaves a torn file.
+logs; every write is atomic (temp file + rename; on object stores one whole-object upload), so
+a kill never leaves a torn file. The root may be local or any `etils.epath` path (`gs://...`).
 
 With the `jobs` placement each role is its own program writing its own files —
 `manifest.<role>.json`, `metrics.<role>.jsonl`, `tensorboard/<role>/` — so no two programs
@@ -26,18 +27,17 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils.epath import Path
+
+from jaxdetox import fileio
 
 STAGES = ("sample", "label", "train_nado", "finetune", "eval")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = fileio.atomic_write_text  # temp names carry pid + a random suffix
 
 
 def _stage_key(record: dict[str, Any]) -> tuple[int, int]:
@@ -47,7 +47,7 @@ def _stage_key(record: dict[str, Any]) -> tuple[int, int]:
 def read_manifest(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every stage record of the run in `root`: `manifest.json` merged with the per-role
     manifests of the `jobs` placement (a role's own record wins), in iteration order."""
-    root = Path(root)
+    root = fileio.as_path(root)
     merged: dict[tuple[int, str], dict[str, Any]] = {}
     paths = [root / "manifest.json", *sorted(root.glob("manifest.*.json"))]
     for path in paths:
@@ -62,7 +62,7 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike[str], role: str | None = None) -> None:
         """Use (and create) `root`; `role` gives the role's own manifest and metrics files."""
-        self.root = Path(root)
+        self.root = fileio.as_path(root)
         self.role = role
         self.writer = jax.process_index() == 0
         if self.writer:
@@ -190,8 +190,7 @@ class RunDir:
             return
         record = {"iteration": iteration, "stage": stage, "step": step, **scalars}
         with self._lock:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            fileio.append_text(self.metrics_path, json.dumps(record) + "\n")
             tb = self._tensorboard()
             for key, value in scalars.items():  # one curve per iteration, grouped by stage
                 tb.add_scalar(f"{stage}/iter_{iteration:03d}/{key}", value, step)
@@ -210,8 +209,8 @@ class RunDir:
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            logdir = self.root / "tensorboard" / (self.role or "")
-            self._tb = SummaryWriter(str(logdir), flush_secs=10)
+            logdir = fileio.tensorboard_dir(self.root / "tensorboard" / (self.role or ""))
+            self._tb = SummaryWriter(logdir, flush_secs=10)
         return self._tb
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from jaxdetox import fileio
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.loop.training import finetune_stage, train_nado_stage
 
@@ -170,9 +171,11 @@ def export_final(exp: Experiment, iteration: int) -> None:
     from jaxdetox.models import save_nado
 
     lm_params, nado_params = exp.lm_params(iteration), exp.nado_params(iteration)
-    if exp.run.writer:
-        exp.language_model(lm_params).save_pretrained(exp.run.final / "model")
-        save_nado(exp.nado_module(nado_params), exp.run.final / "nado")
+    if exp.run.writer:  # safetensors write local files: staged, then uploaded if gs://...
+        with fileio.local_dir(exp.run.final / "model") as model_dir:
+            exp.language_model(lm_params).save_pretrained(model_dir)
+        with fileio.local_dir(exp.run.final / "nado") as nado_dir:
+            save_nado(exp.nado_module(nado_params), nado_dir)
     _barrier("export")
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 import jax
 import yaml
+from etils.epath import Path
 
 from jaxdetox.config import (
     ConfigError,
@@ -19,6 +19,7 @@ from jaxdetox.config import (
     dump_config,
     load_config,
 )
+from jaxdetox.fileio import atomic_write_text
 from jaxdetox.loop.rundir import RunDir
 
 CONFIG_FILE = "config.yaml"
@@ -91,9 +92,7 @@ def open_run(config: RunConfig, out: Path, role: str | None = None) -> RunDir:
     the roles of a `jobs` run may start together)."""
     run = RunDir(out, role=role)
     if run.writer and not (out / CONFIG_FILE).exists():
-        tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(dump_config(config))
-        os.replace(tmp, out / CONFIG_FILE)
+        atomic_write_text(out / CONFIG_FILE, dump_config(config))
     return run
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from jaxdetox.fileio import as_path
 
 
 def register_stage(
@@ -19,7 +20,7 @@ def register_stage(
         name, help=doc.splitlines()[0], description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("out", type=Path, help="run directory (made by `jaxdetox run`)")
+    p.add_argument("out", type=as_path, help="run directory (made by `jaxdetox run`)")
     p.add_argument("--iteration", type=int, required=True, help="iteration (1-based)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="must match the run's")
     p.add_argument("--no-progress", action="store_true")
