@@ -1,9 +1,10 @@
 """`--dry-run`: validate a config and show what a run would do, computing nothing.
 
 The model's architecture comes from its config file (HF `config.json` or GGUF metadata;
-no weights are read); every parameter tree is built abstractly (`nnx.eval_shape`), and the
-per-device bytes come from the logical-axis rules applied to the configured mesh shape, so
-a pod-sized config can be planned on a laptop.
+no weights are read); every tree is built abstractly and the per-device bytes come from the
+logical-axis rules applied to the configured mesh shape (`jaxdetox.loop.memory`), so a
+pod-sized config can be planned on a laptop. `jaxdetox plan` prints the same plan and
+suggests mesh shapes for a device kind.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
-from flax import nnx
 
 from jaxdetox import sharding
-from jaxdetox.config import RunConfig
+from jaxdetox.config import ConfigError, RunConfig
 from jaxdetox.models.config import ModelConfig
 
 
@@ -30,14 +29,16 @@ def model_config_of(path: str) -> ModelConfig:
     if is_gguf_source(path):
         gguf_path = default_model_path() if path == "default" else Path(path)
         return ModelConfig.from_hf(open_gguf(gguf_path).config)
+    if not Path(path).expanduser().is_dir() and str(path).count("/") == 1:
+        # A hub id: its config.json is all a plan needs (no weights downloaded).
+        from huggingface_hub import hf_hub_download
+
+        try:
+            local = Path(hf_hub_download(str(path), "config.json")).parent
+        except Exception as e:  # offline, unknown repo, gated: name the cause
+            raise ConfigError(f"model.path {path!r}: cannot fetch its config.json ({e})") from e
+        return ModelConfig.from_hf(read_config(local))
     return ModelConfig.from_hf(read_config(resolve_checkpoint(path)))
-
-
-class _MeshShape:
-    """Just the axis sizes of a mesh (what the rules table needs), no devices."""
-
-    def __init__(self, sizes: dict[str, int]) -> None:
-        self.shape = sizes
 
 
 def mesh_sizes(config: RunConfig, num_devices: int | None = None) -> dict[str, int]:
@@ -50,53 +51,27 @@ def mesh_sizes(config: RunConfig, num_devices: int | None = None) -> dict[str, i
     return dict(zip(sharding.MESH_AXES, dims))
 
 
-def per_device_bytes(
-    abstract_state: nnx.State, sizes: dict[str, int], itemsize: int | None = None
-) -> int:
-    """Bytes one device holds of a model state under the rules table (largest shard)."""
-    total = 0
-    fake = _MeshShape(sizes)
-    for _, var in nnx.to_flat_state(abstract_state):
-        axes = sharding._var_axes(var)
-        spec = sharding.logical_to_spec(axes, var.shape, fake)
-        shard = 1
-        for dim, entry in zip(var.shape, tuple(spec) + (None,) * len(var.shape)):
-            names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-            shard *= dim // math.prod(sizes[a] for a in names)
-        total += shard * (itemsize or np.dtype(var.dtype).itemsize)
-    return total
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3f} GiB"
-
-
-def plan(config: RunConfig, num_devices: int | None = None) -> str:
-    """A human-readable plan: stages, mesh, and memory per device of every model state."""
-    from jaxdetox.models import NadoConfig
-    from jaxdetox.models.nado import NadoModel
-    from jaxdetox.models.registry import abstract_model
+def planner(config: RunConfig) -> Any:
+    """A `memory.Planner` for the run's model (architecture from its config file only)."""
+    from jaxdetox.loop.memory import Planner
 
     lm_config = model_config_of(config.model.path)
-    lm_config = lm_config.replace(param_dtype=config.model.param_dtype, dtype=config.model.dtype)
+    prefix = 1 if lm_config.family == "llama" else 0  # BOS before each prompt
+    return Planner(config, lm_config, prefix_tokens=prefix)
+
+
+def plan(config: RunConfig, num_devices: int | None = None, device: str | None = None) -> str:
+    """A human-readable plan: stages, mesh, and the memory per device of every stage
+    (`jaxdetox.loop.memory`); `device` (a `DEVICE_KINDS` name, default: this machine's
+    accelerator when known) adds whether the peak fits."""
+    from jaxdetox.loop import memory
+
+    p = planner(config)
+    lm_config = p.lm_config
     sizes = mesh_sizes(config, num_devices)
-    lm_state = nnx.state(abstract_model(lm_config), nnx.Param)
-    nado_config = NadoConfig.for_lm(
-        lm_config, config.nado.variant, num_layers=config.nado.num_layers
-    )
-    nado_state = nnx.state(
-        nnx.eval_shape(lambda: NadoModel(nado_config, rngs=nnx.Rngs(0))), nnx.Param
-    )
-    lm_n = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(lm_state))
-    nado_n = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nado_state))
-    ref_item = 2 if config.finetune.reference_dtype == "bfloat16" else None
-    rows = [
-        ("LLM params", per_device_bytes(lm_state, sizes)),
-        ("LLM Adam moments (2 x fp32)", 2 * per_device_bytes(lm_state, sizes, 4)),
-        ("reference LLM", per_device_bytes(lm_state, sizes, ref_item)),
-        ("NADO params", per_device_bytes(nado_state, sizes)),
-        ("NADO Adam moments (2 x fp32)", 2 * per_device_bytes(nado_state, sizes, 4)),
-    ]
+    lm_n = sum(math.prod(x.shape) for x in jax.tree.leaves(p.lm_params))
+    nado_n = sum(math.prod(x.shape) for x in jax.tree.leaves(p.nado_params))
+    kind = memory.device_kind(device) if device else memory.local_device_kind()
     lines = [
         f"run {config.name!r}: scheme {config.loop.scheme}, {config.loop.iterations} iterations",
         f"model {config.model.path}: {lm_config.family}, {lm_n / 1e6:.1f}M params, "
@@ -114,10 +89,11 @@ def plan(config: RunConfig, num_devices: int | None = None) -> str:
         f"KL on {config.finetune.kl_on}, {config.finetune.epochs} epochs, batch "
         f"{config.finetune.batch_size}" + (", + corpus NLL" if config.corpus else ""),
         "",
-        "memory per device (every state at once, an upper bound; activations not included):",
+        f"memory per device (stages run one after another; remat "
+        f"{'on' if config.model.remat else 'off'}, params {config.model.param_dtype}, "
+        f"compute {config.model.dtype}):",
+        memory.format_plan(p.plan(sizes), kind),
     ]
-    lines += [f"  {name:<30} {_gib(n)}" for name, n in rows]
-    lines.append(f"  {'total (before activations)':<30} {_gib(sum(n for _, n in rows))}")
     return "\n".join(lines)
 
 
