@@ -191,7 +191,8 @@ def test_jobs_one_slice_per_role_sharing_the_run_dir(tmp_path):
         run = remote[remote.index("jaxdetox.cli") + 1 : remote.index(">")]
         assert "JAXDETOX_DISTRIBUTED=1" in remote
         assert run[run.index("--out") + 1] == "gs://b/run"
-        assert run[run.index("--role") + 1] == role and run[-1] == "loop.iterations=3"
+        assert run[run.index("--role") + 1] == role
+        assert run[-2:] == ["loop.iterations=3", "loop.placement=jobs"]
     workers = [c for c in comments if "worker(s)" in c]
     assert [w.split(",")[1].strip() for w in workers] == [
         "1 worker(s)",

@@ -8,8 +8,8 @@
 #       [--config CONFIG.yaml --out gs://BUCKET/runs/x] [-- KEY=VALUE ...]
 #
 # ACTION: create | install | run | logs | stop | delete, done for every role in turn with the
-# slice NAME-ROLE (e.g. jd-lm). Each role's accelerator defaults to --accelerator. The config
-# must select the parallel scheme with the jobs placement. Arguments other than the role
+# slice NAME-ROLE (e.g. jd-lm). Each role's accelerator defaults to --accelerator. `run` adds
+# the override loop.placement=jobs. Arguments other than the role
 # accelerators go to tpu_scripts/ACTION.sh unchanged (e.g. --repo for install, --copy DIR for
 # logs: DIR/ROLE-worker-N.log). --role ROLE acts on that role's slice only
 # (restart one role; `logs --follow` needs it). Common flags: see tpu_scripts/lib.sh.
@@ -62,6 +62,9 @@ for role in "${roles[@]}"; do
   echo "# role $role: slice $JD_NAME-$role${type:+ ($type)}"
   mine=("${rest[@]+"${rest[@]}"}")
   if [[ "$action" == run ]]; then
+    # One program per role: the jobs placement (an override equal to the config's is a no-op).
+    [[ " ${mine[*]-} " == *" -- "* ]] || mine+=(--)
+    mine+=(loop.placement=jobs)
     # Script flags first, then the overrides after `--` (kept last).
     for ((i = 0; i < ${#mine[@]}; i++)); do
       if [[ "${mine[$i]}" == -- ]]; then
