@@ -163,3 +163,19 @@ def test_local_dir_uploads_what_local_writers_made(gcs):
     assert (target / "sub" / "w.bin").read_bytes() == b"\x00\x01"
     assert fileio.local_file(target / "x.sqlite") != target / "x.sqlite"
     assert fileio.is_local(fileio.local_file(target / "x.sqlite"))
+
+
+def test_report_reads_and_writes_gs(gcs, tmp_path):
+    from jaxdetox.cli import main
+    from tests.test_report import _eval, _stage
+
+    run = fileio.as_path(f"{gcs}/runs/e")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text("method: pr_sequential\n")
+    records = [_eval(0, 0.2, 0.6, 20.0), _stage(1, "finetune", 5.0), _eval(1, 0.1, 0.4, 21.0)]
+    (run / "manifest.json").write_text(json.dumps(records))
+    assert main(["report", str(run)]) == 0  # written next to the run, on the bucket
+    rows = json.loads((run / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["base", "pr_sequential"]
+    assert (run / "toxicity_per_iteration.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| pr_sequential |" in (run / "report.md").read_text()

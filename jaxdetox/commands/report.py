@@ -4,7 +4,8 @@ Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity prob
 mean toxicity, perplexity on held-out text and of the generations, distinct-2, training
 time), `DIR/results.json` (the same rows) and PNG plots (toxicity per iteration, toxicity vs
 perplexity, time per iteration by stage, and toxicity / perplexity against λ when the runs
-sweep it). DIR defaults to the first run directory.
+sweep it). DIR defaults to the first run directory. Run directories and DIR may be on
+`gs://` (the report is written locally, then uploaded).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxdetox.fileio import as_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `report` subcommand."""
@@ -20,20 +23,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report", help="tables and plots from run directories", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("runs", nargs="+", type=Path, help="run directories")
-    p.add_argument("--out", type=Path, default=None, help="where to write (default: first run)")
+    p.add_argument("runs", nargs="+", type=as_path, help="run directories")
+    p.add_argument("--out", type=as_path, default=None, help="where to write (default: first run)")
     p.set_defaults(func=run)
 
 
 def write_report(runs: list[Path], out: Path) -> str:
     """Write report.md, results.json and the plots for `runs` into `out`; returns the table."""
+
+    from jaxdetox import fileio
+    from jaxdetox.evaluate.runs import collect
+
+    rows, summaries = collect(runs)
+    with fileio.local_dir(out) as local:  # matplotlib writes local files
+        return _write(rows, summaries, Path(local))
+
+
+def _write(rows: list, summaries: list, out: Path) -> str:
     import json
 
     from jaxdetox.evaluate import plots
-    from jaxdetox.evaluate.runs import collect, iteration_time_markdown, results_markdown
+    from jaxdetox.evaluate.runs import iteration_time_markdown, results_markdown
 
-    rows, summaries = collect(runs)
-    out.mkdir(parents=True, exist_ok=True)
     table = results_markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     made = [

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from jaxdetox.fileio import as_path
+
 ROW_KEYS = (
     "expected_max_toxicity",
     "expected_max_toxicity_std",
@@ -87,7 +89,7 @@ def iteration_walls(records: list[dict[str, Any]]) -> dict[int, dict[str, float]
 
 def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything a report needs from one run: rows, eval curve, stage times, scheme."""
-    run = Path(run)
+    run = as_path(run)
     records = _manifest(run)
     config = _config(run)
     method = config.get("method", "pr_sequential")
