@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         sizes = mesh_sizes(config, args.num_devices)
         n = args.num_devices or math.prod(sizes.values())
         print(plan(config, n, kind.name if kind else None))
+        if math.prod(sizes.values()) != n:
+            print(f"(the configured mesh has {math.prod(sizes.values())} devices; the "
+                  f"suggestions below are for {n})")  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
