@@ -13,8 +13,9 @@ chunk entirely or not at all; on an object store (`gs://...`) the chunk is uploa
 object, which appears only once complete. A sample's key is (prompt_id, sample_index);
 resuming a stage means skipping the prompts `done_prompt_ids` lists (sampling) or the keys
 `unlabelled` does not list (labelling). A failed label (`ok=False`) stays in its chunk; a
-retry commits a new chunk whose good label supersedes it when reading. `arrays()` / `batches()` read an iteration
-back as fixed-shape numpy batches for the NADO and LM steps (built in `sample_batches.py`).
+retry commits a new chunk whose good label supersedes it when reading. `arrays()` /
+`batches()` read an iteration back as fixed-shape numpy batches for the NADO and LM steps
+(built in `sample_batches.py`).
 
 Multi-host: each host commits its own rows under chunk names that include its process index,
 every host reads all committed chunks (a shared directory) and `batches()` gives each host a
