@@ -166,7 +166,7 @@ def test_plan_command_and_dry_run_print_the_same_table(tmp_path, capsys):
     table = out[out.index("memory per device") : out.index("mesh shapes for")]
     assert "fits v5e (15.20 GiB usable" in table
     for row in ("LLM optimizer state", "activations (remat off)", "KL chunk", "KV cache",
-                "held artefacts (3 LLM, 3 NADO versions)", "= step (jitted program)"):  # fmt: skip
+                "held artefacts (2 LLM, 2 NADO versions)", "= step (jitted program)"):  # fmt: skip
         assert row in table, row
     lines = out[out.index("mesh shapes for 8 x v5e") :].splitlines()
     assert "remat off (as configured)" in lines[1] and "remat on" in lines[1]

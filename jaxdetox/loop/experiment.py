@@ -144,16 +144,16 @@ class Experiment:
     def lm_params(self, iteration: int) -> Params:
         """LLM_iteration (0 = base), from memory, another role, or its finetune artefact."""
         if iteration not in self._lm:
-            self._lm[iteration] = self._fetch("lm", iteration, self.lm_abstract, self.lm_shardings)
+            params = self._fetch("lm", iteration, self.lm_abstract, self.lm_shardings)
+            self._hold("lm", iteration, params)
         return self._lm[iteration]
 
     def nado_params(self, iteration: int) -> Params:
         """NADO_iteration (0 = initial), from memory, another role, or its train_nado
         artefact."""
         if iteration not in self._nado:
-            self._nado[iteration] = self._fetch(
-                "nado", iteration, self.nado_abstract, self.nado_shardings
-            )
+            params = self._fetch("nado", iteration, self.nado_abstract, self.nado_shardings)
+            self._hold("nado", iteration, params)
         return self._nado[iteration]
 
     def _fetch(self, kind: str, iteration: int, abstract: Any, shardings: Params) -> Params:
@@ -167,12 +167,22 @@ class Experiment:
         self.handover_seconds += time.perf_counter() - start
         return params
 
-    def keep(self, kind: str, iteration: int, params: Params) -> None:
-        """Hold a finished artefact in memory (and drop versions no stage will need)."""
-        table = self._lm if kind == "lm" else self._nado
+    def _hold(self, kind: str, iteration: int, params: Params) -> None:
+        """Keep a version in memory, dropping the ones no later stage of either scheme reads
+        (one asked for again is restored): once LLM_i exists no stage reads LLM_{i−1} (the
+        base LLM, every stage's reference, stays), while the parallel scheme's finetune i
+        still reads NADO_{i−1} after NADO_i is made. So at most two versions of each."""
+        if kind == "lm":
+            table, drop = self._lm, lambda k: 0 < k < iteration
+        else:
+            table, drop = self._nado, lambda k: k < iteration - 1
         table[iteration] = params
-        for old in [k for k in table if 0 < k < iteration - 1]:
+        for old in [k for k in table if drop(k)]:
             del table[old]
+
+    def keep(self, kind: str, iteration: int, params: Params) -> None:
+        """Hold a finished artefact in memory and publish it to the other roles."""
+        self._hold(kind, iteration, params)
         if self.handover is not None:
             self.handover.put(kind, iteration, params)
 

@@ -9,7 +9,7 @@ planned shape, so a v5p-128 mesh is planned on a laptop.
 
 Per stage (`finetune`, `train_nado`, `sample`, `eval` run one after another; the peak is the
 largest) the rows are what the stage's jitted step holds on one device, plus the artefacts
-the run keeps between stages (`Experiment.keep`: up to three LLM and three NADO versions).
+the run keeps between stages (`Experiment.keep`: up to two LLM and two NADO versions).
 
 What is exact and what is estimated (checked against XLA's `compiled.memory_analysis()` of the
 real train step in tests/test_memory_plan.py):
@@ -380,9 +380,9 @@ class Planner:
         return next((b for b in sorted(rows, reverse=True) if b in x.shape), -1)
 
     def _held(self, lm_bytes: float, nado_bytes: float) -> Row:
-        # Experiment.keep drops versions k < i - 1 only when version i arrives, so after
-        # iteration 2 it holds LLM_0, LLM_{i-2}, LLM_{i-1} (and the same NADO versions).
-        lms = nados = min(self.config.loop.iterations + 1, 3)
+        # Experiment._hold keeps the base LLM and the newest LLM version, and the two newest
+        # NADO versions (the parallel scheme's finetune i reads NADO_{i-1} after NADO_i).
+        lms = nados = min(self.config.loop.iterations + 1, 2)
         return Row(f"held artefacts ({lms} LLM, {nados} NADO versions)",
                    lms * lm_bytes + nados * nado_bytes, held=True)  # fmt: skip
 
