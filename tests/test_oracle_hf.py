@@ -101,3 +101,16 @@ def test_multilabel_head_uses_sigmoid_and_id_tracks_weights(tmp_path):
 def test_missing_dir_is_a_clear_error(tmp_path):
     with pytest.raises(oracles.OracleUnavailableError, match="no config.json"):
         oracles.load(f"hf:{tmp_path / 'nothing'}")
+
+
+@pytest.mark.slow
+def test_any_label_as_the_violation_or_the_wanted_class(tmp_path):
+    build_classifier(tmp_path)
+    base, _ = oracles.load(f"hf:{tmp_path}").score(TEXTS)
+    by_label, _ = oracles.load(f"hf:{tmp_path}", label="LABEL_0").score(TEXTS)
+    np.testing.assert_allclose(by_label, 1 - base, atol=1e-5)
+    wanted = oracles.load(f"hf:{tmp_path}", satisfied_label="LABEL_1")
+    np.testing.assert_allclose(wanted.score(TEXTS)[0], 1 - base, atol=1e-5)
+    assert '"satisfied":true' in wanted.oracle_id
+    with pytest.raises(ValueError, match="not both"):
+        oracles.load(f"hf:{tmp_path}", label=0, satisfied_label=1)

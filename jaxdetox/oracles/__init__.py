@@ -11,6 +11,10 @@ Names: "default" / "profanity-check" (offline, alt-profanity-check), "hf:<dir>" 
 sequence-classification checkpoint, e.g. ToxiGen-RoBERTa), "perspective" (API key in
 $PERSPECTIVE_API_KEY), "detoxify" (local weights only),
 "hatesonar" (offline, optional extra).
+Constraints written without code (jaxdetox/oracles/constraints.py): "lexicon" (a word-list
+file, `path=`: violated when an entry occurs; case-insensitive, Unicode word boundaries),
+"py:<module>:<function>" (any Python function of the texts), and "hf:<dir>" with `label=` /
+`satisfied_label=` for any classifier. Every oracle's score is a violation score in [0, 1].
 """
 
 from __future__ import annotations
@@ -70,25 +74,33 @@ def _hatesonar(**kwargs: object) -> Oracle:
     return HateSonarOracle(**kwargs)
 
 
+def _lexicon(**kwargs: object) -> Oracle:
+    from jaxdetox.oracles.constraints import LexiconOracle
+
+    return LexiconOracle(**kwargs)
+
+
 _FACTORIES: dict[str, Callable[..., Oracle]] = {
     "default": _profanity,
     "profanity-check": _profanity,
     "perspective": _perspective,
     "detoxify": _detoxify,
     "hatesonar": _hatesonar,
+    "lexicon": _lexicon,
 }
+_PREFIXES = ("hf:", "py:")
 
 
 def register(name: str, factory: Callable[..., Oracle]) -> None:
     """Make `load(name, **kwargs)` call `factory(**kwargs)` (plugins, tests)."""
-    if not name or name.startswith("hf:"):
-        raise ValueError(f"oracle name {name!r} is empty or uses the reserved 'hf:' prefix")
+    if not name or name.startswith(_PREFIXES):
+        raise ValueError(f"oracle name {name!r} is empty or uses a reserved prefix {_PREFIXES}")
     _FACTORIES[name] = factory
 
 
 def available() -> list[str]:
-    """Registered oracle names (plus the `hf:<dir>` form)."""
-    return sorted(_FACTORIES) + ["hf:<dir>"]
+    """Registered oracle names (plus the `hf:<dir>` and `py:<module>:<function>` forms)."""
+    return sorted(_FACTORIES) + ["hf:<dir>", "py:<module>:<function>"]
 
 
 def load(
@@ -101,6 +113,10 @@ def load(
         if not name[3:]:
             raise ValueError("oracle 'hf:<dir>' needs a directory after 'hf:'")
         oracle: Oracle = HFClassifierOracle(name[3:], **kwargs)
+    elif name.startswith("py:"):
+        from jaxdetox.oracles.constraints import CallableOracle
+
+        oracle = CallableOracle(name[3:], **kwargs)
     elif name in _FACTORIES:
         oracle = _FACTORIES[name](**kwargs)
     else:

@@ -4,6 +4,10 @@ E.g. ToxiGen-RoBERTa (`tomh/toxigen_roberta`, the paper's LLaMA-pipeline oracle;
 whose `LABEL_1` is "toxic": hence the default `toxic_label=1`. Single-label heads give
 `softmax(logits)[toxic_label]`; multi-label heads (`problem_type=multi_label_classification`,
 e.g. Detoxify-style models) give `sigmoid(logits)[toxic_label]`.
+
+Any other attribute: `label=` names the class whose probability is the violation score (same
+as `toxic_label`), or `satisfied_label=` the class the text should have, scored
+`1 − P(satisfied_label)` (e.g. a sentiment model with `satisfied_label: POSITIVE`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ def checkpoint_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def label_index(config: object, label: int | str, path: Path) -> int:
+    """Class index of `label` (an index, or a name in the config's `label2id`)."""
+    n_labels = int(config.num_labels)
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if isinstance(label, str) and not label.isdigit():
+        if label not in label2id:
+            raise ValueError(
+                f"hf oracle: label {label!r} not in {path}/config.json label2id {sorted(label2id)}"
+            )
+        return label2id[label]
+    if not 0 <= int(label) < n_labels:
+        raise ValueError(f"hf oracle: label {label} outside [0, {n_labels})")
+    return int(label)
+
+
 class HFClassifierOracle(BatchOracle):
     """transformers `AutoModelForSequenceClassification` + `AutoTokenizer` from a local dir."""
 
@@ -38,6 +57,8 @@ class HFClassifierOracle(BatchOracle):
         model_dir: str | os.PathLike,
         *,
         toxic_label: int | str = 1,
+        label: int | str | None = None,
+        satisfied_label: int | str | None = None,
         activation: str | None = None,
         max_length: int = 512,
         batch_size: int | None = None,
@@ -68,20 +89,15 @@ class HFClassifierOracle(BatchOracle):
         )
         self._model = model.to(self._device).eval()
         config = model.config
-        n_labels = int(config.num_labels)
-        if isinstance(toxic_label, str):
-            label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
-            if toxic_label not in label2id:
-                raise ValueError(
-                    f"hf oracle: toxic_label {toxic_label!r} not in {path}/config.json "
-                    f"label2id {sorted(label2id)}"
-                )
-            toxic_label = label2id[toxic_label]
-        if not 0 <= int(toxic_label) < n_labels:
-            raise ValueError(f"hf oracle: toxic_label {toxic_label} outside [0, {n_labels})")
-        self.toxic_label = int(toxic_label)
+        if label is not None and satisfied_label is not None:
+            raise ValueError("hf oracle: give `label` (violation) or `satisfied_label`, not both")
+        self.satisfied = satisfied_label is not None
+        chosen = satisfied_label if self.satisfied else (toxic_label if label is None else label)
+        self.toxic_label = label_index(config, chosen, path)
         if activation is None:
-            multi = config.problem_type == "multi_label_classification" or n_labels == 1
+            multi = (
+                config.problem_type == "multi_label_classification" or int(config.num_labels) == 1
+            )
             activation = "sigmoid" if multi else "softmax"
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"hf oracle: activation must be softmax|sigmoid, got {activation!r}")
@@ -94,6 +110,8 @@ class HFClassifierOracle(BatchOracle):
         self.max_length = int(min(max_length, limit or max_length))
         self.model_dir = path
         spec = {"label": self.toxic_label, "act": activation, "max_len": self.max_length}
+        if self.satisfied:
+            spec["satisfied"] = True
         self.oracle_id = (
             f"hf:{path.resolve().name}@{checkpoint_fingerprint(path)}/"
             f"{json.dumps(spec, sort_keys=True, separators=(',', ':'))}"
@@ -111,6 +129,8 @@ class HFClassifierOracle(BatchOracle):
             prob = torch.softmax(logits, dim=-1)[:, self.toxic_label]
         else:
             prob = torch.sigmoid(logits[:, self.toxic_label])
+        if self.satisfied:  # the score is the probability of *not* having the wanted label
+            prob = 1.0 - prob
         return prob.cpu().numpy().astype(np.float32), np.ones(len(texts), bool)
 
     def score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
