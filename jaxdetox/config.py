@@ -62,6 +62,12 @@ class PromptsSection(Section):
         0, ge=0, description="file sources: held-out prompts (builtin: its eval split)"
     )
     max_tokens: int = Field(30, ge=1, description="prompt tokens kept (the paper: 30)")
+    chat_template: bool = Field(
+        False, description="instruct models: each prompt is the user turn of the chat template"
+    )
+    system: str | None = Field(
+        None, description="chat_template: the system message (None: the template's default)"
+    )
     seed: int = 0
 
 
@@ -200,6 +206,11 @@ class EvalSection(Section):
     )
     detection: DetectionEvalSection | None = None
     lm_eval: LmEvalSection | None = None
+    prompt_modes: list[Literal["raw", "chat"]] | None = Field(
+        None,
+        description="prompt forms to evaluate (the first is the headline); default: the "
+        "configured form, plus the other one when the tokenizer has a chat template",
+    )
     seed: int = 1234
 
 

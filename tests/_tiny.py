@@ -18,3 +18,15 @@ def tiny_llama(seed: int = 0) -> Any:
         eos_token_id=2, pad_token_id=0, bos_token_id=1,
     )  # fmt: skip
     return random_init(config, seed=seed, tokenizer=tok)
+
+
+def tiny_chat_llama(seed: int = 0) -> Any:
+    """`tiny_llama` with the chat tokenizer (an instruct model's, end-of-turn `<|end|>`)."""
+    import dataclasses
+
+    from jaxdetox.models import random_init
+    from tests._tokenizer import make_chat_tokenizer
+
+    tok = make_chat_tokenizer()
+    config = dataclasses.replace(tiny_llama(seed).config, vocab_size=len(tok))
+    return random_init(config, seed=seed, tokenizer=tok)

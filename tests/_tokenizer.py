@@ -39,3 +39,22 @@ def make_tokenizer(vocab_size: int = 320, bos_prefix: bool = False):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_chat_tokenizer():
+    """The test tokenizer plus role / end-of-turn special tokens and a chat template (an
+    instruct model's tokenizer in miniature): `<|end|>` closes every turn."""
+    import copy
+
+    chat = copy.deepcopy(make_tokenizer(bos_prefix=False))
+    chat.add_special_tokens(
+        {"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]}
+    )
+    chat.chat_template = CHAT_TEMPLATE
+    return chat

@@ -134,14 +134,22 @@ def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
     return out
 
 
-def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
-    """Metrics of LLM_version (sampling and labelling resume from the eval store)."""
+def prompt_modes(exp: Experiment) -> list[str]:
+    """Prompt forms to evaluate, headline first: `eval.prompt_modes`, else the run's form plus
+    the other one when the tokenizer has a chat template (an instruct model)."""
+    if exp.config.eval.prompt_modes:
+        return list(dict.fromkeys(exp.config.eval.prompt_modes))
+    configured = "chat" if exp.config.prompts.chat_template else "raw"
+    instruct = bool(getattr(exp.tokenizer, "chat_template", None))
+    return [configured] + ([{"chat": "raw", "raw": "chat"}[configured]] if instruct else [])
+
+
+def sample_and_label(exp: Experiment, version: int, store: SampleStore, mode: str) -> Any:
+    """LLM_version's labelled eval completions for prompt form `mode` (raw | chat)."""
     from jaxdetox.stages import label_stage, sample_stage
 
     cfg = exp.config.eval
-    params = exp.lm_params(version)
-    store = eval_store(exp)
-    prompts = exp.eval_prompts()
+    prompts = exp.eval_prompts(chat=mode == "chat")
     if cfg.max_prompts:
         prompts = dataclasses.replace(
             prompts,
@@ -150,7 +158,7 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
             texts=prompts.texts[: cfg.max_prompts],
         )
     sampling = dataclasses.replace(
-        exp.sampling_config(0),
+        exp.sampling_config(0, chat=mode == "chat"),
         num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
@@ -160,7 +168,28 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         tokenizer=exp.tokenizer, batch_size=cfg.batch_size, progress=exp.progress,
     )  # fmt: skip
     label_stage(store, version, exp.oracle, exp.label_name, progress=exp.progress)
-    table = store.read(version, exp.label_name)
+    return store.read(version, exp.label_name)
+
+
+def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
+    """Metrics of LLM_version (sampling and labelling resume from the eval store); the
+    headline metrics are of the first prompt form, `prompt_modes` has each form's."""
+    from jaxdetox.evaluate import toxicity_summary
+
+    cfg = exp.config.eval
+    params = exp.lm_params(version)
+    modes = prompt_modes(exp)
+    store = eval_store(exp)
+    by_mode = {}
+    for mode in modes[1:]:
+        other = SampleStore(exp.run.root / "eval" / f"samples_{mode}")
+        t = sample_and_label(exp, version, other, mode)
+        by_mode[mode] = toxicity_summary(
+            t["toxicity"].to_numpy(zero_copy_only=False),
+            t["ok"].to_numpy(zero_copy_only=False),
+            t["prompt_id"].to_numpy(),
+        )
+    table = sample_and_label(exp, version, store, modes[0])
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
@@ -171,6 +200,8 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         by_prompt.setdefault(pid, []).append(c)
     metrics: dict[str, Any] = {**groups["all"]}
     metrics["groups"] = groups
+    if len(modes) > 1:
+        metrics["prompt_modes"] = {modes[0]: groups["all"], **by_mode}
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(by_prompt.values(), n)
     metrics["perplexity"] = perplexity(exp, params, heldout_text_batches(exp), "heldout")
@@ -202,12 +233,13 @@ def fluency_perplexity(exp: Experiment, store: SampleStore, version: int) -> flo
             table["completion_text"].to_pylist(),
             batch_size=cfg.batch_size,
         )
+    configured = "chat" if exp.config.prompts.chat_template else "raw"
     batches = store.batches(
         version,
         8,
         shuffle=False,
         num_epochs=1,
-        prompt_len=exp.prompt_len,
+        prompt_len=exp.prompt_len if prompt_modes(exp)[0] == configured else None,
         completion_len=round_up(exp.config.eval.max_new_tokens, 8),
     )
     return perplexity(exp, exp.lm_params(0), list(batches), "fluency")

@@ -26,7 +26,13 @@ from flax import nnx
 from jaxdetox import fileio, sharding
 from jaxdetox.config import RunConfig
 from jaxdetox.data import SampleStore, load_prompt_records, load_prompts, split_blocks
-from jaxdetox.data.prompts import PromptSet, TokenizedPrompts, tokenize_prompts
+from jaxdetox.data.prompts import (
+    ChatTemplate,
+    PromptSet,
+    TokenizedPrompts,
+    chat_template_parts,
+    tokenize_prompts,
+)
 from jaxdetox.loop.rundir import RunDir
 from jaxdetox.models import NadoConfig, init_nado, load_pretrained
 from jaxdetox.models.config import ModelConfig
@@ -259,25 +265,44 @@ class Experiment:
         )
         return blocks, blocks.eval_block()
 
+    @cached_property
+    def chat(self) -> ChatTemplate | None:
+        """The chat template around each prompt (`prompts.chat_template`), else None."""
+        p = self.config.prompts
+        return chat_template_parts(self.tokenizer, p.system) if p.chat_template else None
+
+    def _tokenize(self, prompts: PromptSet, chat: bool | None = None) -> TokenizedPrompts:
+        template = self.chat if chat is None else self.chat_for(chat)
+        return tokenize_prompts(
+            prompts, self.tokenizer, max_tokens=self.config.prompts.max_tokens, chat=template
+        )
+
+    def chat_for(self, chat: bool) -> ChatTemplate | None:
+        """The chat template when `chat` (even if the run's prompts are raw), else None."""
+        if not chat:
+            return None
+        return self.chat or chat_template_parts(self.tokenizer, self.config.prompts.system)
+
     def train_prompts(self, block: int) -> TokenizedPrompts:
         """Training prompt block `block` (0-based; blocks are disjoint)."""
-        block = self._blocks[0].train_block(block)
-        return tokenize_prompts(block, self.tokenizer, max_tokens=self.config.prompts.max_tokens)
+        return self._tokenize(self._blocks[0].train_block(block))
 
     def eval_prompt_set(self) -> PromptSet:
         """Held-out prompts (texts and metadata), disjoint from every training block."""
         return self._blocks[1]
 
-    def eval_prompts(self) -> TokenizedPrompts:
-        """Held-out prompts, tokenised."""
-        return tokenize_prompts(
-            self._blocks[1], self.tokenizer, max_tokens=self.config.prompts.max_tokens
-        )
+    def eval_prompts(self, chat: bool | None = None) -> TokenizedPrompts:
+        """Held-out prompts, tokenised (`chat`: force the chat / raw form; None: the run's)."""
+        return self._tokenize(self._blocks[1], chat)
 
-    def sampling_config(self, samples: int) -> SamplingConfig:
-        """Sampling settings of sample version `samples` (its own seed)."""
+    def sampling_config(self, samples: int, chat: bool | None = None) -> SamplingConfig:
+        """Sampling settings of sample version `samples` (its own seed); with a chat template
+        its end-of-turn token also stops a completion."""
         s = self.config.sampling
         eos, pad = special_tokens(self.lm_config)
+        template = self.chat if chat is None else self.chat_for(chat)
+        if template is not None:
+            eos = eos + tuple(t for t in template.stop if t not in eos)
         return SamplingConfig(
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
@@ -291,11 +316,13 @@ class Experiment:
 
     @property
     def prompt_len(self) -> int:
-        """Fixed prompt width of training batches (max tokens + special prefix, rounded)."""
+        """Fixed prompt width of training batches (max tokens + special prefix or chat template
+        tokens, rounded)."""
         from jaxdetox.data.packing import round_up
         from jaxdetox.data.prompts import special_prefix
 
-        return round_up(self.config.prompts.max_tokens + len(special_prefix(self.tokenizer)), 8)
+        extra = self.chat.overhead if self.chat else len(special_prefix(self.tokenizer))
+        return round_up(self.config.prompts.max_tokens + extra, 8)
 
     @property
     def completion_len(self) -> int:
