@@ -261,7 +261,11 @@ def save_pretrained(
     tokenizer: Any = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`)."""
+    """Write config.json + safetensors (sharded with an index above `max_shard_bytes`); a
+    model with LoRA adapters is written with the adapters merged into its weights."""
+    from jaxdetox.models.lora import merged_model
+
+    model = merged_model(model)
     config: ModelConfig = model.config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

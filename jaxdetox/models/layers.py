@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxdetox.models.cache import KVCache
 from jaxdetox.models.config import ModelConfig
+from jaxdetox.models.lora import merge_layer
 from jaxdetox.sharding import constrain
 
 F32 = jnp.float32
@@ -422,6 +423,7 @@ class CausalLM(nnx.Module):
         """The layer stack as one `lax.scan` over the stacked weights (and stacked cache)."""
         t = x_btd.shape[1]
         graphdef, layer_state = nnx.split(self.layers)
+        lora_scale = getattr(self, "lora_scale", None)  # set by models.lora.add_adapters
 
         # The stacked cache rides in the scan carry and each layer writes only its T new
         # slots into it (in place). As scan xs/ys instead, the whole [L, B, S, ...] cache
@@ -430,6 +432,8 @@ class CausalLM(nnx.Module):
         def run_layer(carry: tuple[jax.Array, Any], layer_in: tuple[Any, Any]) -> tuple:
             x, kv_all = carry
             state, i = layer_in
+            if lora_scale is not None:  # W + (α/r)·A·B of this layer only (models/lora.py)
+                state = merge_layer(state, lora_scale)
             kv = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
             x, kv = nnx.merge(graphdef, state)(x, ctx, kv)
             if kv_all is not None:

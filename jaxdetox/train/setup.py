@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxdetox.models.lora import split_adapters
+from jaxdetox.models.registry import abstract_model
 from jaxdetox.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask
 from jaxdetox.train.state import (
     Models,
@@ -46,10 +48,17 @@ class Training:
 
 
 def _trainer(
-    module: nnx.Module, config: OptimizerConfig | None, total_steps: int, mesh: Mesh
+    module: nnx.Module,
+    config: OptimizerConfig | None,
+    total_steps: int,
+    mesh: Mesh,
+    base: list | None = None,
 ) -> tuple[nnx.GraphDef, Params, Params, Any, Any, Any, ModelState | None]:
     graphdef, abstract, params = split_params(module)
     p_shard = param_shardings(abstract, mesh)
+    if base is not None:  # LoRA: train the adapters; `base` receives the frozen weights
+        (frozen, params), (frozen_shard, p_shard) = split_adapters(params), split_adapters(p_shard)
+        base += [frozen, frozen_shard]
     if config is None:
         return graphdef, params, p_shard, None, None, None, None
     optimizer, schedule = make_optimizer(config, total_steps, params)
@@ -77,9 +86,18 @@ def make_training(
     architecture; default: a copy of `lm`'s current parameters (the base model), optionally
     cast to `reference_dtype` (e.g. "bfloat16" to halve its memory). Every array of the
     returned state is its own copy (steps donate the state).
+
+    An `lm` with LoRA adapters (`models.lora.add_adapters`) trains only its adapters
+    (`state.lm.params`); its frozen base weights are `state.ref_params`, the reference, held
+    once (`reference` must then be None).
     """
+    base: list | None = None
+    if getattr(lm, "lora_scale", None) is not None:
+        if reference is not None:
+            raise ValueError("LoRA: the reference is the base the adapters apply to; pass None")
+        base = []
     lm_graph, lm_params, lm_pshard, lm_opt, lm_sched, lm_mask, lm_shard = _trainer(
-        lm, lm_optimizer, lm_steps, mesh
+        lm, lm_optimizer, lm_steps, mesh, base
     )
     nado_graph = nado_opt = nado_sched = nado_mask = nado_shard = None
     nado_state = None
@@ -93,12 +111,15 @@ def make_training(
             nado_state = ModelState(jnp.zeros((), jnp.int32), _copy(nado_params), ())
             nado_shard = ModelState(replicated(mesh), nado_pshard, ())
 
-    if reference is None:
+    ref_pshard = lm_pshard
+    if base:
+        reference, ref_pshard = base
+    elif reference is None:
         reference = lm_params
     elif isinstance(reference, nnx.Module):
         reference = split_params(reference)[2]
     dtype = jnp.dtype(reference_dtype) if reference_dtype else None
-    ref_params = cast_params(reference, dtype, lm_pshard) if dtype else _copy(reference)
+    ref_params = cast_params(reference, dtype, ref_pshard) if dtype else _copy(reference)
 
     if lm_opt is not None:
         lm_state = init_model_state(lm_opt, lm_params, lm_shard)
@@ -107,7 +128,9 @@ def make_training(
         lm_shard = ModelState(replicated(mesh), lm_pshard, ())
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated(mesh))
     state = TrainState(lm=lm_state, nado=nado_state, ref_params=ref_params, rng=rng)
-    shardings = TrainState(lm=lm_shard, nado=nado_shard, ref_params=lm_pshard, rng=replicated(mesh))
+    shardings = TrainState(
+        lm=lm_shard, nado=nado_shard, ref_params=ref_pshard, rng=replicated(mesh)
+    )
     models = Models(
         lm=lm_graph,
         nado=nado_graph,
@@ -117,5 +140,7 @@ def make_training(
         nado_schedule=nado_sched,
         lm_trainable=lm_mask,
         nado_trainable=nado_mask,
+        lora=base is not None,
+        ref=None if base is None else nnx.split(abstract_model(lm.config), nnx.Param)[0],
     )
     return Training(state, models, shardings)

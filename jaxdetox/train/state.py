@@ -63,6 +63,19 @@ class Models:
     # Bool pytrees like the params (python bools): which leaves train. None = all.
     lm_trainable: Any = None
     nado_trainable: Any = None
+    # LoRA (models/lora.py): `lm.params` are the adapters only and `ref_params` the frozen
+    # base weights, shared by the student (base ⊕ adapters) and the reference; `ref` is the
+    # base model's graph (the reference runs without adapters).
+    lora: bool = False
+    ref: nnx.GraphDef | None = None
+
+    def student_params(self, lm_params: Params, ref_params: Params | None) -> Params:
+        """The LLM's full params: `lm_params`, or with LoRA the base plus the adapters."""
+        if not self.lora:
+            return lm_params
+        from jaxdetox.models.lora import combine
+
+        return combine(jax.lax.stop_gradient(ref_params), lm_params)
 
 
 def split_params(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, Params]:

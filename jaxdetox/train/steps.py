@@ -119,7 +119,8 @@ def teacher_features(
     models: Models, ref_params: Params, nado_params: Params, stream: dict[str, jax.Array]
 ) -> Teacher:
     """Reference hidden states (frozen) and NADO hidden states (differentiable in φ)."""
-    h_ref, ref_head = lm_hidden(models.lm, jax.lax.stop_gradient(ref_params), stream)
+    ref_graph = models.lm if models.ref is None else models.ref  # LoRA: the base's graph
+    h_ref, ref_head = lm_hidden(ref_graph, jax.lax.stop_gradient(ref_params), stream)
     h_ref = jax.lax.stop_gradient(h_ref)
     nado = bind(models.nado, nado_params)
     h_nado, _ = nado.hidden_states(
@@ -357,7 +358,7 @@ def lm_step(
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
         return lm_loss(
-            params, mb, models=models, ref_params=state.ref_params, nado_params=nado_params,
+            models.student_params(params, state.ref_params), mb, models=models, ref_params=state.ref_params, nado_params=nado_params,
             config=config, denominators=denominators,
         )  # fmt: skip
 
@@ -448,7 +449,7 @@ def joint_step(
             denominator=nado_denom,
         )  # fmt: skip
         l_loss, l_sums = lm_loss(
-            lm_params, mb, models=models, ref_params=state.ref_params, nado_params=frozen_nado,
+            models.student_params(lm_params, state.ref_params), mb, models=models, ref_params=state.ref_params, nado_params=frozen_nado,
             config=config, denominators=lm_denoms, teachers={"samples": teacher},
         )  # fmt: skip
         return l_loss + n_loss, {**l_sums, **n_sums, "lm_loss": l_loss, "nado_loss": n_loss}
