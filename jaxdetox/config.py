@@ -142,6 +142,18 @@ class TrainNadoSection(Section):
     optimizer: OptimizerSection = OptimizerSection()
 
 
+class LoraSection(Section):
+    """LoRA for the LLM (jaxdetox.models.lora): ΔW = (alpha/rank)·A·B on the target kernels."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo"],
+        description="layer kernels (names or regexes over e.g. attn/wq, mlp/down)",
+    )
+    seed: int = 0
+
+
 class FinetuneSection(Section):
     """Stage 4: LLM_i = argmin NLL(corpus) + λ·Σ_t KL(q_t ‖ p_θ,t), q = reference ⊕ NADO_i."""
 
@@ -160,7 +172,16 @@ class FinetuneSection(Section):
     )
     reference_dtype: Literal["float32", "bfloat16"] | None = None
     chunk_size: int | None = Field(None, ge=1)
+    lora: LoraSection | None = Field(
+        None, description="train LoRA adapters only; the frozen base is also the reference"
+    )
     optimizer: OptimizerSection = OptimizerSection()
+
+    @model_validator(mode="after")
+    def _lora_reference(self) -> FinetuneSection:
+        if self.lora is not None and self.reference != "base":
+            raise ValueError("finetune.lora needs finetune.reference: base (the frozen base)")
+        return self
 
 
 class DetectionEvalSection(Section):

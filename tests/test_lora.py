@@ -1,6 +1,8 @@
 """LoRA: zero-initialised adapters are the base model exactly; a step trains only adapters
 with the base shared as the reference; merged export equals the adapted model."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,50 @@ def test_a_step_changes_only_the_adapters_and_shares_the_base_as_reference():
     assert all(jax.tree.leaves(changed))  # every A and B moved (B at step 1, A from step 2)
     with pytest.raises(ValueError, match="reference"):
         make_training(adapted(), nado, mesh, lm_optimizer=opt, nado_optimizer=None, reference=model)
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_adapters_and_exports_merged(tmp_path):
+    from safetensors.numpy import load_file
+
+    from jaxdetox.commands.run import execute
+    from jaxdetox.config import config_from_dict
+    from jaxdetox.lm import load_pretrained
+    from tests._tiny_run import save_tiny_model, tiny_config
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    lora_cfg = {"rank": 2, "alpha": 4.0, "targets": ["wq", "wv"]}
+    config = tiny_config(
+        model_dir,
+        finetune={
+            "batch_size": 8,
+            "epochs": 1,
+            "lora": lora_cfg,
+            "optimizer": {"learning_rate": 1e-2},
+        },
+        loop={"iterations": 1, "checkpoint_every": 1},
+        eval={"enabled": False},
+    )
+    out = tmp_path / "run"
+    execute(config_from_dict(config), out, progress=False)
+    # The stage checkpoints and the artefact hold only adapters (+ their Adam moments).
+    stage = out / "iter_001" / "finetune"
+    for meta in [*stage.glob("ckpt/*/state/_METADATA"), *stage.glob("artifact/*/state/_METADATA")]:
+        paths = list(json.loads(meta.read_text())["tree_metadata"])
+        params = [p for p in paths if "'params'" in p or "opt_state" not in p and "step" not in p]
+        assert params and all("_lora_" in p for p in params), paths
+    adapters, cfg, base = lora.load_adapters(out / "final" / "adapters")
+    assert base == str(model_dir) and cfg.rank == 2
+    assert set(adapters["layers"]["attn"]) == {"wq_lora_a", "wq_lora_b", "wv_lora_a", "wv_lora_b"}
+    assert np.any(adapters["layers"]["attn"]["wq_lora_b"] != 0)
+    # final/model is the merged HF checkpoint: base + adapters.
+    final = load_pretrained(str(out / "final" / "model"))
+    base_lm = load_pretrained(str(model_dir))
+    lora_model = lora.add_adapters(base_lm.model, cfg)
+    b, _ = lora.split_adapters(params_of(lora_model))
+    set_params(lora_model, lora.combine(b, adapters))
+    tokens = jnp.array([[1, 40, 41, 42, 43]], jnp.int32)
+    np.testing.assert_allclose(final.model(tokens)[0], lora_model(tokens)[0], atol=1e-5)
+    assert "model.embed_tokens.weight" in load_file(
+        str(out / "final" / "model" / "model.safetensors")
+    )

@@ -141,18 +141,61 @@ class Experiment:
         self.handover_seconds = 0.0  # spent bringing in other stages' LLM / NADO versions
         self._lm: dict[int, Params] = {0: base_params}
         self._nado: dict[int, Params] = {0: nado_params}
+        self.lora = None  # LoRA: LLM_j is the base plus adapters_j (`adapters(j)`)
+        if config.finetune.lora is not None:
+            self._init_lora(self.lm_module(base_params))
         self.store = SampleStore(run.samples)
         # compiled train steps (and the eval fluency model), reused across iterations
         self.runners: dict[tuple, Any] = {}
 
+    def _init_lora(self, base_model: nnx.Module) -> None:
+        from jaxdetox.models import lora
+
+        c = self.config.finetune.lora
+        self.lora = lora.LoraConfig(c.rank, c.alpha, tuple(c.targets))
+        model = lora.add_adapters(base_model, self.lora, seed=c.seed)
+        self.lora_graph, self.lora_abstract, params = split_params(model)
+        self._adapters: dict[int, Params] = {0: lora.split_adapters(params)[1]}
+        shardings = param_shardings(self.lora_abstract, self.mesh)
+        self.adapter_shardings = lora.split_adapters(shardings)[1]
+        scale = self.lora.scale  # base and adapters are arguments (a closure would embed them)
+        self._merge_fn = jax.jit(
+            lambda base, a: lora.merge_params(base, a, scale), out_shardings=self.lm_shardings
+        )
+
     # ------------------------------------------------------------------ artefacts
 
     def lm_params(self, iteration: int) -> Params:
-        """LLM_iteration (0 = base), from memory, another role, or its finetune artefact."""
+        """LLM_iteration (0 = base), from memory, another role, or its finetune artefact
+        (LoRA: the base with adapters_iteration merged in)."""
+        if self.lora is not None and iteration > 0:  # merged anew: no full copy is held
+            return self._merged(self.adapters(iteration))
         if iteration not in self._lm:
             params = self._fetch("lm", iteration, self.lm_abstract, self.lm_shardings)
             self._hold("lm", iteration, params)
         return self._lm[iteration]
+
+    def adapters(self, iteration: int) -> Params:
+        """LoRA adapters of LLM_iteration (0 = the initial ones, B = 0)."""
+        if iteration not in self._adapters:
+            shared = self.handover.get("lm", iteration) if self.handover else None
+            if shared is not None:  # made by another role on its sub-mesh
+                params = jax.device_put(shared, self.adapter_shardings)
+            else:
+                target = abstract_like(self._adapters[0], self.adapter_shardings)
+                params = self._restore_artifact(iteration, "finetune", None, None, target=target)
+            self._adapters[iteration] = params
+        return self._adapters[iteration]
+
+    def _merged(self, adapters: Params) -> Params:
+        return self._merge_fn(self._lm[0], adapters)
+
+    def lora_module(self, iteration: int) -> nnx.Module:
+        """The LoRA LLM module: base weights (no copy) plus adapters_iteration."""
+        from jaxdetox.models import lora
+
+        params = lora.combine(self._lm[0], self.adapters(iteration))
+        return nnx.merge(self.lora_graph, to_nnx_state(self.lora_abstract, params))
 
     def nado_params(self, iteration: int) -> Params:
         """NADO_iteration (0 = initial), from memory, another role, or its train_nado
@@ -188,7 +231,12 @@ class Experiment:
 
     def keep(self, kind: str, iteration: int, params: Params) -> None:
         """Hold a finished artefact in memory and publish it to the other roles."""
-        self._hold(kind, iteration, params)
+        if kind == "lm" and self.lora is not None:  # params are adapters; merged on demand
+            self._adapters[iteration] = params
+            for old in [k for k in self._adapters if 0 < k < iteration]:
+                del self._adapters[old]
+        else:
+            self._hold(kind, iteration, params)
         if self.handover is not None:
             self.handover.put(kind, iteration, params)
 
@@ -203,7 +251,7 @@ class Experiment:
         return str(directory)
 
     def _restore_artifact(
-        self, iteration: int, stage: str, abstract: Any, shardings: Params
+        self, iteration: int, stage: str, abstract: Any, shardings: Params, target: Any = None
     ) -> Params:
         directory = self.run.stage_dir(iteration, stage) / ARTIFACT
         if not directory.exists():
@@ -211,7 +259,8 @@ class Experiment:
                 f"{directory}: missing; the manifest says {stage} of iteration {iteration} is "
                 "done but its output is gone (delete that manifest record to redo the stage)"
             )
-        target = abstract_like(nnx.to_pure_dict(abstract), shardings)
+        if target is None:
+            target = abstract_like(nnx.to_pure_dict(abstract), shardings)
         with Checkpointer(directory, keep=1, async_save=False) as ckpt:
             params, _, meta = ckpt.restore(target, step=0)
         record = self.run.record(iteration, stage)

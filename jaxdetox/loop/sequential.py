@@ -174,6 +174,12 @@ def export_final(exp: Experiment, iteration: int) -> None:
     if exp.run.writer:  # safetensors write local files: staged, then uploaded if gs://...
         with fileio.local_dir(exp.run.final / "model") as model_dir:
             exp.language_model(lm_params).save_pretrained(model_dir)
+        if exp.lora is not None:  # the adapters alone, with a pointer to their base model
+            from jaxdetox.models.lora import save_adapters
+
+            with fileio.local_dir(exp.run.final / "adapters") as adapter_dir:
+                base = exp.config.model.path
+                save_adapters(adapter_dir, exp.adapters(iteration), exp.lora, base)
         with fileio.local_dir(exp.run.final / "nado") as nado_dir:
             save_nado(exp.nado_module(nado_params), nado_dir)
     _barrier("export")

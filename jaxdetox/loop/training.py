@@ -222,9 +222,13 @@ def finetune_stage(
     cfg, conf = exp.config.finetune, exp.config
     num_rows = exp.store.read(samples, exp.label_name).num_rows
     total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
+    if exp.lora is not None:  # adapters train; the base is the student's and the reference
+        lm_module, reference = exp.lora_module(lm_version), None
+    else:
+        lm_module = exp.lm_module(exp.lm_params(lm_version))
+        reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
     training = make_training(
-        exp.lm_module(exp.lm_params(lm_version)),
+        lm_module,
         exp.nado_module(exp.nado_params(nado_version)),
         exp.mesh,
         lm_optimizer=optimizer_config(cfg.optimizer),

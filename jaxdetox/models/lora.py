@@ -14,10 +14,13 @@ weights (sampler, export, evaluation) uses `merge_params`.
 Layout. For a kernel `name` of the stacked layers with logical axes `(layers, *in, *out)`
 (in = `embed` for `wq/wk/wv/gate/up/fc`, in = everything but the last axis for
 `wo/down/proj`), LoRA adds `name_lora_a [L, *in, r]` (He-normal init) and
-`name_lora_b [L, r, *out]` (zeros): with B = 0 the adapted model *is* the base model,
+`name_lora_b [L, r, *out]` (zeros), both float32 (the trained master weights, whatever
+the base's dtype): with B = 0 the adapted model *is* the base model,
 bit for bit (`W + 0 = W`). The merge happens per layer inside the scan
 (`CausalLM._scan_layers` calls `merge_layer`), so no second copy of the stacked weights is
-ever formed while training. `split_adapters` / `combine` move between the model's params
+ever formed while training (with `model.remat`, not even as backward residuals: without it
+the backward keeps each layer's merged target kernels, one copy of those kernels).
+`split_adapters` / `combine` move between the model's params
 and (base, adapters): the training state keeps the frozen base once, as the reference
 model, and trains only the adapters.
 """
@@ -109,8 +112,9 @@ def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Mo
         in_shape, out_shape = shape[1 : 1 + n_in], shape[1 + n_in :]
         fan_in = math.prod(in_shape)
         a = jax.random.normal(jax.random.fold_in(key, i), (shape[0], *in_shape, config.rank), F32)
-        a = (a * math.sqrt(2.0 / fan_in)).astype(var.dtype)  # He-normal, as LoRA's A
-        b = jnp.zeros((shape[0], config.rank, *out_shape), var.dtype)
+        # float32 adapters whatever the base's dtype (they are the trained master weights).
+        a = a * math.sqrt(2.0 / fan_in)  # He-normal, as LoRA's A
+        b = jnp.zeros((shape[0], config.rank, *out_shape), F32)
         *parents, name = path.split("/")
         owner = model.layers
         for p in parents:
