@@ -12,6 +12,8 @@ Conventions shared by every function here (docs/method.md, docs/interfaces.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -56,17 +58,32 @@ def log_softmax(logits_v: Array) -> Array:
     return jnp.where(row_ok, safe, -jnp.inf)
 
 
-def guided_log_probs(base_logits: Array, nado_logits: Array, alpha: float | Array = 1.0) -> Array:
-    """Normalised teacher log q = log_softmax(log_softmax(base) + alpha·log σ(nado)) (docs/method.md)."""
-    if base_logits.shape != nado_logits.shape:
-        raise ValueError(
-            f"guided_log_probs: base_logits {base_logits.shape} and nado_logits "
-            f"{nado_logits.shape} must have the same [..., V] shape"
-        )
+def guided_log_probs(
+    base_logits: Array,
+    nado_logits: Array | Sequence[Array],
+    alpha: float | Array | Sequence[float] = 1.0,
+) -> Array:
+    """Normalised teacher log q = log_softmax(log_softmax(base) + Σ_c α_c·log σ(nado_c))
+    (docs/method.md; one NADO: `nado_logits` an array and `alpha` a scalar)."""
+    several = isinstance(nado_logits, list | tuple)
+    heads = list(nado_logits) if several else [nado_logits]
+    alphas = list(alpha) if isinstance(alpha, list | tuple) else [alpha] * len(heads)
+    if len(alphas) != len(heads):
+        raise ValueError(f"guided_log_probs: {len(heads)} NADOs but {len(alphas)} alphas")
+    for h in heads:
+        if base_logits.shape != h.shape:
+            raise ValueError(
+                f"guided_log_probs: base_logits {base_logits.shape} and nado_logits "
+                f"{h.shape} must have the same [..., V] shape"
+            )
     # log σ(h) = log R_φ(x, y_<t∘v); with alpha = 1 and an exact R this is the projection
     # q*(v|·) = p(v|·)·R(·∘v)/R(·) because the softmax normaliser equals R(·) (Bellman).
-    log_r = jax.nn.log_sigmoid(upcast(nado_logits))
-    return log_softmax(log_softmax(base_logits) + alpha * log_r)
+    # Several constraints: with NADO_c exact for C_c under the model guided by NADO_1..c-1,
+    # the sum is the projection onto C_1·…·C_n (docs/constraints.md).
+    total = log_softmax(base_logits)
+    for h, a in zip(heads, alphas):
+        total = total + a * jax.nn.log_sigmoid(upcast(h))
+    return log_softmax(total)
 
 
 def token_kl(teacher_logits: Array, student_logits: Array, mask: Array | None = None) -> Array:
