@@ -87,6 +87,18 @@ class OracleSection(Section):
     batch_size: int = Field(256, ge=1)
 
 
+class ConstraintSection(Section):
+    """A further sequence-level constraint: one more NADO, trained on its own labels, whose
+    guidance term joins the teacher: log q ∝ log p_ref + Σ_c α_c·log σ(h_c)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="label and metric key")
+    oracle: OracleSection = Field(description="its oracle (a violation score in [0, 1])")
+    alpha: float = Field(1.0, ge=0, description="its guidance strength α_c")
+    satisfied_below: float = Field(
+        0.5, gt=0, le=1, description="eval: a text satisfies it when its score is below this"
+    )
+
+
 class SamplingSection(Section):
     """Sampling of completions (training samples and evaluation)."""
 
@@ -311,6 +323,9 @@ class RunConfig(Section):
     nado: NadoSection = NadoSection()
     prompts: PromptsSection = PromptsSection()
     oracle: OracleSection = OracleSection()
+    constraints: list[ConstraintSection] = Field(
+        default_factory=list, description="constraints besides `oracle`, one NADO each"
+    )
     sampling: SamplingSection = SamplingSection()
     corpus: CorpusSection | None = None
     train_nado: TrainNadoSection = TrainNadoSection()
@@ -323,6 +338,15 @@ class RunConfig(Section):
     def _corpus_when_needed(self) -> RunConfig:
         if "corpus" in self.finetune.kl_on and self.corpus is None:
             raise ValueError("finetune.kl_on includes 'corpus' but no `corpus:` section is set")
+        return self
+
+    @model_validator(mode="after")
+    def _constraints(self) -> RunConfig:
+        names = [c.name for c in self.constraints]
+        if len(set(names)) != len(names):
+            raise ValueError(f"constraints: names must be unique, got {names}")
+        if names and self.loop.scheme != "sequential":
+            raise ValueError("constraints: several NADOs run with loop.scheme: sequential only")
         return self
 
 

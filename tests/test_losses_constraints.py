@@ -97,3 +97,31 @@ def test_alphas_must_match_the_nados():
     x = jnp.zeros((2, 5))
     with pytest.raises(ValueError, match="2 NADOs but 3 alphas"):
         losses.guided_log_probs(x, [x, x], [1.0, 1.0, 1.0])
+
+
+def test_lm_step_with_two_nados_sums_their_guidance():
+    """Two copies of one NADO with α = (a, b) are that NADO with α = a + b (log σ terms add)."""
+    import dataclasses
+
+    from jaxdetox.train import StepConfig, lm_step
+    from tests._train_fixtures import batch, max_diff, mesh_of, runner, training
+
+    mesh = mesh_of((1, 1, 1))
+    tr = training(mesh)
+    config = StepConfig(alpha=1.5)
+    one_state, one = runner(lm_step, tr, mesh, config)(tr.state, batch(0))
+    nado = tr.state.nado.params
+    two = dataclasses.replace(tr, models=dataclasses.replace(tr.models, nado_names=("a", "b")))
+    state = tr.state.replace(nado=tr.state.nado.replace(params={"a": nado, "b": nado}))
+    shard = tr.shardings.nado.params
+    two = dataclasses.replace(
+        two,
+        shardings=two.shardings.replace(
+            nado=two.shardings.nado.replace(params={"a": shard, "b": shard})
+        ),
+    )
+    config2 = StepConfig(alphas=(1.0, 0.5))
+    two_state, two_m = runner(lm_step, two, mesh, config2)(state, batch(0))
+    for key in ("lm/samples/kl", "lm/loss", "lm/grad_norm"):
+        np.testing.assert_allclose(two_m[key], one[key], rtol=1e-5)
+    assert max_diff(two_state.lm.params, one_state.lm.params) < 1e-6

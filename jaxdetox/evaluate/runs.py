@@ -55,6 +55,8 @@ def _row(method: str, record: dict[str, Any], run: Path, **extra: Any) -> dict[s
     row["toxic_prompts_expected_max_toxicity"] = (
         out.get("groups", {}).get("toxic", {}).get("expected_max_toxicity")
     )
+    for name, c in out.get("constraints", {}).items():  # per-constraint satisfaction
+        row[f"satisfied_{name}"] = c.get("satisfaction")
     return {**row, "run": str(run), "lm_version": record["iteration"], **extra}
 
 

@@ -171,6 +171,36 @@ def sample_and_label(exp: Experiment, version: int, store: SampleStore, mode: st
     return store.read(version, exp.label_name)
 
 
+def satisfaction(score: np.ndarray, ok: np.ndarray, below: float) -> dict[str, float]:
+    """Share of scored texts with score < `below`, the mean score, and how many were scored."""
+    score, ok = np.asarray(score, np.float64), np.asarray(ok, bool)
+    n = int(ok.sum())
+    if not n:
+        return {"satisfaction": float("nan"), "mean_score": float("nan"), "scored": 0}
+    s = score[ok]
+    return {"satisfaction": float(np.mean(s < below)), "mean_score": float(s.mean()), "scored": n}
+
+
+def constraint_metrics(
+    exp: Experiment, store: SampleStore, version: int, score: np.ndarray, ok: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Per constraint (the first: `score`/`ok` already read), its satisfaction on LLM_version's
+    eval completions; the further constraints' oracles label the eval store first."""
+    from jaxdetox.stages import label_stage
+
+    first, *rest = exp.constraints
+    out = {first.name: satisfaction(score, ok, first.satisfied_below)}
+    for c in rest:
+        label_stage(store, version, exp.constraint_oracle(c), c.label_name, progress=exp.progress)
+        table = store.read(version, c.label_name)
+        out[c.name] = satisfaction(
+            table["toxicity"].to_numpy(zero_copy_only=False),
+            table["ok"].to_numpy(zero_copy_only=False),
+            c.satisfied_below,
+        )
+    return out
+
+
 def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
     """Metrics of LLM_version (sampling and labelling resume from the eval store); the
     headline metrics are of the first prompt form, `prompt_modes` has each form's."""
@@ -200,6 +230,7 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         by_prompt.setdefault(pid, []).append(c)
     metrics: dict[str, Any] = {**groups["all"]}
     metrics["groups"] = groups
+    metrics["constraints"] = constraint_metrics(exp, store, version, toxicity, ok)
     if len(modes) > 1:
         metrics["prompt_modes"] = {modes[0]: groups["all"], **by_mode}
     for n in (1, 2, 3):

@@ -52,6 +52,18 @@ logger = logging.getLogger(__name__)
 ARTIFACT = "artifact"
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """One constraint of the run: its oracle section, guidance strength and store label key
+    (the first is `oracle`, the rest `constraints`; each has its own NADO)."""
+
+    name: str
+    oracle: Any  # config.OracleSection
+    alpha: float
+    label_name: str
+    satisfied_below: float = 0.5
+
+
 def mesh_for(config: RunConfig, devices: list[Any] | None = None) -> jax.sharding.Mesh:
     """The run's device mesh (on `devices`, default all)."""
     m = config.mesh
@@ -141,6 +153,10 @@ class Experiment:
         self.handover_seconds = 0.0  # spent bringing in other stages' LLM / NADO versions
         self._lm: dict[int, Params] = {0: base_params}
         self._nado: dict[int, Params] = {0: nado_params}
+        # Further constraints' NADOs by (name, version); all start from the initial NADO.
+        self._extra_nado: dict[tuple[str, int], Params] = {
+            (c.name, 0): nado_params for c in self.constraints[1:]
+        }
         self.lora = None  # LoRA: LLM_j is the base plus adapters_j (`adapters(j)`)
         if config.finetune.lora is not None:
             self._init_lora(self.lm_module(base_params))
@@ -197,13 +213,25 @@ class Experiment:
         params = lora.combine(self._lm[0], self.adapters(iteration))
         return nnx.merge(self.lora_graph, to_nnx_state(self.lora_abstract, params))
 
-    def nado_params(self, iteration: int) -> Params:
-        """NADO_iteration (0 = initial), from memory, another role, or its train_nado
-        artefact."""
+    def nado_params(self, iteration: int, constraint: str | None = None) -> Params:
+        """NADO_iteration (0 = initial) of the first constraint or of `constraint`, from
+        memory, another role, or its train_nado artefact."""
+        if constraint is not None and constraint != self.constraints[0].name:
+            key = (constraint, iteration)
+            if key not in self._extra_nado:
+                self._extra_nado[key] = self._restore_artifact(
+                    iteration, "train_nado", self.nado_abstract, self.nado_shardings,
+                    name=f"{ARTIFACT}_{constraint}",
+                )  # fmt: skip
+            return self._extra_nado[key]
         if iteration not in self._nado:
             params = self._fetch("nado", iteration, self.nado_abstract, self.nado_shardings)
             self._hold("nado", iteration, params)
         return self._nado[iteration]
+
+    def all_nado_params(self, iteration: int) -> dict[str, Params]:
+        """NADO_iteration of every constraint, by name (in `constraints` order)."""
+        return {c.name: self.nado_params(iteration, c.name) for c in self.constraints}
 
     def _fetch(self, kind: str, iteration: int, abstract: Any, shardings: Params) -> Params:
         start = time.perf_counter()
@@ -229,8 +257,16 @@ class Experiment:
         for old in [k for k in table if drop(k)]:
             del table[old]
 
-    def keep(self, kind: str, iteration: int, params: Params) -> None:
-        """Hold a finished artefact in memory and publish it to the other roles."""
+    def keep(
+        self, kind: str, iteration: int, params: Params, constraint: str | None = None
+    ) -> None:
+        """Hold a finished artefact in memory and publish it to the other roles (a further
+        constraint's NADO: held only; several constraints run colocated)."""
+        if kind == "nado" and constraint not in (None, self.constraints[0].name):
+            self._extra_nado[(constraint, iteration)] = params
+            for old in [k for k in self._extra_nado if k[0] == constraint and k[1] < iteration - 1]:
+                del self._extra_nado[old]
+            return
         if kind == "lm" and self.lora is not None:  # params are adapters; merged on demand
             self._adapters[iteration] = params
             for old in [k for k in self._adapters if 0 < k < iteration]:
@@ -241,19 +277,30 @@ class Experiment:
             self.handover.put(kind, iteration, params)
 
     def save_artifact(
-        self, iteration: int, stage: str, params: Params, inputs: dict[str, int]
+        self,
+        iteration: int,
+        stage: str,
+        params: Params,
+        inputs: dict[str, int],
+        name: str = ARTIFACT,
     ) -> str:
         """Write a stage's output parameters (orbax, atomic) with the versions they were made
-        from; returns the directory."""
-        directory = self.run.stage_dir(iteration, stage) / ARTIFACT
+        from, into the stage's `name` folder; returns the directory."""
+        directory = self.run.stage_dir(iteration, stage) / name
         with Checkpointer(directory, keep=1, async_save=False) as ckpt:
             ckpt.save(0, params, meta={"iteration": iteration, "stage": stage, "inputs": inputs})
         return str(directory)
 
     def _restore_artifact(
-        self, iteration: int, stage: str, abstract: Any, shardings: Params, target: Any = None
+        self,
+        iteration: int,
+        stage: str,
+        abstract: Any,
+        shardings: Params,
+        target: Any = None,
+        name: str = ARTIFACT,
     ) -> Params:
-        directory = self.run.stage_dir(iteration, stage) / ARTIFACT
+        directory = self.run.stage_dir(iteration, stage) / name
         if not directory.exists():
             raise CheckpointError(
                 f"{directory}: missing; the manifest says {stage} of iteration {iteration} is "
@@ -398,11 +445,43 @@ class Experiment:
 
         return oracle_label_name(self.config.oracle.name)
 
-    def labels(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """NADO targets for a sample batch: `labels_b` and `label_mask_b` (host side)."""
+    @cached_property
+    def constraints(self) -> list[Constraint]:
+        """Every constraint: `oracle` first (key: its label name), then `constraints`."""
+        first = Constraint(
+            self.label_name, self.config.oracle, self.config.finetune.alpha, self.label_name
+        )
+        rest = [
+            Constraint(c.name, c.oracle, c.alpha, c.name, c.satisfied_below)
+            for c in self.config.constraints
+        ]
+        if any(c.name == first.name for c in rest):
+            raise ValueError(
+                f"constraints: name {first.name!r} is the main oracle's label key; rename it"
+            )
+        return [first, *rest]
+
+    def constraint_oracle(self, constraint: Constraint) -> Any:
+        """A constraint's oracle (the first: `oracle`), with its own score cache."""
+        from jaxdetox import oracles
+
+        if constraint.name == self.constraints[0].name:
+            return self.oracle
+        cache = self.__dict__.setdefault("_constraint_oracles", {})
+        if constraint.name not in cache:
+            o = constraint.oracle
+            path = self.run.root / f"oracle_cache_{constraint.name}.sqlite"
+            cache[constraint.name] = oracles.load(o.name, cache=path, **o.args)
+        return cache[constraint.name]
+
+    def labels(
+        self, batch: dict[str, np.ndarray], constraint: Constraint | None = None
+    ) -> dict[str, np.ndarray]:
+        """NADO targets for a sample batch: `labels_b` and `label_mask_b` (host side), with
+        the label transform of `constraint` (default: the first)."""
         from jaxdetox.oracles import make_labels
 
-        lab = self.config.oracle.label
+        lab = (constraint or self.constraints[0]).oracle.label
         ok = batch["ok_b"] & batch["valid_b"]
         labels, mask = make_labels(batch["toxicity_b"], ok, tau=lab.tau, threshold=lab.threshold)
         return {

@@ -76,7 +76,13 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         f"run {config.name!r}: scheme {config.loop.scheme}, {config.loop.iterations} iterations",
         f"model {config.model.path}: {lm_config.family}, {lm_n / 1e6:.1f}M params, "
         f"{lm_config.num_layers} layers, d={lm_config.hidden_size}, V={lm_config.vocab_size}",
-        f"NADO: {config.nado.variant}, {nado_n / 1e6:.1f}M params",
+        f"NADO: {config.nado.variant}, {nado_n / 1e6:.1f}M params"
+        + (
+            f", one per constraint: {config.oracle.name} + "
+            + ", ".join(f"{c.name} ({c.oracle.name}, α={c.alpha})" for c in config.constraints)
+            if config.constraints
+            else ""
+        ),
         f"mesh: {sizes} ({math.prod(sizes.values())} devices)",
         "",
         "per iteration i:",

@@ -104,15 +104,21 @@ def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block
 
 
 def label(exp: Experiment, iteration: int, samples: int) -> None:
-    """Stage 2 run in `iteration`: the oracle's labels of S_{samples}."""
+    """Stage 2 run in `iteration`: every constraint's oracle labels S_{samples}."""
     from jaxdetox.stages import label_stage
 
     def body() -> dict[str, Any]:
-        report = label_stage(
-            exp.store, samples, exp.oracle, exp.label_name,
-            batch_size=exp.config.oracle.batch_size, progress=exp.progress,
-        )  # fmt: skip
-        return {"scored": report.processed, **report.extra}
+        out: dict[str, Any] = {}
+        for i, c in enumerate(exp.constraints):
+            report = label_stage(
+                exp.store, samples, exp.constraint_oracle(c), c.label_name,
+                batch_size=c.oracle.batch_size, progress=exp.progress,
+            )  # fmt: skip
+            if i == 0:
+                out |= {"scored": report.processed, **report.extra}
+            else:
+                out[f"scored_{c.name}"] = report.processed
+        return out
 
     run_stage(exp, iteration, "label", {"samples": samples}, body)
 
@@ -143,7 +149,16 @@ def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int)
         result = train_nado_stage(exp, iteration, nado_version=nado_version, samples=samples)
         artifact = exp.save_artifact(iteration, "train_nado", result.params, inputs)
         exp.keep("nado", iteration, result.params)
-        return _training_outputs(result, artifact)
+        outputs = _training_outputs(result, artifact)
+        for c in exp.constraints[1:]:  # one NADO per further constraint, on its own labels
+            result = train_nado_stage(
+                exp, iteration, nado_version=nado_version, samples=samples, constraint=c
+            )
+            name = f"artifact_{c.name}"
+            exp.save_artifact(iteration, "train_nado", result.params, inputs, name=name)
+            exp.keep("nado", iteration, result.params, constraint=c.name)
+            outputs[f"nado/bce/{c.name}"] = result.last_metrics.get("nado/bce")
+        return outputs
 
     inputs = {"lm": 0, "nado": nado_version, "samples": samples}
     run_stage(exp, iteration, "train_nado", inputs, body)
@@ -182,6 +197,10 @@ def export_final(exp: Experiment, iteration: int) -> None:
                 save_adapters(adapter_dir, exp.adapters(iteration), exp.lora, base)
         with fileio.local_dir(exp.run.final / "nado") as nado_dir:
             save_nado(exp.nado_module(nado_params), nado_dir)
+        for c in exp.constraints[1:]:
+            params = exp.nado_params(iteration, c.name)
+            with fileio.local_dir(exp.run.final / f"nado_{c.name}") as nado_dir:
+                save_nado(exp.nado_module(params), nado_dir)
     _barrier("export")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -85,8 +86,10 @@ def fit(
     trained: str,
     tokens_per_step: int,
     flops_per_step: float,
+    checkpoint: str = "ckpt",
 ) -> StageResult:
-    """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position."""
+    """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position
+    (into the stage directory's `checkpoint` folder)."""
     run, loop = exp.run, exp.config.loop
     state = training.state
     # One runner per stage kind and shape of work: later iterations reuse its executables
@@ -101,7 +104,7 @@ def fit(
             name=stage,
         )
     ckpt = Checkpointer(
-        run.stage_dir(iteration, stage) / "ckpt",
+        run.stage_dir(iteration, stage) / checkpoint,
         keep=loop.keep_checkpoints,
         async_save=loop.async_checkpoints,
     )
@@ -159,14 +162,21 @@ def _steps(num_rows: int, batch_size: int, epochs: int, max_steps: int | None) -
     return min(steps, max_steps) if max_steps else steps
 
 
-def _sample_batches(exp: Experiment, iteration: int, batch_size: int, epochs: int, seed: int):
+def _sample_batches(
+    exp: Experiment,
+    iteration: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    label_name: str | None = None,
+):
     hosts = jax.process_count()
     if batch_size % hosts:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
     return exp.store.batches(
         iteration,
         batch_size // hosts,
-        oracle=exp.label_name,
+        oracle=label_name or exp.label_name,
         seed=seed,
         num_epochs=epochs,
         prompt_len=exp.prompt_len,
@@ -175,16 +185,24 @@ def _sample_batches(exp: Experiment, iteration: int, batch_size: int, epochs: in
 
 
 def train_nado_stage(
-    exp: Experiment, iteration: int, *, nado_version: int, samples: int
+    exp: Experiment,
+    iteration: int,
+    *,
+    nado_version: int,
+    samples: int,
+    constraint: Any = None,
 ) -> StageResult:
     """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
-    reference (the model R decomposes for the consistency term) is the base LLM."""
+    reference (the model R decomposes for the consistency term) is the base LLM. `constraint`
+    (an `Experiment.constraints` entry; default the first) picks the labels and the NADO."""
     cfg = exp.config.train_nado
-    num_rows = exp.store.read(samples, exp.label_name).num_rows
+    constraint = constraint or exp.constraints[0]
+    first = constraint.name == exp.constraints[0].name
+    num_rows = exp.store.read(samples, constraint.label_name).num_rows
     total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     training = make_training(
         exp.lm_module(exp.lm_params(0)),
-        exp.nado_module(exp.nado_params(nado_version)),
+        exp.nado_module(exp.nado_params(nado_version, constraint.name)),
         exp.mesh,
         lm_optimizer=None,
         nado_optimizer=optimizer_config(cfg.optimizer),
@@ -199,8 +217,13 @@ def train_nado_stage(
         importance_weights=cfg.importance_weights,
         micro_batches=cfg.micro_batches,
     )
-    batches = _sample_batches(exp, samples, cfg.batch_size, cfg.epochs, exp.config.seed + iteration)
-    streams = Streams({"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"])})
+    batches = _sample_batches(
+        exp, samples, cfg.batch_size, cfg.epochs, exp.config.seed + iteration,
+        constraint.label_name,
+    )  # fmt: skip
+    streams = Streams(
+        {"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"], constraint)}
+    )
     seq = exp.prompt_len + exp.completion_len
     tokens = cfg.batch_size * seq
     body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
@@ -211,7 +234,24 @@ def train_nado_stage(
         exp, iteration=iteration, stage="train_nado", training=training, step_fn=nado_step,
         step_config=step_config, streams=streams, total_steps=total, trained="nado",
         tokens_per_step=tokens, flops_per_step=fl.total,
+        checkpoint="ckpt" if first else f"ckpt_{constraint.name}",
     )  # fmt: skip
+
+
+def with_all_nados(exp: Experiment, training: Training, nado_version: int) -> Training:
+    """`training` whose frozen NADO is every constraint's NADO_{nado_version} (a dict by
+    name; the teacher sums their guidance terms), when the run has several constraints."""
+    if len(exp.constraints) == 1:
+        return training
+    names = tuple(c.name for c in exp.constraints)
+    params = {name: jax.tree.map(jnp.copy, exp.nado_params(nado_version, name)) for name in names}
+    shard = training.shardings.nado.params
+    state = training.state.replace(nado=training.state.nado.replace(params=params))
+    shardings = training.shardings.replace(
+        nado=training.shardings.nado.replace(params=dict.fromkeys(names, shard))
+    )
+    models = dataclasses.replace(training.models, nado_names=names)
+    return Training(state, models, shardings)
 
 
 def finetune_stage(
@@ -238,6 +278,7 @@ def finetune_stage(
         reference_dtype=cfg.reference_dtype,
         seed=conf.seed + iteration,
     )
+    training = with_all_nados(exp, training, nado_version)
     streams_cfg = (("samples", StreamLoss(nll_weight=0.0, kl="samples" in cfg.kl_on)),)
     batches = _sample_batches(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
     iterators = {"samples": iter(batches)}
@@ -254,6 +295,7 @@ def finetune_stage(
     step_config = StepConfig(
         kl_weight=cfg.kl_weight,
         alpha=cfg.alpha,
+        alphas=tuple(c.alpha for c in exp.constraints) if len(exp.constraints) > 1 else None,
         streams=streams_cfg,
         micro_batches=cfg.micro_batches,
         chunk_size=cfg.chunk_size,

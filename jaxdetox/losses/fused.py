@@ -57,8 +57,12 @@ def _forward(
     batch, t, d = h.shape
     steps, n_chunks, pad = chunk_layout(batch, t, d, chunk_size)
     per_token = [h, targets, nll_w, kl_w]
-    if teacher is not None:
-        per_token += [teacher[0], teacher[2]]
+    nado_hs = nado_heads = ()
+    if teacher is not None:  # one NADO, or a tuple of them (several constraints)
+        several = isinstance(teacher[2], tuple)
+        nado_hs = teacher[2] if several else (teacher[2],)
+        nado_heads = teacher[3] if several else (teacher[3],)
+        per_token += [teacher[0], *nado_hs]
     padded = [_pad_t(x, pad) for x in per_token]
     w32 = w.astype(F32)
 
@@ -73,10 +77,9 @@ def _forward(
         g = nw[..., None] * (p - jax.nn.one_hot(tc, p.shape[-1], dtype=F32))
         kl = jnp.zeros_like(nll)
         if teacher is not None:
-            ref_head, nado_head = teacher[1], teacher[3]
-            log_q = guided_log_probs(
-                head_logits(sl[4], ref_head), head_logits(sl[5], nado_head), alpha
-            )
+            nado_logits = [head_logits(x, hd) for x, hd in zip(sl[5:], nado_heads)]
+            alphas = [alpha[i] for i in range(len(nado_hs))] if alpha.ndim else alpha
+            log_q = guided_log_probs(head_logits(sl[4], teacher[1]), nado_logits, alphas)
             q = jnp.exp(log_q)
             kl = jnp.sum(q * (log_q - log_p), axis=-1)
             g = g + kw[..., None] * (p - q)
@@ -135,14 +138,16 @@ def fused_lm_loss(
     *,
     kl_weight_bt: Array | None = None,
     teacher: tuple[Array, Head, Array, Head] | None = None,
-    alpha: float | Array = 1.0,
+    alpha: float | Array | tuple[float, ...] = 1.0,
     chunk_size: int | None = None,
 ) -> FusedLoss:
     """Σ nll_weight·NLL + Σ kl_weight·KL(q ‖ p_θ) with q = guided(reference, NADO), in token
     chunks, its gradient (in `h_btd` and the student head) formed in the forward pass.
 
     `teacher` = `(h_ref_btd, ref_head, h_nado_btd, nado_head)` (stop-gradient; None: NLL
-    only). Weights are float `[B, T]`, 0 where a token does not count.
+    only); several constraints: `h_nado_btd` and `nado_head` are tuples (one per NADO) and
+    `alpha` a sequence of the same length. Weights are float `[B, T]`, 0 where a token does
+    not count.
     """
     w, b = head
     if teacher is not None:

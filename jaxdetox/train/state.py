@@ -68,6 +68,9 @@ class Models:
     # base model's graph (the reference runs without adapters).
     lora: bool = False
     ref: nnx.GraphDef | None = None
+    # Several constraints: `nado.params` is a dict of one NADO's params per constraint name
+    # (all of the `nado` graph), in the order their guidance terms are summed.
+    nado_names: tuple[str, ...] | None = None
 
     def student_params(self, lm_params: Params, ref_params: Params | None) -> Params:
         """The LLM's full params: `lm_params`, or with LoRA the base plus the adapters."""

@@ -69,6 +69,7 @@ class StepConfig:
 
     kl_weight: float = 1.0  # λ
     alpha: float = 1.0  # guidance strength α in the teacher
+    alphas: tuple[float, ...] | None = None  # several NADOs (`Models.nado_names`): α_c each
     streams: tuple[tuple[str, StreamLoss], ...] = (
         ("corpus", StreamLoss(nll_weight=1.0, kl=False)),
         ("samples", StreamLoss(nll_weight=0.0, kl=True)),
@@ -91,7 +92,8 @@ class StepConfig:
 
 
 class Teacher(NamedTuple):
-    """What the guided teacher needs per token: reference and NADO hidden states + heads."""
+    """What the guided teacher needs per token: reference and NADO hidden states + heads
+    (several constraints: `h_nado` and `nado_head` are tuples, one per NADO)."""
 
     h_ref: jax.Array
     ref_head: tuple[jax.Array, jax.Array | None]
@@ -122,14 +124,22 @@ def teacher_features(
     ref_graph = models.lm if models.ref is None else models.ref  # LoRA: the base's graph
     h_ref, ref_head = lm_hidden(ref_graph, jax.lax.stop_gradient(ref_params), stream)
     h_ref = jax.lax.stop_gradient(h_ref)
-    nado = bind(models.nado, nado_params)
-    h_nado, _ = nado.hidden_states(
-        stream["tokens_bt"],
-        positions_bt=stream["positions_bt"],
-        segment_ids_bt=stream["segment_ids_bt"],
-        lm_hidden_btd=h_ref,  # the shared variant's features; ignored by a separate body
-    )
-    return Teacher(h_ref, ref_head, h_nado, nado.unembed_weights())
+
+    def nado_features(params: Params) -> tuple[jax.Array, Any]:
+        nado = bind(models.nado, params)
+        h_nado, _ = nado.hidden_states(
+            stream["tokens_bt"],
+            positions_bt=stream["positions_bt"],
+            segment_ids_bt=stream["segment_ids_bt"],
+            lm_hidden_btd=h_ref,  # the shared variant's features; ignored by a separate body
+        )
+        return h_nado, nado.unembed_weights()
+
+    if models.nado_names is None:
+        return Teacher(h_ref, ref_head, *nado_features(nado_params))
+    # Several constraints: one NADO each, `nado_params[name]` (log q sums their log σ terms).
+    feats = [nado_features(nado_params[name]) for name in models.nado_names]
+    return Teacher(h_ref, ref_head, tuple(f[0] for f in feats), tuple(f[1] for f in feats))
 
 
 def _frozen(teacher: Teacher) -> Teacher:
@@ -168,7 +178,7 @@ def lm_sums(
         h_btd, head, stream["targets_bt"], nll_scale * w_bt,
         kl_weight_bt=None if t is None else kl_scale * w_bt,
         teacher=None if t is None else (t.h_ref, t.ref_head, t.h_nado, t.nado_head),
-        alpha=config.alpha, chunk_size=config.chunk_size,
+        alpha=config.alphas or config.alpha, chunk_size=config.chunk_size,
     )  # fmt: skip
     terms = jax.lax.stop_gradient((out.nll_bt, out.kl_bt))
     return out.loss, jnp.sum(terms[0] * w_bt), jnp.sum(terms[1] * w_bt)
