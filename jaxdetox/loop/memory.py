@@ -273,11 +273,28 @@ class Planner:
         self.nado_graph, self.nado_state, self.nado_params = _abstract_params(
             self.nado_config.body, lambda: NadoModel(self.nado_config, rngs=nnx.Rngs(0))
         )
-        self.lm_opt = make_optimizer(optimizer_config(config.finetune.optimizer), 1, self.lm_params)
+        self.lora_state = self.lora_params = None
+        trained_lm = self.lm_params
+        if config.finetune.lora is not None:  # the finetune stage trains adapters only
+            from jaxdetox.models import lora
+
+            lc = config.finetune.lora
+            lcfg = lora.LoraConfig(lc.rank, lc.alpha, tuple(lc.targets))
+            _, state, params = _abstract_params(
+                self.lm_config,
+                lambda: lora.add_adapters(cls(self.lm_config, rngs=nnx.Rngs(0)), lcfg),
+            )
+            self.lora_params = lora.split_adapters(params)[1]
+            self.lora_state = nnx.filter_state(
+                state, lambda path, _: str(path[-1]).endswith((lora.SUFFIX_A, lora.SUFFIX_B))
+            )
+            trained_lm = self.lora_params
+        finetune_opt = optimizer_config(config.finetune.optimizer)
+        self.lm_opt = make_optimizer(finetune_opt, 1, trained_lm)
         self.nado_opt = make_optimizer(
             optimizer_config(config.train_nado.optimizer), 1, self.nado_params
         )
-        self.lm_opt_state = jax.eval_shape(self.lm_opt[0].init, self.lm_params)
+        self.lm_opt_state = jax.eval_shape(self.lm_opt[0].init, trained_lm)
         self.nado_opt_state = jax.eval_shape(self.nado_opt[0].init, self.nado_params)
         ref_dtype = config.finetune.reference_dtype or m.param_dtype
         self.ref_params = _cast(self.lm_params, ref_dtype)
@@ -408,6 +425,10 @@ class Planner:
             kl = [s for s, spec in step_config.streams if spec.kl and cfg.finetune.kl_weight]
             frozen = [Row("reference LLM", sharded_bytes(self.ref_params, lm_shard)),
                       Row("NADO (frozen)", nado_bytes)]  # fmt: skip
+            if self.lora_params is not None:  # LoRA: adapters train on the shared frozen base
+                trained, params = "LoRA adapters", self.lora_params
+                shard = self._shardings(self.lora_state, mesh)
+                frozen[0] = Row("base LLM = reference (frozen, shared)", lm_bytes)
         else:
             streams = {"samples": self.nado_stream()}
             trained, params, shard, opt = "NADO", self.nado_params, nado_shard, self.nado_opt
