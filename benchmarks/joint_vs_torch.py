@@ -93,7 +93,15 @@ def _ours_step(batch: int, length: int) -> tuple[Any, dict, Any]:
     compile_s, _ = ours.compile("joint", samples)
     n_params = sum(x.size for x in jax.tree.leaves(ours.state.lm.params))
     n_nado = sum(x.size for x in jax.tree.leaves(ours.state.nado.params))
-    info = {"compile_s": round(compile_s, 2), "lm_params": n_params, "nado_params": n_nado}
+    mem = ours.compiled("joint", samples).memory_analysis()  # cached executable
+    info = {
+        "compile_s": round(compile_s, 2),
+        "lm_params": n_params,
+        "nado_params": n_nado,
+        # XLA's plan: the donated state (arguments, aliased by the outputs) + temporaries.
+        "xla_argument_bytes": int(mem.argument_size_in_bytes),
+        "xla_temp_bytes": int(mem.temp_size_in_bytes),
+    }
 
     def device_peak() -> int | None:
         stats = jax.devices()[0].memory_stats() or {}
