@@ -3,10 +3,10 @@
     python -m benchmarks.joint_vs_torch [--reps 3] [--batch 8 --length 128] [--out FILE]
 
 Each side lives in its own worker process (`--worker ours|torch`), so each one's peak
-memory is its own: on CPU the peak resident set (`ru_maxrss`) minus the resident set after
-the imports, over the timed steps (the kernel's peak counter is restarted after the warm-up
-step, so build and compile transients are left out; the whole-process peak is reported
-too; the libraries' own pages are not the step's memory); on a
+memory is its own: on CPU the peak resident set over the timed steps (`VmHWM`, restarted
+after the warm-up step with freed heap pages returned to the OS) minus the resident set
+after the imports (the libraries' own pages are not the step's memory); the peak over
+build + compile + warm-up is reported beside it; on a
 GPU `peak_bytes_in_use` of the JAX device / `torch.cuda.max_memory_allocated`. The parent
 asks the two workers for one step each in turn (alternating, after a warm-up step; compile
 and build time reported apart), so the time ratio is a same-run, same-load figure.
@@ -21,9 +21,10 @@ Ours: `joint_step` (fused chunked KL + NLL, NADO BCE on gathered rows); PyTorch:
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,29 +39,33 @@ from benchmarks._batches import GPT2_SMALL, LR, NADO_LAYERS, make_stream, with_l
 TAG = "@@ "  # protocol lines on a worker's stdout (anything else it prints is passed through)
 
 
-def _rss_bytes() -> int:
-    """Peak resident set of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int | None:
+    """`VmRSS` / `VmHWM` of this process from /proc/self/status (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-def _reset_peak() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS (Linux)."""
+def _release_and_reset_peak() -> bool:
+    """Return freed heap pages to the OS (so the resident set is live memory), then restart
+    the kernel's peak-RSS counter (VmHWM) from the current RSS. False where unsupported.
+
+    `ru_maxrss` cannot serve here: a child starts with the peak of the parent it was
+    forked from."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
-
-
-def _hwm_bytes() -> int | None:
-    """VmHWM: the peak resident set since the last `_reset_peak` (None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _send(obj: dict) -> None:
@@ -148,14 +153,17 @@ def worker(side: str, batch: int, length: int) -> None:
     else:
         import torch  # noqa: F401
         import transformers  # noqa: F401
-    baseline = _rss_bytes()
+    measured = _release_and_reset_peak()
+    baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
     run, info, device_peak = (_ours_step if side == "ours" else _torch_step)(batch, length)
     info["build_s"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     run()  # warm-up
     info["warmup_s"] = round(time.perf_counter() - start, 3)
-    reset = _reset_peak()  # from here on the peak is the timed steps' (state + step memory)
+    build_peak = _status_bytes("VmHWM") if measured else None
+    # From here on the peak is the timed steps' (live state + step memory).
+    measured = measured and _release_and_reset_peak()
     _send({"ready": True, **info})
     for line in sys.stdin:
         if line.strip() == "step":
@@ -163,11 +171,11 @@ def worker(side: str, batch: int, length: int) -> None:
             run()
             _send({"seconds": time.perf_counter() - start})
         elif line.strip() == "stop":
-            steps_peak = _hwm_bytes() if reset else None
+            steps_peak = _status_bytes("VmHWM") if measured else None
             _send(
                 {
-                    "peak_rss_bytes": _rss_bytes(),
                     "baseline_rss_bytes": baseline,
+                    "build_peak_rss_bytes": build_peak,
                     "steps_peak_rss_bytes": steps_peak,
                     "steps_peak_above_baseline_bytes": (
                         None if steps_peak is None else steps_peak - baseline
@@ -235,8 +243,8 @@ def compare(batch: int = 8, length: int = 128, reps: int = 3) -> dict:
     key = "device_peak_bytes"
     if not memory["ours"][key]:
         key = "steps_peak_above_baseline_bytes"
-        if memory["ours"][key] is None:  # no VmHWM reset: the whole-process peak
-            key = "peak_rss_bytes"
+        if memory["ours"][key] is None:
+            raise RuntimeError("joint_vs_torch: no /proc/self peak-RSS counter on this machine")
     return {
         "batch": batch,
         "length": length,
@@ -250,8 +258,12 @@ def compare(batch: int = 8, length: int = 128, reps: int = 3) -> dict:
         "memory": memory,
         "memory_measure": key,
         "peak_memory_ratio_ours_over_torch": round(memory["ours"][key] / memory["torch"][key], 3),
-        "peak_rss_ratio_ours_over_torch (whole process)": round(
-            memory["ours"]["peak_rss_bytes"] / memory["torch"]["peak_rss_bytes"], 3
+        "build_peak_ratio_ours_over_torch": (
+            round(
+                memory["ours"]["build_peak_rss_bytes"] / memory["torch"]["build_peak_rss_bytes"], 3
+            )
+            if memory["torch"]["build_peak_rss_bytes"]
+            else None
         ),
     }
 

@@ -48,6 +48,23 @@ GOALS: dict[str, tuple[str, float]] = {
 }
 SUMMARY_KEYS = tuple(GOALS)
 SUITES = ("train_step", "joint", "sampling", "kl_memory", "schemes", "accelerator")
+SUITE_SUMMARY_KEYS = {
+    "train_step": ("train_step_time_vs_hf", "train_step_matmul_peak_share"),
+    "joint": (
+        "joint_step_time_vs_torch",
+        "joint_step_peak_memory_vs_torch",
+        "joint_step_vs_sum_of_parts",
+    ),
+    "sampling": (
+        "sampler_rtp_vs_hf",
+        "sampler_greedy_vs_hf",
+        "sampler_top_k50_vs_hf",
+        "sampler_top_p_vs_hf",
+    ),
+    "kl_memory": ("kl_peak_memory_vs_ce",),
+    "schemes": (),
+    "accelerator": ("mfu",),
+}
 SCHEMA_VERSION = 1
 
 
@@ -216,6 +233,11 @@ def validate(report: dict) -> None:
 
 def run_suites(args: argparse.Namespace) -> dict:
     """Run the chosen suites in order; the report (written to `args.out` after each suite)."""
+    previous = None
+    if args.merge and args.out and Path(args.out).exists():
+        import json
+
+        previous = json.loads(Path(args.out).read_text())
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]),
@@ -227,6 +249,18 @@ def run_suites(args: argparse.Namespace) -> dict:
         "summary": dict.fromkeys(SUMMARY_KEYS),
         "goals": {},
     }
+    if previous is not None:  # keep the other suites' figures and summary values
+        report["suites"] = {k: v for k, v in previous["suites"].items() if k not in args.only}
+        report["summary"].update(
+            {k: v for k, v in previous["summary"].items() if k in report["summary"]}
+        )
+        for name in args.only:  # what the re-run suites report is measured afresh
+            for key in SUITE_SUMMARY_KEYS[name]:
+                report["summary"][key] = None
+        report["merged"] = previous.get("merged", []) + [
+            {"command": previous["command"], "started": previous["started"],
+             "machine": previous["machine"], "suites": list(report["suites"])}
+        ]  # fmt: skip
     for name in args.only:
         print(f"== {name}", flush=True)
         load_start, start = load_avg(), time.perf_counter()
@@ -275,6 +309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--manifest", type=Path, default=None, help="run dir for the schemes suite")
     ap.add_argument("--handover", type=float, default=0.0, help="schemes: hand-over seconds")
     ap.add_argument("--profile", action="store_true", help="per-op profiles in the train suites")
+    ap.add_argument(
+        "--merge", action="store_true", help="re-run the --only suites inside an existing --out"
+    )
     args = ap.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SUITES]

@@ -115,3 +115,14 @@ def test_mfu_code_path_on_a_tiny_llama():
         == flops.lm_step_flops(_config("llama"), None, tokens=32, kl_tokens=0, seq_len=16).lm
     )
     assert out["mfu"] > 0 and out["peak_flops"] > 0 and len(out["s"]["sft"]) == 1
+
+
+def test_every_summary_key_belongs_to_one_suite_and_merge_keeps_the_others(tmp_path):
+    keys = [k for suite in run.SUITES for k in run.SUITE_SUMMARY_KEYS[suite]]
+    assert sorted(keys) == sorted(run.SUMMARY_KEYS)
+    out, manifest = tmp_path / "suite.json", str(_manifest(tmp_path / "run"))
+    run.run_suites(run.parse_args(["--only", "schemes", "--out", str(out), "--manifest", manifest]))
+    merged = run.run_suites(run.parse_args(["--only", "accelerator", "--out", str(out), "--merge"]))
+    assert set(merged["suites"]) == {"schemes", "accelerator"}
+    assert merged["merged"][0]["suites"] == ["schemes"]
+    run.validate(json.loads(out.read_text()))
