@@ -109,7 +109,7 @@ def suite_sampling(args: argparse.Namespace) -> tuple[dict, dict]:
 
     figures = sampling_bench.run(
         reps=args.reps,
-        rtp_prompts=4 if args.quick else 32,
+        rtp_prompts=2 if args.quick else 32,
         modes=("greedy", "top_k50", "top_p") if args.quick else tuple(sampling_bench.MODES),
     )
     decode = figures["decode"]

@@ -155,6 +155,7 @@ def rtp(
     lengths = rng.integers(5, max_prompt + 1, prompts)
     prompt_list = [rng.integers(0, 50257, n).tolist() for n in lengths]
     sampler, params, _ = lm_sampler(lm)
+    batch_size = min(batch_size, prompts)  # no filler prompts in a short run
     config = SamplingConfig(
         max_new_tokens=new, top_k=50, num_samples=samples, prompt_bucket=max_prompt + 2
     )
