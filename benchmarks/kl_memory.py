@@ -4,7 +4,7 @@ Compiles (does not run) `value_and_grad` of each loss w.r.t. the student's hidde
 LM head at Llama-3 vocabulary size and reads XLA's `memory_analysis()`; then checks at a small
 size that the chunked values and gradients equal the naive full-logits form.
 
-    python benchmarks/kl_memory.py [--batch 8 --length 512 --dim 2048 --vocab 128256]
+    python -m benchmarks.kl_memory [--batch 8 --length 512 --dim 2048 --vocab 32000 128256]
 
 Writes benchmarks/results/kl_memory.json.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from _results import write_results
 
+from benchmarks._results import write_results
 from jaxdetox import losses
 
 RESULTS = Path(__file__).parent / "results" / "kl_memory.json"
@@ -111,38 +111,36 @@ def check_equal_to_naive(chunk_size: int = 16) -> dict:
     return out
 
 
-def main() -> None:
-    """Run the comparison and write the JSON report."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024])
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--no-naive", action="store_true", help="skip compiling the naive forms")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-
-    b, t, d, v = args.batch, args.length, args.dim, args.vocab
-    report = {
-        "what": "XLA compiled memory_analysis() of jit(value_and_grad wrt student h, W)",
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "host": platform.node(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+def measure(
+    b: int,
+    t: int,
+    d: int,
+    v: int,
+    *,
+    chunks: tuple[int, ...] | None = None,
+    dtypes: tuple[str, ...] = ("float32",),
+    naive: bool = True,
+) -> dict:
+    """Compiled temp memory of the chunked regularised loss, chunked CE and (with `naive`)
+    the full-logits forms at one shape; `chunks` default to `losses.default_chunk_size(d)`."""
+    default_chunk = losses.default_chunk_size(d)
+    chunks = chunks or (default_chunk,)
+    report: dict = {
         "shape": {"B": b, "T": t, "D": d, "V": v},
         "bytes_of_one_btv_float32": b * t * v * 4,
         "bytes_of_one_vd_float32": v * d * 4,
+        "default_chunk_size": default_chunk,
         "rows": [],
+        "naive": {},
     }
-    for dtype_name in args.dtypes:
+    for dtype_name in dtypes:
         sds = shapes(b, t, d, v, jnp.dtype(dtype_name))
-        rows = {}
-        if not args.no_naive:
-            rows["naive_regularized"] = compiled_memory(reg_loss_fn(None), sds)
-            rows["naive_cross_entropy"] = compiled_memory(ce_loss_fn(None), sds)
-        for c in args.chunks:
+        if naive:
+            report["naive"][dtype_name] = {
+                "naive_regularized": compiled_memory(reg_loss_fn(None), sds),
+                "naive_cross_entropy": compiled_memory(ce_loss_fn(None), sds),
+            }
+        for c in chunks:
             reg = compiled_memory(reg_loss_fn(c), sds)
             ce = compiled_memory(ce_loss_fn(c), sds)
             ratio = reg["temp_bytes"] / ce["temp_bytes"]
@@ -156,34 +154,63 @@ def main() -> None:
                 }
             )
             print(
-                f"{dtype_name} chunk={c}: reg temp {reg['temp_bytes'] / 2**30:.3f} GiB, "
+                f"V={v} {dtype_name} chunk={c}: reg temp {reg['temp_bytes'] / 2**30:.3f} GiB, "
                 f"CE temp {ce['temp_bytes'] / 2**30:.3f} GiB, ratio {ratio:.3f}",
                 flush=True,
             )
-        for k, val in rows.items():
-            print(f"{dtype_name} {k}: temp {val['temp_bytes'] / 2**30:.3f} GiB", flush=True)
-        report.setdefault("naive", {})[dtype_name] = rows
-
-    default_chunk = losses.default_chunk_size(d)
     default = [
         r for r in report["rows"] if r["chunk_size"] == default_chunk and r["dtype"] == "float32"
     ]
-    report["default_chunk_size"] = default_chunk
     if default:
         report["ratio_at_default_chunk_float32"] = default[0]["temp_ratio_regularized_over_ce"]
-        report["meets_1_2x"] = default[0]["temp_ratio_regularized_over_ce"] <= 1.2
-    report["notes"] = [
-        "temp = XLA temporaries; the float32 [V, D] head gradient accumulated over chunks is "
-        "one of them (bytes_of_one_vd_float32), [chunk, V] blocks are the rest.",
-        "Default chunk = losses.default_chunk_size(D) = largest power of 2 <= D/8 in [128, 1024].",
-        "bfloat16 rows are XLA:CPU specific: CPU has no native bf16 GEMM, so the compiler keeps "
-        "float32/transposed copies of the [V, D] heads; the student head is upcast to float32 "
-        "on purpose (its gradient is summed over chunks in float32).",
-    ]
-    report["equal_to_naive"] = check_equal_to_naive()
+    return report
+
+
+NOTES = [
+    "temp = XLA temporaries; the float32 [V, D] head gradient accumulated over chunks is "
+    "one of them (bytes_of_one_vd_float32), [chunk, V] blocks are the rest.",
+    "Default chunk = losses.default_chunk_size(D).",
+    "bfloat16 rows are XLA:CPU specific: CPU has no native bf16 GEMM, so the compiler keeps "
+    "float32/transposed copies of the [V, D] heads; the student head is upcast to float32 "
+    "on purpose (its gradient is summed over chunks in float32).",
+]
+
+
+def main() -> None:
+    """Run the comparison and write the JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--no-naive", action="store_true", help="skip compiling the naive forms")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    report = {
+        "what": "XLA compiled memory_analysis() of jit(value_and_grad wrt student h, W)",
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "by_vocab": {
+            str(v): measure(
+                args.batch,
+                args.length,
+                args.dim,
+                v,
+                chunks=tuple(args.chunks),
+                dtypes=tuple(args.dtypes),
+                naive=not args.no_naive,
+            )  # fmt: skip
+            for v in args.vocab
+        },
+        "notes": NOTES,
+        "equal_to_naive": check_equal_to_naive(),
+    }
     print(json.dumps(report["equal_to_naive"], indent=1))
     write_results(args.out, report, indent=1)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train-step throughput on CPU: our jitted steps vs HF PyTorch, and `joint_step` vs its parts.
 
-    python benchmarks/train_step_bench.py [--reps 5] [--quick] [--profile] [--out ...]
+    python -m benchmarks.train_step_bench [--reps 5] [--quick] [--profile] [--out ...]
 
 GPT-2-small shape (12 layers, d=768, 12 heads, vocab 50257), fp32, batch 8 x 128 tokens.
 HF builds a random `GPT2LMHeadModel` (dropout off), we load the same checkpoint, so both
@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import gc
 import glob
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -45,16 +43,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from _results import write_results
 
+from benchmarks._batches import LR, NADO_LAYERS, make_stream, with_labels
+from benchmarks._jax_steps import Ours, block, cost_flops
+from benchmarks._results import alternate, load_avg, machine_info, timed, write_results
+from benchmarks.torch_baseline import HFStep, TorchRegularizedStep, gpt2_models
 from jaxdetox import sharding
 from jaxdetox.losses import head_logits
 from jaxdetox.models import NadoConfig, init_nado, load_pretrained
 from jaxdetox.train import (
     OptimizerConfig,
-    StepConfig,
-    StepRunner,
     joint_step,
     lm_step,
     make_training,
@@ -65,8 +63,7 @@ from jaxdetox.train import flops as train_flops
 from jaxdetox.train.state import bind
 from jaxdetox.train.steps import lm_hidden
 
-LR = 1e-5
-NADO_LAYERS = 2
+SECTIONS = ("sft", "joint", "lm_reg")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -78,18 +75,7 @@ def build(section: str):
     Only what `section` needs is kept (the machine is shared: the whole set at once took
     10 GB): `sft` has no NADO, `joint` drops the HF model, `lm_reg` freezes the NADO.
     """
-    hf_config = transformers.GPT2Config(
-        vocab_size=50257,
-        n_embd=768,
-        n_layer=12,
-        n_head=12,
-        n_positions=1024,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_config).train()
+    hf, _, _ = gpt2_models(nado=False)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -110,131 +96,15 @@ def build(section: str):
     return hf, ours.config, None if nado is None else nado.config, mesh, tr
 
 
-def make_stream(rng: np.random.Generator, batch: int, length: int, vocab: int) -> dict:
-    """Random tokens; targets are the next tokens (the last position has none: mask 0)."""
-    tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
-    targets = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
-    mask = np.ones((batch, length), np.float32)
-    mask[:, -1] = 0.0
-    return dict(
-        tokens_bt=tokens,
-        segment_ids_bt=np.ones((batch, length), np.int32),
-        positions_bt=np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-        targets_bt=targets,
-        loss_mask_bt=mask,
-    )
-
-
-def with_labels(stream: dict, rng: np.random.Generator) -> dict:
-    b = stream["tokens_bt"].shape[0]
-    return {
-        **stream,
-        "labels_b": (rng.random(b) < 0.5).astype(np.float32),
-        "label_mask_b": np.ones(b, np.float32),
-    }
-
-
-def block(tree):
-    return jax.block_until_ready(tree)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def peak_now() -> float:
     """An uncached fp32 matmul peak measurement (`measured_matmul_peak` is cached)."""
     return train_flops.measured_matmul_peak.__wrapped__(1024, 3)
-
-
-def cost_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0]
-    return None if not analysis else float(analysis.get("flops", 0.0))
-
-
-class Ours:
-    """Threads one `TrainState` through several runners (each donates and returns it)."""
-
-    def __init__(self, tr, mesh) -> None:
-        self.tr, self.mesh, self.state = tr, mesh, tr.state
-        self.runners: dict[str, StepRunner] = {}
-
-    def runner(self, name: str, step, config: StepConfig | None = None) -> StepRunner:
-        if name not in self.runners:
-            config = config or StepConfig()
-            fn = functools.partial(step, models=self.tr.models, config=config)
-            self.runners[name] = StepRunner(fn, self.mesh, self.tr.shardings, name=name)
-        return self.runners[name]
-
-    def step(self, name: str, batch: dict):
-        self.state, metrics = self.runners[name](self.state, batch)
-        return block(metrics)
-
-    def compile(self, name: str, batch: dict) -> tuple[float, float | None]:
-        """(compile seconds, XLA cost-analysis FLOPs) of runner `name` on `batch`."""
-        r = self.runners[name]
-        before = r.compile_seconds
-        flops = cost_flops(r.compile(self.state, _placed(batch, self.mesh)))
-        return r.compile_seconds - before, flops
 
 
 def _placed(batch, mesh):
     from jaxdetox.train import place_batch
 
     return place_batch(batch, mesh)
-
-
-# ----------------------------------------------------------------------------- HF side
-
-
-class HFStep:
-    """transformers' SFT step: loss.backward(), clip 1.0, AdamW.step(), zero_grad()."""
-
-    def __init__(self, hf, stream: dict) -> None:
-        self.hf = hf
-        self.opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0)
-        self.ids = torch.tensor(stream["tokens_bt"], dtype=torch.long)
-
-    def __call__(self) -> float:
-        loss = self.hf(input_ids=self.ids, labels=self.ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.hf.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach().item()
-
-
-class TorchRegularized:
-    """The authors' regularised LLM step in PyTorch: full [B, T, V] logits of the student,
-    the frozen reference and the frozen NADO; soft-target CE to softmax(ref + logsigmoid(nado))."""
-
-    def __init__(self, hf, nado_hf, nado_head, stream: dict) -> None:
-        import copy
-
-        self.hf, self.nado, self.nado_head = hf, nado_hf, nado_head
-        self.ref = copy.deepcopy(hf).eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.0)
-        self.ids = torch.tensor(stream["tokens_bt"], dtype=torch.long)
-        self.mask = torch.tensor(stream["loss_mask_bt"])
-
-    def __call__(self) -> float:
-        with torch.no_grad():
-            ref_logits = self.ref(input_ids=self.ids).logits
-            h = self.nado(input_ids=self.ids).last_hidden_state
-            nado_logits = self.nado_head(h)
-            target = torch.softmax(ref_logits + torch.nn.functional.logsigmoid(nado_logits), -1)
-        logits = self.hf(input_ids=self.ids).logits
-        ce = -(target * torch.log_softmax(logits, -1)).sum(-1)
-        loss = (ce * self.mask).sum() / self.mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.hf.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach().item()
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -342,8 +212,9 @@ def bench_sft(hf, cfg, mesh, ours: Ours, stream: dict, reps: int, profile: bool)
     loss_hf = hf_step()  # warm-up (and the first losses must agree: same weights)
     loss_ours = float(ours.step("sft", batch)["lm/corpus/nll"])
     times = {"hf": [], "ours": []}
-    peaks = [train_flops.measured_matmul_peak()]
+    peaks, loads = [train_flops.measured_matmul_peak()], []
     for _ in range(reps):
+        loads.append(load_avg())
         times["hf"].append(timed(hf_step))
         times["ours"].append(timed(lambda: ours.step("sft", batch)))
         peaks.append(peak_now())
@@ -367,6 +238,7 @@ def bench_sft(hf, cfg, mesh, ours: Ours, stream: dict, reps: int, profile: bool)
         "matmul_peaks_measured": [round(p / 1e9, 1) for p in peaks],
         "ours_mfu": round(model_flops / m["ours"] / peak, 3),
         "hf_mfu": round(model_flops / m["hf"] / peak, 3),
+        "load_avg": loads,
     }
     if profile:
         placed = _placed(batch, mesh)
@@ -435,12 +307,8 @@ def bench_joint(cfg, nado_cfg, mesh, ours: Ours, stream: dict, reps: int, profil
         "nado_head": run_nado_head,
         "nado_step": lambda: ours.step("nado", samples),
     }
-    for fn in runs.values():  # warm-up
-        fn()
-    times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, fn in runs.items():
-            times[k].append(timed(fn))
+    timing = alternate(runs, reps)
+    times = timing["s"]
     m = {k: med(v) for k, v in times.items()}
     parts = m["sft"] + m["ref_forward"] + m["nado_head"] + m["nado_step"]
     # Per-rep sums too: the ratio of medians and the median of per-rep ratios.
@@ -464,6 +332,7 @@ def bench_joint(cfg, nado_cfg, mesh, ours: Ours, stream: dict, reps: int, profil
         "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
         "times_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "median_s": {k: round(v, 3) for k, v in m.items()},
+        "load_avg": timing["load_avg"],
         "sum_of_parts_s": round(parts, 3),
         "joint_over_parts": round(m["joint"] / parts, 3),
         "joint_over_parts_per_rep_median": round(med(per_rep), 3),
@@ -482,11 +351,9 @@ def bench_lm_reg(hf, mesh, ours: Ours, stream: dict, reps: int, profile: bool) -
     samples = {"samples": stream}
     ours.runner("lm", lm_step)
     compile_s, xla_flops = ours.compile("lm", samples)
-    # A PyTorch NADO of the same shape (first 2 layers of a GPT-2, + a [V, D] head with bias).
-    nado_cfg = transformers.GPT2Config(**{**hf.config.to_dict(), "n_layer": NADO_LAYERS})
-    nado_hf = transformers.GPT2Model(nado_cfg).eval().requires_grad_(False)
-    head = torch.nn.Linear(768, hf.config.vocab_size).requires_grad_(False)
-    torch_step = TorchRegularized(hf, nado_hf, head, stream)
+    # A PyTorch NADO of the same shape (2 GPT-2 layers + a [V, D] head with bias), frozen.
+    _, nado_body, nado_head = gpt2_models(nado=True, seed=1)
+    torch_step = TorchRegularizedStep(hf, nado_body, nado_head, stream, train_nado=False)
     torch_step()
     ours.step("lm", samples)
     times = {"torch": [], "ours": []}
@@ -543,6 +410,33 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def run_section(
+    section: str, *, batch: int = 8, length: int = 128, reps: int = 3, profile: bool = False
+) -> dict:
+    """Build what `section` ("sft" | "joint" | "lm_reg") needs, time it, free it; its figures."""
+    if section not in SECTIONS:
+        raise ValueError(f"train-step section {section!r}; expected one of {SECTIONS}")
+    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 on both sides
+    torch.set_num_threads(2)
+    load_start = os.getloadavg()[0]
+    hf, cfg, nado_cfg, mesh, tr = build(section)
+    ours = Ours(tr, mesh)
+    rng = np.random.default_rng(0)
+    stream = make_stream(rng, batch, length, cfg.vocab_size)
+    labelled = with_labels(stream, rng)
+    if section == "sft":
+        out = bench_sft(hf, cfg, mesh, ours, stream, reps, profile)
+    elif section == "joint":
+        out = bench_joint(cfg, nado_cfg, mesh, ours, labelled, reps, profile)
+    else:
+        out = bench_lm_reg(hf, mesh, ours, labelled, reps, profile)
+    out["reps"] = reps
+    out["load_avg_1m"] = [load_start, os.getloadavg()[0]]
+    del hf, ours, tr
+    gc.collect()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -559,45 +453,20 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results/train_step.json"
     )
     args = parser.parse_args()
-    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 on both sides
-    torch.set_num_threads(2)
     reps = 2 if args.quick else args.reps
     only = set(args.only.split(","))
     if args.quick:
         only.discard("lm_reg")
 
     report = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
-    report.update(
-        benchmark="train_step",
-        device=str(jax.devices()[0]),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        platform=platform.platform(),
-        jax=jax.__version__,
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-    )
-    for section in ("sft", "joint", "lm_reg"):
+    report.update(benchmark="train_step", machine=machine_info())
+    for section in SECTIONS:
         if section not in only:
             continue
-        load_start = os.getloadavg()[0]
-        hf, cfg, nado_cfg, mesh, tr = build(section)
-        ours = Ours(tr, mesh)
-        rng = np.random.default_rng(0)
-        stream = make_stream(rng, args.batch, args.length, cfg.vocab_size)
-        labelled = with_labels(stream, rng)
-        if section == "sft":
-            out = bench_sft(hf, cfg, mesh, ours, stream, reps, args.profile)
-        elif section == "joint":
-            out = bench_joint(cfg, nado_cfg, mesh, ours, labelled, reps, args.profile)
-        else:
-            lm_reps = min(reps, args.lm_reg_reps)
-            out = bench_lm_reg(hf, mesh, ours, labelled, lm_reps, args.profile)
-        out["reps"] = min(reps, args.lm_reg_reps) if section == "lm_reg" else reps
-        out["load_avg_1m"] = [load_start, os.getloadavg()[0]]
-        report[section] = out
-        del hf, ours, tr
-        gc.collect()
+        n = min(reps, args.lm_reg_reps) if section == "lm_reg" else reps
+        report[section] = run_section(
+            section, batch=args.batch, length=args.length, reps=n, profile=args.profile
+        )
         report["table"] = table(report)
         write_results(args.out, report)  # after every section: a killed run keeps the rest
     print(report["table"])

@@ -1,0 +1,1 @@
+"""jaxdetox benchmarks: each module is a suite usable alone; `python -m benchmarks.run` runs them all."""
