@@ -145,31 +145,42 @@ def _utility(scores: dict[str, float] | None) -> str:
     return ", ".join(f"{task} {value:.3f}" for task, value in sorted(scores.items()))
 
 
+def steady_iteration_time(walls: dict[int, dict[str, float]]) -> dict[str, float] | None:
+    """Wall time per iteration after the first (which compiles, and is the parallel
+    scheme's warm-up) — the time between the ends of consecutive iterations, so pipelined
+    roles that run ahead are not counted twice — with the mean sum of an iteration's stages
+    and its slowest stage over the same iterations (`iteration_walls` input)."""
+    its = sorted(walls)
+    if not its:
+        return None
+    if len(its) > 1:
+        wall = (walls[its[-1]]["end"] - walls[its[0]]["end"]) / (len(its) - 1)
+        its = its[1:]
+    else:
+        wall = walls[its[0]]["wall"]
+    return {
+        "iterations": len(its),
+        "wall": wall,
+        "sum": sum(walls[i]["sum"] for i in its) / len(its),
+        "slowest": sum(walls[i]["slowest"] for i in its) / len(its),
+    }
+
+
 def iteration_time_markdown(summaries: list[dict[str, Any]]) -> str:
-    """Sequential vs parallel: wall time per iteration of each run after its first
-    iteration (which compiles, and is the parallel scheme's warm-up) — the time between the
-    ends of consecutive iterations, so pipelined roles that run ahead are not counted
-    twice — against the mean sum of an iteration's stages and its slowest stage."""
+    """Sequential vs parallel: each run's `steady_iteration_time` as a table row."""
     lines = [
         "| run | scheme | placement | iterations | wall / iteration (s) | sum of stages (s) "
         "| slowest stage (s) | wall / slowest |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        walls = s["walls"]
-        if not walls:
+        t = steady_iteration_time(s["walls"])
+        if t is None:
             continue
-        its = sorted(walls)
-        if len(its) > 1:
-            wall = (walls[its[-1]]["end"] - walls[its[0]]["end"]) / (len(its) - 1)
-            its = its[1:]
-        else:
-            wall = walls[its[0]]["wall"]
-        total = sum(walls[i]["sum"] for i in its) / len(its)
-        slowest = sum(walls[i]["slowest"] for i in its) / len(its)
         lines.append(
-            f"| {s['method']} | {s['scheme']} | {s['placement']} | {len(its)} | {wall:.1f} "
-            f"| {total:.1f} | {slowest:.1f} | {wall / slowest:.2f} |"
+            f"| {s['method']} | {s['scheme']} | {s['placement']} | {t['iterations']} "
+            f"| {t['wall']:.1f} | {t['sum']:.1f} | {t['slowest']:.1f} "
+            f"| {t['wall'] / t['slowest']:.2f} |"
         )
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
