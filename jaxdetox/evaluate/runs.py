@@ -33,6 +33,8 @@ ROW_KEYS = (
     "utility",
 )
 TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
+# Baselines without the KL regulariser: their rows carry no λ.
+NO_LAMBDA = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo")
 
 
 def _manifest(run: Path) -> list[dict[str, Any]]:
@@ -105,6 +107,7 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
         rows.append(_row("base" if times else method, evals[0], run, seconds=0.0))
     if evals and evals[-1]["iteration"] > 0:
         kl = config.get("finetune", {}).get("kl_weight")
+        kl = 0.0 if method == "sft_only" else None if method in NO_LAMBDA else kl
         rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl))
     curve = [
         {"iteration": r["iteration"], **{k: r["outputs"].get(k) for k in ROW_KEYS}} for r in evals
@@ -115,9 +118,22 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
             "times": times, "walls": iteration_walls(records)}  # fmt: skip
 
 
+def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories, a λ sweep's directory (`sweep.json`) replaced by its runs."""
+    out = []
+    for run in map(Path, runs):
+        index = run / "sweep.json"
+        if index.exists() and not (run / "manifest.json").exists():
+            out += [run / name for name in json.loads(index.read_text())["runs"]]
+        else:
+            out.append(run)
+    return out
+
+
 def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]:
-    """`(rows, summaries)` over several runs; one `base` row (the first run's) is kept."""
-    summaries = [run_summary(r) for r in runs]
+    """`(rows, summaries)` over several runs (a sweep's directory stands for its runs); one
+    `base` row (the first run's) is kept."""
+    summaries = [run_summary(r) for r in expand_runs(runs)]
     rows, have_base = [], False
     for s in summaries:
         for row in s["rows"]:
@@ -182,12 +198,16 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
+    repeated = {m for m in (r["method"] for r in rows) if [x["method"] for x in rows].count(m) > 1}
     for r in rows:
+        name = r["method"]
+        if name in repeated and r.get("kl_weight") is not None:
+            name = f"{name} (λ={r['kl_weight']:g})"
         delta = None
         if base is not None and r is not base and base.get("mean_toxicity"):
             delta = f"{100 * (r['mean_toxicity'] / base['mean_toxicity'] - 1):+.0f}%"
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('expected_max_toxicity'))} "
+            f"| {name} | {_fmt(r.get('expected_max_toxicity'))} "
             f"| {_fmt(r.get('toxicity_probability'))} | {_fmt(r.get('mean_toxicity'))} "
             f"| {delta or '–'} | {_fmt(r.get('perplexity'), 2)} "
             f"| {_fmt(r.get('fluency_perplexity'), 2)} | {_fmt(r.get('distinct_2'))} "

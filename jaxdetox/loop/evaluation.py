@@ -23,12 +23,13 @@ from jaxdetox.data.packing import round_up
 from jaxdetox.evaluate.fluency import (
     continuation_perplexity,
     distinct_n,
+    guided_nll_sums,
     nll_sums,
     text_windows,
 )
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
-from jaxdetox.train.state import Params
+from jaxdetox.train.state import Models, Params
 
 
 def eval_store(exp: Experiment) -> SampleStore:
@@ -45,9 +46,31 @@ def perplexity(exp: Experiment, params: Params, batches: list[dict], name: str) 
         runner = exp.runners[key] = StepRunner(
             fn, exp.mesh, exp.lm_shardings, name=f"perplexity {name}", returns_state=False
         )
+    return _perplexity(runner, params, batches)
+
+
+def guided_perplexity(exp: Experiment, nado_version: int, batches: list[dict]) -> float:
+    """Perplexity under NADO-guided decoding: q ∝ p_base · R_φ^α with NADO_nado_version
+    (α = `baseline.alpha`), the distribution the `nado_decoding` baseline samples from."""
+    key = ("guided_nll", exp.config.baseline.alpha)
+    runner = exp.runners.get(key)
+    if runner is None:
+        fn = functools.partial(
+            guided_nll_sums,
+            models=Models(lm=exp.lm_graph, nado=exp.nado_graph),
+            alpha=exp.config.baseline.alpha,
+        )
+        runner = exp.runners[key] = StepRunner(
+            fn, exp.mesh, (exp.lm_shardings, exp.nado_shardings), name="guided perplexity",
+            returns_state=False,
+        )  # fmt: skip
+    return _perplexity(runner, (exp.lm_params(0), exp.nado_params(nado_version)), batches)
+
+
+def _perplexity(runner: StepRunner, state: Any, batches: list[dict]) -> float:
     nll, tokens = 0.0, 0.0
     for batch in batches:
-        out = runner(params, {"text": batch})
+        out = runner(state, {"text": batch})
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return math.exp(nll / tokens) if tokens else float("nan")
@@ -134,12 +157,18 @@ def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
     return out
 
 
-def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
-    """Metrics of LLM_version (sampling and labelling resume from the eval store)."""
+def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) -> dict[str, Any]:
+    """Metrics of LLM_version (sampling and labelling resume from the eval store).
+
+    `nado`: evaluate NADO-guided decoding instead — the base LLM guided by NADO_nado (α =
+    `baseline.alpha`), stored and recorded as `version`; its held-out perplexity is the
+    guided distribution's, detection and utility are the base LLM's (guidance is a decoding
+    rule). Used by the `nado_decoding` baseline.
+    """
     from jaxdetox.stages import label_stage, sample_stage
 
     cfg = exp.config.eval
-    params = exp.lm_params(version)
+    params = exp.lm_params(0 if nado is not None else version)
     store = eval_store(exp)
     prompts = exp.eval_prompts()
     if cfg.max_prompts:
@@ -155,9 +184,15 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
     )
+    if nado is None:
+        sampler, sampler_params, nado_params = exp.sampler, exp.sampler_params(version), None
+    else:
+        sampling = dataclasses.replace(sampling, alpha=exp.config.baseline.alpha)
+        sampler, sampler_params = exp.guided_sampler, exp.sampler_params(0)
+        nado_params = exp.nado_sampler_params(nado)
     sample_stage(
-        exp.sampler, exp.sampler_params(version), prompts, store, version, sampling,
-        tokenizer=exp.tokenizer, batch_size=cfg.batch_size, progress=exp.progress,
+        sampler, sampler_params, prompts, store, version, sampling, tokenizer=exp.tokenizer,
+        nado_params=nado_params, batch_size=cfg.batch_size, progress=exp.progress,
     )  # fmt: skip
     label_stage(store, version, exp.oracle, exp.label_name, progress=exp.progress)
     table = store.read(version, exp.label_name)
@@ -173,7 +208,11 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
     metrics["groups"] = groups
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(by_prompt.values(), n)
-    metrics["perplexity"] = perplexity(exp, params, heldout_text_batches(exp), "heldout")
+    text = heldout_text_batches(exp)
+    if nado is None:
+        metrics["perplexity"] = perplexity(exp, params, text, "heldout")
+    else:
+        metrics["perplexity"] = guided_perplexity(exp, nado, text)
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
     if cfg.detection is not None:

@@ -52,6 +52,8 @@ STEP_KEYS = (
     "label_mask_b",
     "model_logprob_b",
     "sampling_logprob_b",
+    "reward_b",  # the policy baselines (train/policy.py)
+    "baseline_b",
 )
 
 
