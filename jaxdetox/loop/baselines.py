@@ -465,10 +465,14 @@ def write_sweep_index(out: Path, runs: list[tuple[RunConfig, Path]]) -> None:
 
 def is_finished(config: RunConfig, out: Path) -> bool:
     """Whether a run's manifest (each sub-run's, for a sweep) shows its last stage done."""
+    if config.method == "lambda_sweep":
+        return all(_finished_run(c, p) for c, p in sweep_configs(config, out))
+    return _finished_run(config, out)
+
+
+def _finished_run(config: RunConfig, out: Path) -> bool:
     from jaxdetox.loop.rundir import RunDir
 
-    if config.method == "lambda_sweep":
-        return all(is_finished(c, p) for c, p in sweep_configs(config, out))
     if not (out / "manifest.json").exists():
         return False
     run = RunDir(out)
