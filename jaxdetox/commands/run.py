@@ -72,10 +72,15 @@ def run(args: argparse.Namespace) -> int:
                 config = load_config(config_path, overrides)
             check_method(config)
             from jaxdetox.loop.flow import describe_flow
+            from jaxdetox.models import CheckpointError
 
-            print(plan(config))
-            print()
-            print(describe_flow(config))
+            try:
+                print(plan(config))
+            except CheckpointError as e:
+                raise ConfigError(f"model.path: {e}") from None
+            if config.method in ("pr_sequential", "pr_parallel", "lambda_sweep"):
+                print()
+                print(describe_flow(config))
             return 0
         if args.out is None:
             raise ConfigError("jaxdetox run: --out RUN_DIR is required")
