@@ -1,7 +1,7 @@
 """Pure train steps of the policy baselines: REINFORCE and DPO on the LLM's own samples.
 
 Each is `(state, batch) -> (state, metrics)` like `steps.lm_step`, reuses its gradient
-accumulation, optimizer update and (optionally) its corpus NLL term, and differs only in
+accumulation and optimizer update (`steps.update_lm`) and (optionally) its corpus NLL term, and differs only in
 the loss (`losses.reinforce_loss`, `losses.dpo_loss`; docs/baselines.md):
 
 - `reinforce_step`, batch stream `samples` with `reward_b` (oracle reward), `baseline_b`
@@ -32,13 +32,10 @@ from jaxdetox.train.steps import (
     StepConfig,
     StreamLoss,
     _count,
-    _lm_metrics,
-    _trainable_norm,
-    accumulate_gradients,
-    apply_gradients,
     lm_denominators,
     lm_hidden,
     lm_loss,
+    update_lm,
 )
 
 
@@ -72,37 +69,33 @@ def sequence_logprobs(
     return -jnp.sum(nll_bt * mask.astype(F32), axis=1)
 
 
-def _policy_update(
-    state: TrainState,
-    models: Models,
-    loss_fn: Any,
-    batch: Batch,
-    config: PolicyConfig,
-    denominators: dict[str, jax.Array],
-) -> tuple[TrainState, Metrics, Metrics]:
-    """Accumulate gradients of `loss_fn`, apply them; `(state, common metrics, sums)`."""
-    trainable = models.lm_trainable
-    grads, sums = accumulate_gradients(
-        loss_fn, state.lm.params, batch, config.micro_batches, trainable
-    )
-    metrics = {
-        **_lm_metrics(sums, denominators),
-        "lm/loss": sums["loss"],
-        "lm/grad_norm": _trainable_norm(grads, trainable),
-        "lm/learning_rate": jnp.asarray(models.lm_schedule(state.lm.step), F32),
-    }
-    lm = apply_gradients(state.lm, grads, models.lm_optimizer)
-    return state.replace(lm=lm), metrics, sums
+def _prologue(batch: Batch, stream: str, config: PolicyConfig) -> tuple:
+    """`(number of sequences / pairs, corpus StepConfig, corpus denominators)` of a batch."""
+    n = _count(batch[stream]["label_mask_b"].astype(F32))
+    corpus = config.corpus()
+    return n, corpus, lm_denominators(batch, corpus)
+
+
+def _corpus_loss(
+    params: Params, mb: Batch, models: Models, corpus: StepConfig, denominators: dict
+) -> tuple[jax.Array, Metrics]:
+    """The corpus NLL term (0 without a `corpus` stream) and its sums."""
+    return lm_loss(
+        params, mb, models=models, ref_params=None, nado_params=None, config=corpus,
+        denominators=denominators,
+    )  # fmt: skip
+
+
+def _means(sums: Metrics, n: jax.Array, prefix: str, names: tuple[str, ...]) -> Metrics:
+    """`{prefix/name: sums[name_sum] / n}`: per-sequence (per-pair) means of summed aux."""
+    return {f"{prefix}/{k}": sums[f"{k}_sum"] / n for k in names}
 
 
 def reinforce_step(
     state: TrainState, batch: Batch, *, models: Models, config: PolicyConfig
 ) -> tuple[TrainState, Metrics]:
     """One REINFORCE update on sampled completions (+ the corpus NLL when given)."""
-    mask_b = batch["samples"]["label_mask_b"].astype(F32)
-    n_seq = _count(mask_b)
-    corpus = config.corpus()
-    denominators = lm_denominators(batch, corpus)
+    n_seq, corpus, denominators = _prologue(batch, "samples", config)
     use_kl = config.kl_coef != 0 and state.ref_params is not None
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
@@ -118,13 +111,10 @@ def reinforce_step(
             logprob_b, s["reward_b"], s["baseline_b"], m, kl_b=kl_b, kl_coef=config.kl_coef
         )
         policy = jnp.sum(terms.loss_b) / n_seq
-        corpus_loss, sums = lm_loss(
-            params, mb, models=models, ref_params=None, nado_params=None, config=corpus,
-            denominators=denominators,
-        )  # fmt: skip
+        corpus_loss, sums = _corpus_loss(params, mb, models, corpus, denominators)
         aux = {
             **sums,
-            "policy_loss": policy,
+            "lm/reinforce/loss": policy,
             "reward_sum": jnp.sum(m * s["reward_b"]),
             "advantage_sum": jnp.sum(terms.advantage_b),
             "logprob_sum": jnp.sum(m * jax.lax.stop_gradient(logprob_b)),
@@ -132,15 +122,12 @@ def reinforce_step(
         }
         return policy + corpus_loss, aux
 
-    state, metrics, sums = _policy_update(state, models, loss_fn, batch, config, denominators)
-    metrics |= {
-        "lm/reinforce/loss": sums["policy_loss"],
-        "lm/reinforce/reward": sums["reward_sum"] / n_seq,
-        "lm/reinforce/advantage": sums["advantage_sum"] / n_seq,
-        "lm/reinforce/logprob": sums["logprob_sum"] / n_seq,
-        "lm/reinforce/kl": sums["kl_sum"] / n_seq,
-        "lm/reinforce/baseline": jnp.max(batch["samples"]["baseline_b"]),
-    }
+    state, metrics, sums = update_lm(
+        state, models, loss_fn, batch, config.micro_batches, denominators
+    )
+    metrics |= _means(sums, n_seq, "lm/reinforce", ("reward", "advantage", "logprob", "kl"))
+    metrics["lm/reinforce/loss"] = sums["lm/reinforce/loss"]
+    metrics["lm/reinforce/baseline"] = jnp.max(batch["samples"]["baseline_b"])
     return state, metrics
 
 
@@ -148,10 +135,7 @@ def dpo_step(
     state: TrainState, batch: Batch, *, models: Models, config: PolicyConfig
 ) -> tuple[TrainState, Metrics]:
     """One DPO update on (chosen, rejected) pairs of own samples (+ the corpus NLL)."""
-    mask_b = batch["chosen"]["label_mask_b"].astype(F32)
-    n_pairs = _count(mask_b)
-    corpus = config.corpus()
-    denominators = lm_denominators(batch, corpus)
+    n_pairs, corpus, denominators = _prologue(batch, "chosen", config)
     ref = jax.lax.stop_gradient(state.ref_params)
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
@@ -163,24 +147,18 @@ def dpo_step(
         ]
         terms = losses.dpo_loss(*logps, config.beta, m)
         dpo = jnp.sum(terms.loss_b) / n_pairs
-        corpus_loss, sums = lm_loss(
-            params, mb, models=models, ref_params=None, nado_params=None, config=corpus,
-            denominators=denominators,
-        )  # fmt: skip
+        corpus_loss, sums = _corpus_loss(params, mb, models, corpus, denominators)
         margin = jax.lax.stop_gradient(terms.margin_b)
         aux = {
             **sums,
-            "dpo_loss": dpo,
+            "lm/dpo/loss": dpo,
             "margin_sum": jnp.sum(m * margin),
-            "correct_sum": jnp.sum(m * (margin > 0)),
+            "accuracy_sum": jnp.sum(m * (margin > 0)),
         }
         return dpo + corpus_loss, aux
 
-    state, metrics, sums = _policy_update(state, models, loss_fn, batch, config, denominators)
-    metrics |= {
-        "lm/dpo/loss": sums["dpo_loss"],
-        "lm/dpo/margin": sums["margin_sum"] / n_pairs,
-        "lm/dpo/accuracy": sums["correct_sum"] / n_pairs,
-        "lm/dpo/pairs": n_pairs,
-    }
-    return state, metrics
+    state, metrics, sums = update_lm(
+        state, models, loss_fn, batch, config.micro_batches, denominators
+    )
+    metrics |= _means(sums, n_pairs, "lm/dpo", ("margin", "accuracy"))
+    return state, metrics | {"lm/dpo/loss": sums["lm/dpo/loss"], "lm/dpo/pairs": n_pairs}
