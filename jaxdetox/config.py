@@ -348,6 +348,8 @@ class RunConfig(Section):
         baselines = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo", "sft_only")
         if m in baselines + ("lambda_sweep",) and self.loop.scheme != "sequential":
             raise ValueError(f"method {m!r} runs the sequential scheme only (loop.scheme)")
+        if m in baselines and self.loop.placement != "colocated":
+            raise ValueError(f"method {m!r} runs on one mesh: loop.placement must be 'colocated'")
         if m == "sft_only" and self.corpus is None:
             raise ValueError("method 'sft_only' trains on the corpus NLL alone: set `corpus:`")
         if m == "base" and not (self.eval.enabled and self.eval.base):

@@ -34,10 +34,10 @@ import numpy as np
 
 from jaxdetox.config import RunConfig
 from jaxdetox.loop.experiment import Experiment
+from jaxdetox.loop.flow import eval_due
 from jaxdetox.loop.sequential import (
     _barrier,
     _training_outputs,
-    eval_due,
     evaluate,
     run_stage,
     sample_and_label,
@@ -91,7 +91,7 @@ def update_lm(exp: Experiment, iteration: int, train: TrainFn, samples: int | No
 
     def body() -> dict[str, Any]:
         result, extra = train(exp, iteration, iteration - 1)
-        artifact = exp.save_artifact(iteration, "finetune", result.params)
+        artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
         exp.keep("lm", iteration, result.params)
         kept = {k: v for k, v in result.last_metrics.items() if k.startswith(_REPORTED)}
         return {**_training_outputs(result, artifact), **kept, **extra,
@@ -391,12 +391,12 @@ def run_base(exp: Experiment) -> None:
 def run_nado_decoding(exp: Experiment) -> None:
     """`nado_decoding`: NADO_i on samples of the frozen base; eval base ⊕ NADO_i sampling."""
     n = exp.config.loop.iterations
-    if eval_due(exp, 0):
+    if eval_due(exp.config, 0):
         evaluate(exp, 0)
     for i in range(1, n + 1):
         sample_and_label(exp, i, lm_version=0, samples=i, block=i - 1)
         train_nado(exp, i, nado_version=i - 1, samples=i)
-        if eval_due(exp, i):
+        if eval_due(exp.config, i):
             evaluate_guided(exp, i)
     export_models(exp, 0, n)
 
@@ -404,13 +404,13 @@ def run_nado_decoding(exp: Experiment) -> None:
 def run_lm_baseline(exp: Experiment, train: TrainFn, *, sampled: bool = True) -> None:
     """A fine-tuning baseline: per iteration (sample → label →) update the LLM → eval."""
     n = exp.config.loop.iterations
-    if eval_due(exp, 0):
+    if eval_due(exp.config, 0):
         evaluate(exp, 0)
     for i in range(1, n + 1):
         if sampled:
             sample_and_label(exp, i, lm_version=i - 1, samples=i, block=i - 1)
         update_lm(exp, i, train, samples=i if sampled else None)
-        if eval_due(exp, i):
+        if eval_due(exp.config, i):
             evaluate(exp, i)
     export_models(exp, n)
 
@@ -423,18 +423,6 @@ LOOPS: dict[str, Callable[[Experiment], None]] = {
     "dpo": functools.partial(run_lm_baseline, train=train_dpo),
     "sft_only": functools.partial(run_lm_baseline, train=train_sft_only, sampled=False),
 }
-
-
-def run_method(exp: Experiment) -> None:
-    """Run the loop of `exp.config.method` (pr_* follow `loop.scheme`)."""
-    from jaxdetox.loop.parallel import run_parallel
-    from jaxdetox.loop.sequential import run_sequential
-
-    method = exp.config.method
-    if method in LOOPS:
-        LOOPS[method](exp)
-    else:
-        (run_parallel if exp.config.loop.scheme == "parallel" else run_sequential)(exp)
 
 
 # ----------------------------------------------------------------------------- λ sweep
@@ -471,14 +459,14 @@ def is_finished(config: RunConfig, out: Path) -> bool:
 
 
 def _finished_run(config: RunConfig, out: Path) -> bool:
-    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.loop.rundir import read_manifest
 
-    if not (out / "manifest.json").exists():
+    if not out.is_dir():
         return False
-    run = RunDir(out)
+    done = {(r["iteration"], r["stage"]) for r in read_manifest(out) if r["status"] == "done"}
     if config.method == "base":
-        return run.is_done(0, "eval")
+        return (0, "eval") in done
     n = config.loop.iterations
     last = "train_nado" if config.method == "nado_decoding" else "finetune"
     exported = any((out / "final" / "model").glob("*.safetensors"))
-    return run.is_done(n, "eval" if config.eval.enabled else last) and exported
+    return (n, "eval" if config.eval.enabled else last) in done and exported
