@@ -94,6 +94,8 @@ def test_fine_tuning_baselines_run_end_to_end(model_dir, tmp_path, method, extra
     assert "lm/corpus/nll" in finetune  # the corpus term rides along
     row = _row(out, method)
     assert row["kl_weight"] is None and row["seconds"] > 0
+    # cost: 8 prompts x 2 training samples, each scored; + 6 eval prompts x 2 completions
+    assert row["train_samples"] == 16 and row["oracle_calls"] == 16 + 12
     assert any((out / "final" / "model").glob("*.safetensors"))
 
 
