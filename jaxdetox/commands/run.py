@@ -152,7 +152,8 @@ def _execute_one(config: object, out: Path, progress: bool, role: str | None) ->
 
         complete = run_placed(config, run_dir, role=role, progress=progress)
     run_dir.close()
-    print(f"  {out}: manifest {out / 'manifest.json'}, metrics {out / 'metrics.jsonl'}")
+    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
+    print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")
     if (out / "final").exists():
         print(f"  final models in {out / 'final'} (model/: HF checkpoint)")
     return complete
