@@ -177,7 +177,9 @@ def _filter_weights(batch: dict[str, np.ndarray], threshold: float) -> dict[str,
     return {**batch, "weight_b": keep.astype(np.float32)}
 
 
-def train_filter_sft(exp: Experiment, iteration: int, lm_version: int):  # noqa: ANN201
+def train_filter_sft(
+    exp: Experiment, iteration: int, lm_version: int
+) -> tuple[StageResult, dict[str, Any]]:
     """SFT of LLM_lm_version on S_iteration's samples at or below the toxicity quantile."""
     table = exp.store.read(iteration, exp.label_name)
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
@@ -207,7 +209,9 @@ def train_filter_sft(exp: Experiment, iteration: int, lm_version: int):  # noqa:
     return result, {"keep_threshold": threshold, "kept_samples": kept}
 
 
-def train_sft_only(exp: Experiment, iteration: int, lm_version: int):  # noqa: ANN201
+def train_sft_only(
+    exp: Experiment, iteration: int, lm_version: int
+) -> tuple[StageResult, dict[str, Any]]:
     """LLM_lm_version trained on the corpus NLL alone, for as many steps as the method takes
     on one iteration's samples."""
     cfg, c = exp.config.finetune, exp.config.corpus
@@ -278,7 +282,9 @@ def _policy_config(exp: Experiment) -> Any:
     )  # fmt: skip
 
 
-def train_reinforce(exp: Experiment, iteration: int, lm_version: int):  # noqa: ANN201
+def train_reinforce(
+    exp: Experiment, iteration: int, lm_version: int
+) -> tuple[StageResult, dict[str, Any]]:
     """LLM_lm_version updated by REINFORCE on S_iteration (reward 1 − toxicity)."""
     from jaxdetox.train.policy import reinforce_step
 
@@ -360,7 +366,9 @@ def pair_batches(exp: Experiment, iteration: int, seed: int) -> tuple[Any, int]:
     )
 
 
-def train_dpo(exp: Experiment, iteration: int, lm_version: int):  # noqa: ANN201
+def train_dpo(
+    exp: Experiment, iteration: int, lm_version: int
+) -> tuple[StageResult, dict[str, Any]]:
     """LLM_lm_version updated by DPO on pairs of S_iteration; reference = the base LLM."""
     from jaxdetox.train.policy import dpo_step
 
