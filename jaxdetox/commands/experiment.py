@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from jaxdetox.fileio import as_path
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `experiment` subcommand."""
@@ -25,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("dir", type=Path, help="folder of run configs (*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every config")
-    p.add_argument("--out", type=Path, default=None, help="default: runs/<folder name>")
+    p.add_argument(
+        "--out", type=as_path, default=None, help="local or gs://...; default: runs/<folder name>"
+    )
     p.add_argument("--only", default=None, help="comma-separated config stems to run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox.loop.baselines import is_finished
     from jaxdetox.loop.session import resolve_run_config
 
-    out = args.out or Path("runs") / args.dir.name
+    out = args.out or as_path(Path("runs") / args.dir.name)
     try:
         plans = []
         for path in configs_of(args.dir, args.only):

@@ -131,14 +131,14 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
             "times": times, "walls": iteration_walls(records)}  # fmt: skip
 
 
-def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Path]:
+def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Any]:
     """Run directories, a λ sweep's directory (`sweep.json`) replaced by its runs."""
     import json
 
     from jaxdetox.loop.rundir import read_manifest
 
     out = []
-    for run in map(Path, runs):
+    for run in map(as_path, runs):
         index = run / "sweep.json"
         if index.exists() and not read_manifest(run):
             out += [run / name for name in json.loads(index.read_text())["runs"]]
