@@ -25,35 +25,31 @@ from jaxdetox.models.config import ModelConfig
 def model_config_of(path: str) -> ModelConfig:
     """The `ModelConfig` of a model path (HF dir, .gguf, 'default') without loading weights."""
     from jaxdetox.models.gguf import default_model_path, is_gguf_source, open_gguf
-    from jaxdetox.models.hf import CheckpointError, read_config, resolve_checkpoint
+    from jaxdetox.models.hf import read_config, resolve_checkpoint
 
     if is_gguf_source(path):
         gguf_path = default_model_path() if path == "default" else Path(path)
         return ModelConfig.from_hf(open_gguf(gguf_path).config)
-    if not Path(path).expanduser().is_dir() and str(path).count("/") == 1:
+    local = Path(path).expanduser().exists()
+    bundled = None if local else bundled_architecture(str(path))
+    if bundled is not None:  # a shipped experiment's hub model: no network needed
+        return ModelConfig.from_hf(bundled)
+    if not local and str(path).count("/") == 1:
         # A hub id: its config.json is all a plan needs (no weights downloaded).
         from huggingface_hub import hf_hub_download
 
         try:
-            local = Path(hf_hub_download(str(path), "config.json")).parent
+            config_dir = Path(hf_hub_download(str(path), "config.json")).parent
         except Exception as e:  # offline, unknown repo, gated: name the cause
-            bundled = bundled_architecture(str(path))
-            if bundled is None:
-                raise ConfigError(f"model.path {path!r}: cannot fetch its config.json ({e})") from e
-            return ModelConfig.from_hf(bundled)
-        return ModelConfig.from_hf(read_config(local))
-    try:
-        return ModelConfig.from_hf(read_config(resolve_checkpoint(path)))
-    except CheckpointError:
-        bundled = bundled_architecture(str(path))
-        if bundled is None:
-            raise
-        return ModelConfig.from_hf(bundled)
+            raise ConfigError(f"model.path {path!r}: cannot fetch its config.json ({e})") from e
+        return ModelConfig.from_hf(read_config(config_dir))
+    return ModelConfig.from_hf(read_config(resolve_checkpoint(path)))
 
 
 def bundled_architecture(hub_id: str) -> dict[str, Any] | None:
     """The HF config.json of a hub model the shipped experiments name (gpt2, gpt2-large,
-    meta-llama/Llama-2-7b-hf), kept in the package so a config plans offline; else None."""
+    meta-llama/Llama-2-7b-hf; public architecture facts), kept in the package so their
+    configs plan offline and without a download; else None."""
     from jaxdetox import assets
 
     try:
