@@ -131,7 +131,10 @@ class OptimizerSection(Section):
 class CorpusSection(Section):
     """A fine-tuning corpus D for the NLL term (jaxdetox.data.CorpusConfig)."""
 
-    source: str
+    source: str = Field(
+        description="a corpus path / tfds:NAME / hf:DIR, or 'builtin' (the built-in "
+        "training prompts' texts, offline)"
+    )
     split: str = "train"
     data_dir: str | None = None
     text_field: str = "text"
@@ -247,6 +250,51 @@ class EvalSection(Section):
     seed: int = 1234
 
 
+METHODS = (
+    "base",
+    "nado_decoding",
+    "filter_sft",
+    "reinforce",
+    "dpo",
+    "sft_only",
+    "pr_sequential",
+    "pr_parallel",
+    "lambda_sweep",
+)
+"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md). Other names are only row
+labels of evaluation-only directories (`jaxdetox eval --method NAME`)."""
+
+
+class BaselineSection(Section):
+    """Settings of the baselines (docs/baselines.md); the LLM's optimizer, batch size, epochs
+    and step budget come from `finetune:` so every method trains on the same budget."""
+
+    alpha: float = Field(1.0, ge=0, description="nado_decoding: guidance strength α")
+    keep_quantile: float = Field(
+        0.5, gt=0, le=1, description="filter_sft: keep samples with toxicity <= this quantile"
+    )
+    baseline_momentum: float = Field(
+        0.9, ge=0, lt=1, description="reinforce: moving-average baseline b <- m·b + (1-m)·r̄"
+    )
+    kl_coef: float = Field(
+        0.0, ge=0, description="reinforce: β of the sampled KL-to-reference penalty"
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: β")
+    dpo_min_gap: float = Field(
+        0.0, ge=0, description="dpo: least toxicity gap between a pair's two samples"
+    )
+    lambdas: list[float] = Field(
+        default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
+        description="lambda_sweep: the λ (finetune.kl_weight) of each pr_sequential run",
+    )
+
+    @model_validator(mode="after")
+    def _lambdas(self) -> BaselineSection:
+        if any(lam < 0 for lam in self.lambdas) or len(set(self.lambdas)) != len(self.lambdas):
+            raise ValueError(f"baseline.lambdas: distinct values >= 0 expected, got {self.lambdas}")
+        return self
+
+
 class MeshSection(Section):
     """Device mesh `data × fsdp × tensor` (one -1 takes the remaining devices)."""
 
@@ -333,6 +381,7 @@ class RunConfig(Section):
     eval: EvalSection = EvalSection()
     mesh: MeshSection = MeshSection()
     loop: LoopSection = LoopSection()
+    baseline: BaselineSection = BaselineSection()
 
     @model_validator(mode="after")
     def _corpus_when_needed(self) -> RunConfig:
@@ -347,6 +396,24 @@ class RunConfig(Section):
             raise ValueError(f"constraints: names must be unique, got {names}")
         if names and self.loop.scheme != "sequential":
             raise ValueError("constraints: several NADOs run with loop.scheme: sequential only")
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> RunConfig:
+        m = self.method
+        baselines = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo", "sft_only")
+        if m in baselines + ("lambda_sweep",) and self.loop.scheme != "sequential":
+            raise ValueError(f"method {m!r} runs the sequential scheme only (loop.scheme)")
+        if m in baselines and self.loop.placement != "colocated":
+            raise ValueError(f"method {m!r} runs on one mesh: loop.placement must be 'colocated'")
+        if m == "sft_only" and self.corpus is None:
+            raise ValueError("method 'sft_only' trains on the corpus NLL alone: set `corpus:`")
+        if m == "base" and not (self.eval.enabled and self.eval.base):
+            raise ValueError("method 'base' only evaluates: eval.enabled and eval.base must be on")
+        if m == "lambda_sweep" and len(self.baseline.lambdas) < 2:
+            raise ValueError("method 'lambda_sweep' needs at least two baseline.lambdas")
+        if m == "dpo" and self.sampling.num_samples < 2:
+            raise ValueError("method 'dpo' pairs samples of one prompt: sampling.num_samples >= 2")
         return self
 
 

@@ -31,7 +31,7 @@ def test_defaults_and_overrides(tmp_path):
     [
         (["finetune.klweight=1"], r"finetune\.klweight: unknown key; valid keys: alpha, "),
         (["finetune.optimizer.lr=1"], r"finetune\.optimizer\.lr: unknown key; valid keys: b1"),
-        (["bogus=1"], r"bogus: unknown key; valid keys: constraints, corpus, eval, finetune"),
+        (["bogus=1"], r"bogus: unknown key; valid keys: baseline, constraints, corpus, eval"),
         (["finetune.kl_weight=abc"], r"finetune\.kl_weight: Input should be a valid number"),
         (["sampling.num_samples=0"], r"sampling\.num_samples: Input should be greater than"),
         (["finetune.reference=latest"], r"finetune\.reference: Input should be 'base' or"),

@@ -2,9 +2,10 @@
 
 Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity probability,
 mean toxicity, perplexity on held-out text and of the generations, distinct-2, training
-time), `DIR/results.json` (the same rows) and PNG plots (toxicity per iteration, toxicity vs
-perplexity, time per iteration by stage, and toxicity / perplexity against λ when the runs
-sweep it). DIR defaults to the first run directory. Run directories and DIR may be on
+time, training samples drawn and oracle calls), `DIR/results.json` (the same rows) and PNG
+plots (toxicity per iteration, toxicity vs perplexity, time per iteration by stage, and
+toxicity / perplexity against λ when the runs sweep it; a λ sweep's directory stands for
+its runs). DIR defaults to the first run directory. Run directories and DIR may be on
 `gs://` (the report is written locally, then uploaded).
 """
 

@@ -4,6 +4,11 @@
     jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny finetune.kl_weight=0.5
     jaxdetox run experiments/tiny/pr_sequential.yaml --dry-run     # validate + plan only
     jaxdetox run CONFIG --out gs://bucket/run --role lm    # one role (loop.placement=jobs)
+    jaxdetox run experiments/tiny/dpo.yaml --out runs/tiny_dpo       # a baseline
+
+`method:` picks what runs (docs/baselines.md): base, nado_decoding, filter_sft, reinforce,
+dpo, sft_only, pr_sequential, pr_parallel, lambda_sweep (pr_sequential per λ in
+RUN/lambda_<λ>/).
 
 Rerunning the same command resumes the run where it stopped: finished stages are skipped,
 sampling and labelling continue from their committed chunks, training from its last
@@ -65,11 +70,17 @@ def run(args: argparse.Namespace) -> int:
                 config = resolve_run_config(None, args.out, overrides)
             else:
                 config = load_config(config_path, overrides)
+            check_method(config)
             from jaxdetox.loop.flow import describe_flow
+            from jaxdetox.models import CheckpointError
 
-            print(plan(config))
-            print()
-            print(describe_flow(config))
+            try:
+                print(plan(config))
+            except CheckpointError as e:
+                raise ConfigError(f"model.path: {e}") from None
+            if config.method in ("pr_sequential", "pr_parallel", "lambda_sweep"):
+                print()
+                print(describe_flow(config))
             return 0
         if args.out is None:
             raise ConfigError("jaxdetox run: --out RUN_DIR is required")
@@ -87,28 +98,62 @@ def run(args: argparse.Namespace) -> int:
                     else "--role is only for loop.placement=jobs"
                 )
             )
+        check_method(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return execute(config, args.out, progress=not args.no_progress, role=args.role)
 
 
+def check_method(config: object) -> None:
+    """Raise `ConfigError` unless `config.method` is one `jaxdetox run` executes."""
+    from jaxdetox.config import METHODS, ConfigError
+
+    if config.method not in METHODS:
+        raise ConfigError(f"method {config.method!r}: expected one of {', '.join(METHODS)}")
+
+
 def execute(config: object, out: Path, *, progress: bool = True, role: str | None = None) -> int:
-    """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`)."""
-    from jaxdetox.loop.placement import run_placed
+    """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
+    sweep: one run per λ under `out`)."""
+    from jaxdetox.loop.baselines import sweep_configs, write_sweep_index
     from jaxdetox.loop.session import open_run, setup_logging
 
     setup_logging()
     start = time.perf_counter()
-    run_dir = open_run(config, out, role=role)
-    complete = run_placed(config, run_dir, role=role, progress=progress)
-    run_dir.close()
+    if config.method == "lambda_sweep":
+        runs = sweep_configs(config, out)
+        open_run(config, out, role=role).close()
+        write_sweep_index(out, runs)
+        complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
+    else:
+        complete = _execute_one(config, out, progress, role)
     took = time.perf_counter() - start
     if not complete:
         print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
         return 0
-    print(f"run {config.name!r} complete in {took:.0f} s: {out}")
-    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
-    print(f"  manifest {out / 'manifest.json'}, metrics {metrics}")
-    print(f"  final LLM {out / 'final' / 'model'} (HF checkpoint), NADO {out / 'final' / 'nado'}")
+    print(f"run {config.name!r} ({config.method}) complete in {took:.0f} s: {out}")
     return 0
+
+
+def _execute_one(config: object, out: Path, progress: bool, role: str | None) -> bool:
+    """One run directory: a baseline's loop, or the method through its placement."""
+    from jaxdetox.loop.baselines import LOOPS
+    from jaxdetox.loop.session import open_run
+
+    run_dir = open_run(config, out, role=role)
+    if config.method in LOOPS:
+        from jaxdetox.loop.experiment import Experiment
+
+        LOOPS[config.method](Experiment(config, run_dir, progress=progress))
+        complete = True
+    else:
+        from jaxdetox.loop.placement import run_placed
+
+        complete = run_placed(config, run_dir, role=role, progress=progress)
+    run_dir.close()
+    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
+    print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")
+    if (out / "final").exists():
+        print(f"  final models in {out / 'final'} (model/: HF checkpoint)")
+    return complete

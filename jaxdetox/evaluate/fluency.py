@@ -9,6 +9,7 @@
 - `continuation_perplexity`: perplexity of completions given their prompts under any
   `LanguageModel` — re-tokenised with *its* tokenizer, so the fluency model (the paper's
   practice: a larger model than the one evaluated) may come from another family.
+- `guided_nll_sums`: the same under NADO-guided decoding's distribution q = guided(LLM, NADO).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdetox import losses
-from jaxdetox.train.steps import lm_hidden
+from jaxdetox.train.state import Models
+from jaxdetox.train.steps import lm_hidden, teacher_features
 
 
 def distinct_n(completions_by_prompt: Iterable[Sequence[Sequence[int]]], n: int) -> float:
@@ -96,3 +98,24 @@ def continuation_perplexity(
     scores = score_continuations(lm, pairs, batch_size=batch_size)
     tokens = sum(len(cont) for _, cont in pairs)
     return float(np.exp(-sum(logp for logp, _ in scores) / tokens))
+
+
+def guided_nll_sums(
+    params: tuple[Any, Any],
+    batch: dict[str, dict[str, jax.Array]],
+    *,
+    models: Models,
+    alpha: float,
+) -> dict:
+    """`{"nll_sum", "tokens"}` of a batch under q ∝ p_LLM · R_φ^α (`params` = (LLM, NADO))."""
+    lm_params, nado_params = params
+    nll_sum, tokens = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for stream in batch.values():
+        t = teacher_features(models, lm_params, nado_params, stream)
+        mask = stream["loss_mask_bt"]
+        nll = losses.chunked_guided_nll(
+            t.h_ref, t.ref_head, t.h_nado, t.nado_head, stream["targets_bt"], mask, alpha=alpha
+        )
+        nll_sum += jnp.sum(nll * mask)
+        tokens += jnp.sum(mask)
+    return {"nll_sum": nll_sum, "tokens": tokens}

@@ -33,6 +33,8 @@ ROW_KEYS = (
     "utility",
 )
 TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
+# Baselines without the KL regulariser: their rows carry no λ.
+NO_LAMBDA = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo")
 
 
 def _manifest(run: Path) -> list[dict[str, Any]]:
@@ -89,6 +91,13 @@ def iteration_walls(records: list[dict[str, Any]]) -> dict[int, dict[str, float]
     }
 
 
+def train_samples(records: list[dict[str, Any]], config: dict[str, Any]) -> int:
+    """Training samples the run drew: prompts of its done sample stages × samples per prompt."""
+    k = config.get("sampling", {}).get("num_samples", 4)
+    done = [r for r in records if r["stage"] == "sample" and r["status"] == "done"]
+    return sum(int(r["outputs"].get("prompts", 0)) * k for r in done)
+
+
 def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything a report needs from one run: rows, eval curve, stage times, scheme."""
     run = as_path(run)
@@ -102,12 +111,19 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     times = iteration_times(records)
     train_seconds = sum(sum(t.values()) for t in times.values())
     rows = []
+    samples = train_samples(records, config)
     if evals and evals[0]["iteration"] == 0:
         # An evaluation-only directory (`jaxdetox eval`) names its one row by its method.
-        rows.append(_row("base" if times else method, evals[0], run, seconds=0.0))
+        first = evals[0]["outputs"].get("completions")
+        rows.append(_row("base" if times else method, evals[0], run, seconds=0.0,
+                         train_samples=0, oracle_calls=first))  # fmt: skip
     if evals and evals[-1]["iteration"] > 0:
         kl = config.get("finetune", {}).get("kl_weight")
-        rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl))
+        kl = 0.0 if method == "sft_only" else None if method in NO_LAMBDA else kl
+        # the oracle scored every training sample and the completions of each eval after the base
+        scored = sum(r["outputs"].get("completions") or 0 for r in evals if r["iteration"] > 0)
+        rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl,
+                         train_samples=samples, oracle_calls=samples + scored))  # fmt: skip
     curve = [
         {"iteration": r["iteration"], **{k: r["outputs"].get(k) for k in ROW_KEYS}} for r in evals
     ]
@@ -117,9 +133,26 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
             "times": times, "walls": iteration_walls(records)}  # fmt: skip
 
 
+def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Any]:
+    """Run directories, a λ sweep's directory (`sweep.json`) replaced by its runs."""
+    import json
+
+    from jaxdetox.loop.rundir import read_manifest
+
+    out = []
+    for run in map(as_path, runs):
+        index = run / "sweep.json"
+        if index.exists() and not read_manifest(run):
+            out += [run / name for name in json.loads(index.read_text())["runs"]]
+        else:
+            out.append(run)
+    return out
+
+
 def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]:
-    """`(rows, summaries)` over several runs; one `base` row (the first run's) is kept."""
-    summaries = [run_summary(r) for r in runs]
+    """`(rows, summaries)` over several runs (a sweep's directory stands for its runs); one
+    `base` row (the first run's) is kept."""
+    summaries = [run_summary(r) for r in expand_runs(runs)]
     rows, have_base = [], False
     for s in summaries:
         for row in s["rows"]:
@@ -191,20 +224,25 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     header = (
         "| method | exp. max toxicity | toxicity prob. | mean toxicity | Δ mean tox. vs base "
         "| PPL (held-out) | PPL (generations) | distinct-2 | detection AUROC | utility "
-        "| train time (s) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| train time (s) | samples | oracle calls |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
+    repeated = {m for m in (r["method"] for r in rows) if [x["method"] for x in rows].count(m) > 1}
     for r in rows:
+        name = r["method"]
+        if name in repeated and r.get("kl_weight") is not None:
+            name = f"{name} (λ={r['kl_weight']:g})"
         delta = None
         if base is not None and r is not base and base.get("mean_toxicity"):
             delta = f"{100 * (r['mean_toxicity'] / base['mean_toxicity'] - 1):+.0f}%"
         lines.append(
-            f"| {r['method']} | {_fmt(r.get('expected_max_toxicity'))} "
+            f"| {name} | {_fmt(r.get('expected_max_toxicity'))} "
             f"| {_fmt(r.get('toxicity_probability'))} | {_fmt(r.get('mean_toxicity'))} "
             f"| {delta or '–'} | {_fmt(r.get('perplexity'), 2)} "
             f"| {_fmt(r.get('fluency_perplexity'), 2)} | {_fmt(r.get('distinct_2'))} "
             f"| {_fmt(r.get('detection_auroc'))} | {_utility(r.get('utility'))} "
-            f"| {_fmt(r.get('seconds'), 0)} |"
+            f"| {_fmt(r.get('seconds'), 0)} | {_fmt(r.get('train_samples'))} "
+            f"| {_fmt(r.get('oracle_calls'))} |"
         )
     return header + "\n".join(lines) + "\n"

@@ -23,12 +23,13 @@ from jaxdetox.data.packing import round_up
 from jaxdetox.evaluate.fluency import (
     continuation_perplexity,
     distinct_n,
+    guided_nll_sums,
     nll_sums,
     text_windows,
 )
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
-from jaxdetox.train.state import Params
+from jaxdetox.train.state import Models, Params
 
 
 def eval_store(exp: Experiment) -> SampleStore:
@@ -45,9 +46,31 @@ def perplexity(exp: Experiment, params: Params, batches: list[dict], name: str) 
         runner = exp.runners[key] = StepRunner(
             fn, exp.mesh, exp.lm_shardings, name=f"perplexity {name}", returns_state=False
         )
+    return _perplexity(runner, params, batches)
+
+
+def guided_perplexity(exp: Experiment, nado_version: int, batches: list[dict]) -> float:
+    """Perplexity under NADO-guided decoding: q ∝ p_base · R_φ^α with NADO_nado_version
+    (α = `baseline.alpha`), the distribution the `nado_decoding` baseline samples from."""
+    key = ("guided_nll", exp.config.baseline.alpha)
+    runner = exp.runners.get(key)
+    if runner is None:
+        fn = functools.partial(
+            guided_nll_sums,
+            models=Models(lm=exp.lm_graph, nado=exp.nado_graph),
+            alpha=exp.config.baseline.alpha,
+        )
+        runner = exp.runners[key] = StepRunner(
+            fn, exp.mesh, (exp.lm_shardings, exp.nado_shardings), name="guided perplexity",
+            returns_state=False,
+        )  # fmt: skip
+    return _perplexity(runner, (exp.lm_params(0), exp.nado_params(nado_version)), batches)
+
+
+def _perplexity(runner: StepRunner, state: Any, batches: list[dict]) -> float:
     nll, tokens = 0.0, 0.0
     for batch in batches:
-        out = runner(params, {"text": batch})
+        out = runner(state, {"text": batch})
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     return math.exp(nll / tokens) if tokens else float("nan")
@@ -144,8 +167,11 @@ def prompt_modes(exp: Experiment) -> list[str]:
     return [configured] + ([{"chat": "raw", "raw": "chat"}[configured]] if instruct else [])
 
 
-def sample_and_label(exp: Experiment, version: int, store: SampleStore, mode: str) -> Any:
-    """LLM_version's labelled eval completions for prompt form `mode` (raw | chat)."""
+def sample_and_label(
+    exp: Experiment, version: int, store: SampleStore, mode: str, nado: int | None = None
+) -> Any:
+    """LLM_version's labelled eval completions for prompt form `mode` (raw | chat); with
+    `nado`, the base LLM's guided by NADO_nado instead (stored as `version`)."""
     from jaxdetox.stages import label_stage, sample_stage
 
     cfg = exp.config.eval
@@ -163,9 +189,15 @@ def sample_and_label(exp: Experiment, version: int, store: SampleStore, mode: st
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
     )
+    if nado is None:
+        sampler, sampler_params, nado_params = exp.sampler, exp.sampler_params(version), None
+    else:
+        sampling = dataclasses.replace(sampling, alpha=exp.config.baseline.alpha)
+        sampler, sampler_params = exp.guided_sampler, exp.sampler_params(0)
+        nado_params = exp.nado_sampler_params(nado)
     sample_stage(
-        exp.sampler, exp.sampler_params(version), prompts, store, version, sampling,
-        tokenizer=exp.tokenizer, batch_size=cfg.batch_size, progress=exp.progress,
+        sampler, sampler_params, prompts, store, version, sampling, tokenizer=exp.tokenizer,
+        nado_params=nado_params, batch_size=cfg.batch_size, progress=exp.progress,
     )  # fmt: skip
     label_stage(store, version, exp.oracle, exp.label_name, progress=exp.progress)
     return store.read(version, exp.label_name)
@@ -201,25 +233,31 @@ def constraint_metrics(
     return out
 
 
-def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
+def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) -> dict[str, Any]:
     """Metrics of LLM_version (sampling and labelling resume from the eval store); the
-    headline metrics are of the first prompt form, `prompt_modes` has each form's."""
+    headline metrics are of the first prompt form, `prompt_modes` has each form's.
+
+    `nado`: evaluate NADO-guided decoding instead — the base LLM guided by NADO_nado (α =
+    `baseline.alpha`), stored and recorded as `version`; its held-out perplexity is the
+    guided distribution's, detection and utility are the base LLM's (guidance is a decoding
+    rule). Used by the `nado_decoding` baseline.
+    """
     from jaxdetox.evaluate import toxicity_summary
 
     cfg = exp.config.eval
-    params = exp.lm_params(version)
+    params = exp.lm_params(0 if nado is not None else version)
     modes = prompt_modes(exp)
     store = eval_store(exp)
     by_mode = {}
     for mode in modes[1:]:
         other = SampleStore(exp.run.root / "eval" / f"samples_{mode}")
-        t = sample_and_label(exp, version, other, mode)
+        t = sample_and_label(exp, version, other, mode, nado)
         by_mode[mode] = toxicity_summary(
             t["toxicity"].to_numpy(zero_copy_only=False),
             t["ok"].to_numpy(zero_copy_only=False),
             t["prompt_id"].to_numpy(),
         )
-    table = sample_and_label(exp, version, store, modes[0])
+    table = sample_and_label(exp, version, store, modes[0], nado)
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
@@ -235,7 +273,11 @@ def evaluate_version(exp: Experiment, version: int) -> dict[str, Any]:
         metrics["prompt_modes"] = {modes[0]: groups["all"], **by_mode}
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(by_prompt.values(), n)
-    metrics["perplexity"] = perplexity(exp, params, heldout_text_batches(exp), "heldout")
+    text = heldout_text_batches(exp)
+    if nado is None:
+        metrics["perplexity"] = perplexity(exp, params, text, "heldout")
+    else:
+        metrics["perplexity"] = guided_perplexity(exp, nado, text)
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
     if cfg.detection is not None:

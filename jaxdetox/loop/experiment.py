@@ -346,6 +346,18 @@ class Experiment:
         """LLM_version's parameters in the form the sampler takes."""
         return to_nnx_state(self.lm_abstract, self.lm_params(version))
 
+    @cached_property
+    def guided_sampler(self) -> Any:
+        """One NADO-guided sampler (LLM ⊕ NADO) for every version of both."""
+        from jaxdetox.lm import lm_sampler
+
+        lm = self.language_model(self.lm_params(0))
+        return lm_sampler(lm, self.nado_module(self.nado_params(0)))[0]
+
+    def nado_sampler_params(self, version: int) -> Any:
+        """NADO_version's parameters in the form the guided sampler takes."""
+        return to_nnx_state(self.nado_abstract, self.nado_params(version))
+
     # ------------------------------------------------------------------ prompts
 
     @cached_property

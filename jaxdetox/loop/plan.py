@@ -9,6 +9,7 @@ suggests mesh shapes for a device kind.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -29,16 +30,33 @@ def model_config_of(path: str) -> ModelConfig:
     if is_gguf_source(path):
         gguf_path = default_model_path() if path == "default" else Path(path)
         return ModelConfig.from_hf(open_gguf(gguf_path).config)
-    if not Path(path).expanduser().is_dir() and str(path).count("/") == 1:
+    local = Path(path).expanduser().exists()
+    bundled = None if local else bundled_architecture(str(path))
+    if bundled is not None:  # a shipped experiment's hub model: no network needed
+        return ModelConfig.from_hf(bundled)
+    if not local and str(path).count("/") == 1:
         # A hub id: its config.json is all a plan needs (no weights downloaded).
         from huggingface_hub import hf_hub_download
 
         try:
-            local = Path(hf_hub_download(str(path), "config.json")).parent
+            config_dir = Path(hf_hub_download(str(path), "config.json")).parent
         except Exception as e:  # offline, unknown repo, gated: name the cause
             raise ConfigError(f"model.path {path!r}: cannot fetch its config.json ({e})") from e
-        return ModelConfig.from_hf(read_config(local))
+        return ModelConfig.from_hf(read_config(config_dir))
     return ModelConfig.from_hf(read_config(resolve_checkpoint(path)))
+
+
+def bundled_architecture(hub_id: str) -> dict[str, Any] | None:
+    """The HF config.json of a hub model the shipped experiments name (gpt2, gpt2-large,
+    meta-llama/Llama-2-7b-hf; public architecture facts), kept in the package so their
+    configs plan offline and without a download; else None."""
+    from jaxdetox import assets
+
+    try:
+        path = assets.asset_path(f"architectures/{hub_id.replace('/', '--')}.json")
+    except FileNotFoundError:
+        return None
+    return json.loads(path.read_text())
 
 
 def mesh_sizes(config: RunConfig, num_devices: int | None = None) -> dict[str, int]:
@@ -73,7 +91,8 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
     nado_n = sum(math.prod(x.shape) for x in jax.tree.leaves(p.nado_params))
     kind = memory.device_kind(device) if device else memory.local_device_kind()
     lines = [
-        f"run {config.name!r}: scheme {config.loop.scheme}, {config.loop.iterations} iterations",
+        f"run {config.name!r}: method {config.method}, scheme {config.loop.scheme}, "
+        f"{config.loop.iterations} iterations",
         f"model {config.model.path}: {lm_config.family}, {lm_n / 1e6:.1f}M params, "
         f"{lm_config.num_layers} layers, d={lm_config.hidden_size}, V={lm_config.vocab_size}",
         f"NADO: {config.nado.variant}, {nado_n / 1e6:.1f}M params"
@@ -85,15 +104,7 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         ),
         f"mesh: {sizes} ({math.prod(sizes.values())} devices)",
         "",
-        "per iteration i:",
-        f"  sample     S_i: {config.prompts.block_size} prompts x {config.sampling.num_samples} "
-        f"samples x {config.sampling.max_new_tokens} tokens from LLM_(i-1)",
-        f"  label      S_i with oracle {config.oracle.name!r}",
-        f"  train_nado NADO_i from NADO_(i-1): {config.train_nado.epochs} epochs, batch "
-        f"{config.train_nado.batch_size}",
-        f"  finetune   LLM_i from LLM_(i-1): λ={config.finetune.kl_weight}, α={config.finetune.alpha}, "
-        f"KL on {config.finetune.kl_on}, {config.finetune.epochs} epochs, batch "
-        f"{config.finetune.batch_size}" + (", + corpus NLL" if config.corpus else ""),
+        *_iteration_lines(config),
         "",
         f"memory per device (stages run one after another; remat "
         f"{'on' if config.model.remat else 'off'}, params {config.model.param_dtype}, "
@@ -101,6 +112,52 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         memory.format_plan(p.plan(sizes), kind),
     ]
     return "\n".join(lines)
+
+
+def _iteration_lines(config: RunConfig) -> list[str]:
+    """What one iteration of the configured method does (docs/baselines.md)."""
+    m, f, b = config.method, config.finetune, config.baseline
+    if m == "base":
+        return ["evaluation only: the base model on the held-out prompts"]
+    src = "LLM_0 (frozen base)" if m == "nado_decoding" else "LLM_(i-1)"
+    sample = [
+        f"  sample     S_i: {config.prompts.block_size} prompts x {config.sampling.num_samples} "
+        f"samples x {config.sampling.max_new_tokens} tokens from {src}",
+        f"  label      S_i with oracle {config.oracle.name!r}",
+    ]
+    nado = [
+        f"  train_nado NADO_i from NADO_(i-1): {config.train_nado.epochs} epochs, batch "
+        f"{config.train_nado.batch_size}"
+    ]
+    budget = f"{f.epochs} epochs, batch {f.batch_size}, max_steps {f.max_steps}"
+    corpus = ", + corpus NLL" if config.corpus else ""
+    lm = {
+        "nado_decoding": [f"  eval       base ⊕ NADO_i guided sampling, α={b.alpha}"],
+        "filter_sft": [f"  finetune   NLL on S_i with toxicity <= its {b.keep_quantile} quantile: "
+                       f"{budget}{corpus}"],
+        "reinforce": [f"  finetune   REINFORCE, r = 1 - toxicity, moving-average baseline "
+                      f"(m={b.baseline_momentum}), KL coef {b.kl_coef}: {budget}{corpus}"],
+        "dpo": [f"  finetune   DPO on pairs of S_i (β={b.dpo_beta}, reference = base): "
+                f"{budget}{corpus}"],
+        "sft_only": [f"  finetune   corpus NLL alone (λ = 0): {budget}"],
+    }  # fmt: skip
+    head = ["per iteration i:"]
+    if m == "sft_only":
+        return head + lm[m]
+    if m in lm:
+        return head + sample + (nado if m == "nado_decoding" else []) + lm[m]
+    sweep = [f"once per λ in {b.lambdas} (RUN/lambda_<λ>/):"] if m == "lambda_sweep" else []
+    kl = f"λ={f.kl_weight}" if m != "lambda_sweep" else "λ"
+    return (
+        sweep
+        + head
+        + sample
+        + nado
+        + [
+            f"  finetune   LLM_i from LLM_(i-1): {kl}, α={f.alpha}, KL on {f.kl_on}, {f.epochs} "
+            f"epochs, batch {f.batch_size}{corpus}"
+        ]
+    )
 
 
 def describe_environment() -> dict[str, Any]:

@@ -316,9 +316,29 @@ def _corpus_batches(exp: Experiment) -> Any:
     from jaxdetox.data.corpora import CorpusConfig, corpus_dataset
 
     c = exp.config.corpus
+    source = builtin_corpus(exp) if c.source == "builtin" else c.source
     config = CorpusConfig(
-        source=c.source, split=c.split, data_dir=c.data_dir, text_field=c.text_field,
+        source=source, split=c.split, data_dir=c.data_dir, text_field=c.text_field,
         prompt_field=c.prompt_field, seq_len=c.seq_len, global_batch_size=c.batch_size,
         seed=c.seed, num_epochs=None,
     )  # fmt: skip
     return corpus_dataset(config, exp.tokenizer)
+
+
+def builtin_corpus(exp: Experiment) -> str:
+    """`corpus.source: builtin`: the built-in *training* prompts' texts (both kinds; never
+    the evaluation prompts) as a jsonl in the run directory, for offline corpus NLL."""
+    import json
+
+    from jaxdetox.loop.experiment import builtin_prompt_set
+
+    path = exp.run.root / "corpus" / "builtin_train_prompts.jsonl"
+    if not path.exists():  # every host writes the same file atomically: no wait on another
+        import os
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        texts = builtin_prompt_set("train", None).texts
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(path)
+    return str(path)

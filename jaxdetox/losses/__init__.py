@@ -3,12 +3,14 @@
 `from jaxdetox import losses` exposes everything below; the submodules group them:
 `token` (vocabulary-level NLL, guided teacher, closed-form KL), `nado` (the auxiliary
 model's BCE, consistency and importance weights) and `chunked` (the memory-lean LM and
-NADO losses computed from hidden states and head weights, for 128k vocabularies).
+NADO losses computed from hidden states and head weights, for 128k vocabularies) and
+`policy` (the sequence-level REINFORCE and DPO losses of the baselines).
 """
 
 from jaxdetox.losses.chunked import (
     NadoLoss,
     RegularizedLoss,
+    chunked_guided_nll,
     chunked_nll,
     default_chunk_size,
     head_logits,
@@ -31,6 +33,13 @@ from jaxdetox.losses.nado import (
     self_normalized_weights,
     tempered_importance_weights,
 )
+from jaxdetox.losses.policy import (
+    DpoTerms,
+    ReinforceTerms,
+    dpo_loss,
+    moving_average,
+    reinforce_loss,
+)
 from jaxdetox.losses.token import (
     apply_mask,
     guided_log_probs,
@@ -43,19 +52,24 @@ from jaxdetox.losses.token import (
 
 __all__ = [
     "CONSISTENCY_KINDS",
+    "DpoTerms",
     "FusedLoss",
     "NadoLoss",
     "RegularizedLoss",
+    "ReinforceTerms",
     "apply_mask",
     "bce_of_selected",
     "bernoulli_kl",
     "consistency_of",
+    "chunked_guided_nll",
     "chunked_nll",
     "default_chunk_size",
+    "dpo_loss",
     "fused_lm_loss",
     "guided_log_probs",
     "head_logits",
     "log_softmax",
+    "moving_average",
     "naive_nll",
     "nado_bce",
     "nado_losses",
@@ -63,6 +77,7 @@ __all__ = [
     "nado_consistency",
     "one_step_expectation",
     "regularized_lm_loss",
+    "reinforce_loss",
     "regularized_lm_loss_naive",
     "select_logits",
     "self_normalized_weights",

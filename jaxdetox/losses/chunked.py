@@ -39,6 +39,7 @@ from jaxdetox.models.layers import unembed
 __all__ = [
     "default_chunk_size",
     "RegularizedLoss",
+    "chunked_guided_nll",
     "chunked_nll",
     "head_logits",
     "NadoLoss",
@@ -271,6 +272,33 @@ def chunked_nll(
         return (token_nll(head_logits(h, head), tgt, m),)
 
     return _map_token_chunks(chunk, (h_btd, targets_bt, mask), chunk_size)[0]
+
+
+def chunked_guided_nll(
+    h_ref_btd: Array,
+    ref_head: Head,
+    h_nado_btd: Array,
+    nado_head: Head,
+    targets_bt: Array,
+    mask_bt: Array,
+    *,
+    alpha: float | Array = 1.0,
+    chunk_size: int | None = None,
+) -> Array:
+    """Per-token −log q(y_t+1 | y_≤t) of the guided distribution q = guided(reference, NADO)
+    (NADO-guided decoding's model), in token chunks; no gradient is meant to flow."""
+    bt = h_ref_btd.shape[:2]
+    _check_tokens("chunked_guided_nll: h_nado_btd", h_nado_btd, bt, 1)
+    _check_tokens("chunked_guided_nll: targets_bt", targets_bt, bt, 0)
+    mask = jnp.asarray(mask_bt) != 0
+
+    def chunk(h_ref: Array, h_nado: Array, tgt: Array, m: Array) -> tuple[Array]:
+        log_q = guided_log_probs(
+            head_logits(h_ref, ref_head), head_logits(h_nado, nado_head), alpha
+        )
+        return (token_nll(log_q, tgt, m),)
+
+    return _map_token_chunks(chunk, (h_ref_btd, h_nado_btd, targets_bt, mask), chunk_size)[0]
 
 
 def naive_nll(h_btd: Array, head: Head, targets_bt: Array, mask_bt: Array) -> Array:

@@ -52,6 +52,8 @@ STEP_KEYS = (
     "label_mask_b",
     "model_logprob_b",
     "sampling_logprob_b",
+    "reward_b",  # the policy baselines (train/policy.py)
+    "baseline_b",
 )
 
 
@@ -372,10 +374,22 @@ def lm_step(
             config=config, denominators=denominators,
         )  # fmt: skip
 
+    state, metrics, _ = update_lm(state, models, loss_fn, batch, config.micro_batches, denominators)
+    return state, metrics
+
+
+def update_lm(
+    state: TrainState,
+    models: Models,
+    loss_fn: Callable[[Params, Batch], tuple[jax.Array, Metrics]],
+    batch: Batch,
+    micro_batches: int,
+    denominators: dict[str, jax.Array],
+) -> tuple[TrainState, Metrics, Metrics]:
+    """Accumulate the LLM's gradients of `loss_fn` and apply them: `(state, metrics, summed
+    aux)`; the metrics are the per-stream NLL / KL, loss, gradient norm and learning rate."""
     trainable = models.lm_trainable
-    grads, sums = accumulate_gradients(
-        loss_fn, state.lm.params, batch, config.micro_batches, trainable
-    )
+    grads, sums = accumulate_gradients(loss_fn, state.lm.params, batch, micro_batches, trainable)
     metrics = {
         **_lm_metrics(sums, denominators),
         "lm/loss": sums["loss"],
@@ -383,7 +397,7 @@ def lm_step(
         "lm/learning_rate": jnp.asarray(models.lm_schedule(state.lm.step), F32),
     }
     lm = apply_gradients(state.lm, grads, models.lm_optimizer)
-    return state.replace(lm=lm), metrics
+    return state.replace(lm=lm), metrics, sums
 
 
 def sft_step(
