@@ -261,8 +261,16 @@ METHODS = (
     "pr_parallel",
     "lambda_sweep",
 )
-"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md). Other names are only row
-labels of evaluation-only directories (`jaxdetox eval --method NAME`)."""
+"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md). Any other `pr_<variant>`
+name (e.g. `pr_lora`, `pr_two_constraints`) runs the method too — the scheme comes from
+`loop.scheme` — and labels its own row; other names are only row labels of
+evaluation-only directories (`jaxdetox eval --method NAME`)."""
+
+
+def is_method_variant(method: str) -> bool:
+    """Whether `method` runs the regularised fine-tuning loop (pr_sequential, pr_parallel and
+    any other `pr_*` variant)."""
+    return method.startswith("pr_")
 
 
 class BaselineSection(Section):

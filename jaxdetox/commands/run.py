@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxdetox.config import ROLES
+from jaxdetox.config import ROLES, is_method_variant
 from jaxdetox.fileio import as_path
 from jaxdetox.loop.session import add_distributed_args
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 print(plan(config))
             except CheckpointError as e:
                 raise ConfigError(f"model.path: {e}") from None
-            if config.method in ("pr_sequential", "pr_parallel", "lambda_sweep"):
+            if is_method_variant(config.method) or config.method == "lambda_sweep":
                 print()
                 print(describe_flow(config))
             return 0
@@ -109,8 +109,10 @@ def check_method(config: object) -> None:
     """Raise `ConfigError` unless `config.method` is one `jaxdetox run` executes."""
     from jaxdetox.config import METHODS, ConfigError
 
-    if config.method not in METHODS:
-        raise ConfigError(f"method {config.method!r}: expected one of {', '.join(METHODS)}")
+    if config.method not in METHODS and not is_method_variant(config.method):
+        raise ConfigError(
+            f"method {config.method!r}: expected one of {', '.join(METHODS)} or a pr_<variant>"
+        )
 
 
 def execute(config: object, out: Path, *, progress: bool = True, role: str | None = None) -> int:
