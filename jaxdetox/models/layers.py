@@ -232,18 +232,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-# The MLP nonlinearity recomputed in the backward pass (`jax.checkpoint`): its VJP then keeps
-# only its input and output. Differentiated as is, the tanh-GELU saves 5 more [B, T, F]
-# intermediates per layer (x², tanh, 1 − tanh², ...), SwiGLU's silu(gate)·up 2 more; for a
-# GPT-2-small step at B·T = 1024 that was 0.58 GB of the 3.1 GB of temporaries, and the
-# recomputation is a few elementwise ops per element against 2·D FLOPs of matmul.
-# prevent_cse=False: the layers run inside `lax.scan`, where CSE cannot undo the remat.
+# The dense MLP's nonlinearity recomputed in the backward pass (`jax.checkpoint`): its VJP then
+# keeps only its input and output. Differentiated as is, the tanh-GELU saves 5 more [B, T, F]
+# intermediates per layer (x², tanh, 1 − tanh², ...); for a GPT-2-small step at B·T = 1024
+# that was 0.58 GB of the 3.1 GB of temporaries, and the recomputation is a few elementwise
+# ops per element against 2·D FLOPs of matmul. prevent_cse=False: the layers run inside
+# `lax.scan`, where CSE cannot undo the remat. The gated MLP (SwiGLU) is left as is: it saves
+# only 2 more arrays, and checkpointing it raised XLA's temporaries of a sharded NADO step
+# (tests/test_memory_plan.py, 2×2×2 mesh: 1.73 -> 2.30 MB, the planner's margin exceeded).
 RECOMPUTED_ACTIVATIONS = {
     name: jax.checkpoint(fn, prevent_cse=False) for name, fn in ACTIVATIONS.items()
-}
-RECOMPUTED_GLU = {
-    name: jax.checkpoint(lambda gate, up, fn=fn: fn(gate) * up, prevent_cse=False)
-    for name, fn in ACTIVATIONS.items()
 }
 
 
@@ -269,7 +267,7 @@ class GatedMLP(nnx.Module):
             gate_btf = gate_btf + self.gate_bias[...].astype(dt)
             up_btf = up_btf + self.up_bias[...].astype(dt)
         hidden_btf = constrain(
-            RECOMPUTED_GLU[self.config.hidden_act](gate_btf, up_btf), ("batch", "length", "mlp")
+            ACTIVATIONS[self.config.hidden_act](gate_btf) * up_btf, ("batch", "length", "mlp")
         )
         y_btd = jnp.einsum("BTF,FD->BTD", hidden_btf, self.down[...].astype(dt))
         return y_btd + self.down_bias[...].astype(dt) if bias else y_btd
