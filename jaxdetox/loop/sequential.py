@@ -1,6 +1,7 @@
-"""The sequential scheme: iteration i = sample S_i from LLM_{i−1} → label S_i → train NADO_i
-(from NADO_{i−1}) on S_i → fine-tune LLM_i (from LLM_{i−1}) with the teacher reference ⊕
-NADO_i; then export the last LLM and NADO.
+"""The stages of an iteration, shared by both schemes (their data flow: `flow.plan_stages`;
+who runs them where: `placement.py`): sample S_s from some LLM_j → label S_s → train NADO_i
+(from NADO_k) on S_s → fine-tune LLM_i (from LLM_{i−1}) with the teacher reference ⊕ NADO;
+evaluate; export the last LLM and NADO.
 
 Rerunning the same command resumes: a stage whose manifest record is `done` is skipped (its
 artefact is restored when a later stage needs it), an unfinished sampling / labelling stage
@@ -209,10 +210,3 @@ def evaluate(exp: Experiment, version: int) -> None:
     from jaxdetox.loop.evaluation import evaluate_version
 
     run_stage(exp, version, "eval", {"lm": version}, lambda: evaluate_version(exp, version))
-
-
-def run_sequential(exp: Experiment) -> None:
-    """All iterations of the sequential scheme on one mesh, evaluations, then the export."""
-    from jaxdetox.loop.placement import run_colocated
-
-    run_colocated(exp)
