@@ -57,15 +57,23 @@ def append_text(path: PathLike, text: str) -> None:
     path.write_text(before + text)
 
 
-def copy_tree(src: PathLike, dst: PathLike) -> None:
-    """Copy the files under `src` to `dst` (any epath backends on either side)."""
+def copy_tree(src: PathLike, dst: PathLike, *, link: bool = False) -> None:
+    """Copy the files under `src` to `dst` (any epath backends on either side); `link`: hard
+    links where both sides are on one local filesystem (no second copy on disk)."""
     src, dst = as_path(src), as_path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for child in src.iterdir():
+        target = dst / child.name
         if child.is_dir():
-            copy_tree(child, dst / child.name)
-        else:
-            (dst / child.name).write_bytes(child.read_bytes())
+            copy_tree(child, target, link=link)
+            continue
+        if link and is_local(child) and is_local(target):
+            if target.exists() and os.path.samefile(child, target):
+                continue  # linked by an earlier call
+            with contextlib.suppress(OSError):  # another filesystem: copied below
+                os.link(child, target)
+                continue
+        target.write_bytes(child.read_bytes())
 
 
 def local_file(path: PathLike) -> epath.Path:

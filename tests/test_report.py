@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from jaxdetox.cli import main
+from jaxdetox.loop.rundir import read_manifest
 from tests._tiny_run import save_tiny_model
 
 
@@ -107,8 +108,18 @@ def test_smoke_demo_end_to_end(tmp_path):
     args = ["demo", "--preset", "smoke", "--model", str(model), "--out", str(out), "--no-progress"]
     assert main(args) == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in rows] == ["base", "pr_sequential"]
+    assert [r["method"] for r in rows] == ["base", "pr_sequential", "nado_decoding"]
     assert all(np.isfinite(r["perplexity"]) and r["expected_max_toxicity"] >= 0 for r in rows)
+    # nado_decoding adopted the method's samples, labels and NADO_1 and ran only its eval.
+    method, baseline = read_manifest(out / "run"), read_manifest(out / "nado_decoding")
+    assert [(r["iteration"], r["stage"]) for r in baseline] == [
+        (1, "sample"), (1, "label"), (1, "train_nado"), (1, "eval")
+    ]  # fmt: skip
+    assert all(r["outputs"]["adopted_from"] == str(out / "run") for r in baseline[:3])
+    assert [r["inputs"] for r in baseline[:3]] == [r["inputs"] for r in method[1:4]]
+    assert baseline[3]["inputs"] == {"lm": 0, "nado": 1}
+    linked = out / "nado_decoding" / "iter_001" / "train_nado"
+    assert any(f.stat().st_nlink > 1 for f in linked.rglob("*") if f.is_file())
     assert (out / "report.md").exists() and list(out.glob("*.png"))
     hf = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")

@@ -3,10 +3,18 @@
 Evaluates the base model on the built-in held-out prompts, runs the regularised fine-tuning
 loop (sample → label → train NADO → fine-tune), evaluates again, and writes
 
-    DIR/report.md, DIR/results.json, DIR/*.png   the table (rows base, pr_sequential), plots
+    DIR/report.md, DIR/results.json, DIR/*.png   the table (rows base, pr_sequential,
+                                                  nado_decoding), plots
     DIR/model/                                    the fine-tuned LLM (HF checkpoint + tokenizer)
     DIR/nado/                                     the NADO
     DIR/run/                                      the run directory (manifest, metrics, ...)
+    DIR/nado_decoding/                            the nado_decoding baseline's run directory
+
+The `nado_decoding` row samples from the frozen base model guided by the run's NADO
+(α = the fine-tuning's α), on the same held-out prompts: the same target distribution reached
+at decoding time instead of by fine-tuning. Its samples, labels and NADO are the method's
+first iteration's (same config and seed), adopted rather than recomputed; only its guided
+evaluation runs (`--no-nado-decoding` skips it).
 
 Rerunning resumes. `--preset smoke` is a one-minute version for tests (pass `--model`).
 """
@@ -14,11 +22,11 @@ Rerunning resumes. `--preset smoke` is a one-minute version for tests (pass `--m
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 PRESETS = ("demo", "smoke")
 
@@ -34,19 +42,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model path instead of the preset's")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-nado-decoding", action="store_true", help="skip the nado_decoding row"
+    )  # fmt: skip
     p.set_defaults(func=run)
+
+
+# The stages of nado_decoding's iteration 1 that are the method's by construction: samples of
+# the base model on block 0, their labels, NADO_1 from NADO_0 on them.
+SHARED_STAGES = ((1, "sample"), (1, "label"), (1, "train_nado"))
 
 
 def _publish(src: Path, dst: Path) -> None:
     """`dst` gets the files of `src` (hard links where possible: no second copy on disk)."""
+    from jaxdetox import fileio
+
     if dst.exists():
         shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
+    fileio.copy_tree(src, dst, link=True)
+
+
+def nado_decoding_config(config: Any) -> Any:
+    """The demo's config as the `nado_decoding` baseline: one iteration, guided by NADO_1
+    with the fine-tuning's α; the base model is evaluated by the method's run already."""
+    from jaxdetox.config import config_from_dict
+
+    data = config.model_dump(mode="json")
+    data["method"] = "nado_decoding"
+    data["loop"]["iterations"] = 1
+    data["eval"]["base"] = False
+    data["baseline"]["alpha"] = config.finetune.alpha
+    return config_from_dict(data, "demo (nado_decoding)")
+
+
+def run_nado_decoding(config: Any, run_dir: Path, out: Path, progress: bool) -> Path:
+    """The nado_decoding baseline in `out`, adopting the method's shared stages from `run_dir`."""
+    from jaxdetox.commands.run import execute
+    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.loop.session import open_run
+
+    baseline = nado_decoding_config(config)
+    ours = open_run(baseline, out)
+    for iteration, stage in SHARED_STAGES:
+        ours.adopt(RunDir(run_dir), iteration, stage)
+    execute(baseline, out, progress=progress)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     execute(config, run_dir, progress=not args.no_progress)
     _publish(run_dir / "final" / "model", args.out / "model")
     _publish(run_dir / "final" / "nado", args.out / "nado")
-    table = write_report([run_dir], args.out)
+    runs = [run_dir]
+    if not args.no_nado_decoding:
+        nado_dir = args.out / "nado_decoding"
+        runs.append(run_nado_decoding(config, run_dir, nado_dir, not args.no_progress))
+    table = write_report(runs, args.out)
     minutes = (time.perf_counter() - start) / 60
     print(f"\n{table}")
     print(f"demo finished in {minutes:.1f} min: {args.out / 'report.md'}, plots, "

@@ -211,6 +211,10 @@ class SampleStore:
             raise ValueError(f"iteration must be ≥ 0, got {iteration}")
         return self.root / f"iter_{iteration:04d}"
 
+    def iteration_dir(self, iteration: int) -> epath.Path:
+        """The directory holding `iteration`'s samples, labels and done markers."""
+        return self._iter_dir(iteration)
+
     def _samples_dir(self, iteration: int) -> epath.Path:
         return self._iter_dir(iteration) / "samples"
 

@@ -163,6 +163,37 @@ class RunDir:
             records = sorted([*records, record], key=_stage_key)
             _atomic_write(self.manifest_path, json.dumps(records, indent=2) + "\n")
 
+    def adopt(self, source: RunDir, iteration: int, stage: str) -> bool:
+        """Take over `source`'s finished `stage` of `iteration`: its outputs (hard-linked
+        where possible) and its record, marked `adopted_from`; a rerun of this run then skips
+        the stage. For runs whose first stages are another run's by construction (same
+        config and seed for them). Returns False when this run has the stage already."""
+        record = source.record(iteration, stage)
+        if record is None or record["status"] != "done":
+            raise ValueError(f"{source.root}: {stage} of iteration {iteration} is not done")
+        if self.is_done(iteration, stage):
+            return False
+        if self.writer:
+            if source.stage_dir(iteration, stage).exists():
+                fileio.copy_tree(
+                    source.stage_dir(iteration, stage), self.stage_dir(iteration, stage), link=True
+                )
+            if stage in ("sample", "label"):  # both write into the store's iteration folder
+                from jaxdetox.data.sample_store import SampleStore
+
+                version = record["outputs"].get("samples", record["inputs"].get("samples"))
+                theirs, ours = SampleStore(source.samples), SampleStore(self.samples)
+                fileio.copy_tree(
+                    theirs.iteration_dir(version), ours.iteration_dir(version), link=True
+                )
+        self.update_record(
+            iteration, stage, status="done", inputs=record["inputs"],
+            outputs={**record["outputs"], "adopted_from": str(source.root)},
+            seconds=record["seconds"], role=record["role"], devices=record["devices"],
+            started=record["started"],
+        )  # fmt: skip
+        return True
+
     # ------------------------------------------------------------------ metrics
 
     @property
