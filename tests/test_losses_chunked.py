@@ -175,6 +175,11 @@ def test_shape_errors_name_the_tensor():
         losses.regularized_lm_loss(**{**x, "head": (x["head"][0][:, :3], None)})
     with pytest.raises(ValueError, match="chunk_size"):
         losses.regularized_lm_loss(**x, chunk_size=0)
+    with pytest.raises(ValueError, match=r"regularized_lm_loss: kl_mask_bt must be \[B, T\]"):
+        losses.regularized_lm_loss(**{**x, "kl_mask_bt": x["mask_bt"][:, :, None]})
+    guided = {k: x[k] for k in ("h_ref_btd", "ref_head", "nado_head", "targets_bt", "mask_bt")}
+    with pytest.raises(ValueError, match=r"chunked_guided_nll: h_nado_btd must be \[B, T, D\]"):
+        losses.chunked_guided_nll(**guided, h_nado_btd=x["h_nado_btd"][:1])
 
 
 def test_default_chunk_size():

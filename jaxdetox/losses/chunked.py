@@ -87,10 +87,17 @@ def default_chunk_size(hidden_size: int) -> int:
     return int(min(MAX_CHUNK, max(MIN_CHUNK, 2 ** int(math.log2(max(hidden_size // 8, 1))))))
 
 
-def _check_tokens(name: str, x: Array, bt: tuple[int, ...], extra: int) -> None:
-    if x.shape[:2] != bt or x.ndim != 2 + extra:
-        want = "[B, T, D]" if extra else "[B, T]"
-        raise ValueError(f"{name} must be {want} with B, T = {bt}, got shape {x.shape}")
+def _check_tokens(where: str, hidden: dict[str, Array], per_token: dict[str, Array]) -> None:
+    """Every `hidden` array is [B, T, D] and every `per_token` one [B, T], with one B, T
+    (the first hidden array's); the error names `where` and the argument."""
+    bt = next(iter(hidden.values())).shape[:2]
+    for extra, arrays in ((1, hidden), (0, per_token)):
+        for name, x in arrays.items():
+            if x.shape[:2] != bt or x.ndim != 2 + extra:
+                want = "[B, T, D]" if extra else "[B, T]"
+                raise ValueError(
+                    f"{where}: {name} must be {want} with B, T = {bt}, got shape {x.shape}"
+                )
 
 
 def chunk_layout(b: int, t: int, d: int, chunk_size: int | None) -> tuple[int, int, int]:
@@ -206,14 +213,12 @@ def regularized_lm_loss(
     tokens per step (whole time steps of the batch; default `default_chunk_size(D)`); T need
     not be divisible.
     """
-    bt = h_btd.shape[:2]
-    _check_tokens("regularized_lm_loss: h_btd", h_btd, bt, 1)
-    _check_tokens("regularized_lm_loss: h_ref_btd", h_ref_btd, bt, 1)
-    _check_tokens("regularized_lm_loss: h_nado_btd", h_nado_btd, bt, 1)
-    _check_tokens("regularized_lm_loss: targets_bt", targets_bt, bt, 0)
     mask, kl_mask = _masks(mask_bt, kl_mask_bt)
-    _check_tokens("regularized_lm_loss: mask_bt", mask, bt, 0)
-    _check_tokens("regularized_lm_loss: kl_mask_bt", kl_mask, bt, 0)
+    _check_tokens(
+        "regularized_lm_loss",
+        {"h_btd": h_btd, "h_ref_btd": h_ref_btd, "h_nado_btd": h_nado_btd},
+        {"targets_bt": targets_bt, "mask_bt": mask, "kl_mask_bt": kl_mask},
+    )
 
     head = _accumulating(head)
 
@@ -261,10 +266,8 @@ def chunked_nll(
 
     Same chunking as `regularized_lm_loss`; use it when λ = 0.
     """
-    bt = h_btd.shape[:2]
-    _check_tokens("chunked_nll: h_btd", h_btd, bt, 1)
-    _check_tokens("chunked_nll: targets_bt", targets_bt, bt, 0)
     mask = jnp.asarray(mask_bt) != 0
+    _check_tokens("chunked_nll", {"h_btd": h_btd}, {"targets_bt": targets_bt, "mask_bt": mask})
 
     head = _accumulating(head)
 
@@ -287,10 +290,12 @@ def chunked_guided_nll(
 ) -> Array:
     """Per-token −log q(y_t+1 | y_≤t) of the guided distribution q = guided(reference, NADO)
     (NADO-guided decoding's model), in token chunks; no gradient is meant to flow."""
-    bt = h_ref_btd.shape[:2]
-    _check_tokens("chunked_guided_nll: h_nado_btd", h_nado_btd, bt, 1)
-    _check_tokens("chunked_guided_nll: targets_bt", targets_bt, bt, 0)
     mask = jnp.asarray(mask_bt) != 0
+    _check_tokens(
+        "chunked_guided_nll",
+        {"h_ref_btd": h_ref_btd, "h_nado_btd": h_nado_btd},
+        {"targets_bt": targets_bt, "mask_bt": mask},
+    )
 
     def chunk(h_ref: Array, h_nado: Array, tgt: Array, m: Array) -> tuple[Array]:
         log_q = guided_log_probs(
@@ -347,12 +352,13 @@ def nado_losses(
     token chunks like `regularized_lm_loss`; `consistency=None` skips it. The base LM
     (`h_base_btd`, `base_head`) is frozen; gradients reach the NADO hidden states and head.
     """
-    bt = h_nado_btd.shape[:2]
-    _check_tokens("nado_losses: h_nado_btd", h_nado_btd, bt, 1)
-    _check_tokens("nado_losses: h_base_btd", h_base_btd, bt, 1)
-    _check_tokens("nado_losses: targets_bt", targets_bt, bt, 0)
     mask = jnp.asarray(mask_bt) != 0
-    _check_tokens("nado_losses: mask_bt", mask, bt, 0)
+    _check_tokens(
+        "nado_losses",
+        {"h_nado_btd": h_nado_btd, "h_base_btd": h_base_btd},
+        {"targets_bt": targets_bt, "mask_bt": mask},
+    )
+    bt = h_nado_btd.shape[:2]
     labels_bt = jnp.broadcast_to(upcast(labels_b)[:, None], bt)
     nado_head = _accumulating(nado_head)
     targets = jnp.where(mask, targets_bt, 0)
