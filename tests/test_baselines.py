@@ -115,15 +115,26 @@ def test_base_and_sft_only(model_dir, tmp_path):
 @pytest.mark.slow
 def test_nado_decoding_evaluates_guided_sampling(model_dir, tmp_path):
     out = tmp_path / "nado_decoding"
-    config = _config(model_dir, "nado_decoding", eval={"base": True}, baseline={"alpha": 2.0})
+    # Two iterations, evaluated at the last only: by then NADO_0 is no longer held (and is
+    # never saved), so the guided sampler must not need it.
+    config = _config(
+        model_dir, "nado_decoding", eval={"base": True}, baseline={"alpha": 2.0},
+        loop={"iterations": 2},
+    )  # fmt: skip
     execute(config, out, progress=False)
     flow, records = _stages(out)
     assert flow == [
         (0, "eval", {"lm": 0}),
-        (1, "sample", {"lm": 0}),
-        (1, "label", {"samples": 1}),
-        (1, "train_nado", {"lm": 0, "nado": 0, "samples": 1}),
-        (1, "eval", {"lm": 0, "nado": 1}),
+        *[
+            stage
+            for i in (1, 2)
+            for stage in (
+                (i, "sample", {"lm": 0}),
+                (i, "label", {"samples": i}),
+                (i, "train_nado", {"lm": 0, "nado": i - 1, "samples": i}),
+            )
+        ],
+        (2, "eval", {"lm": 0, "nado": 2}),
     ]
     rows, _ = collect([out])
     assert [r["method"] for r in rows] == ["base", "nado_decoding"]
@@ -132,7 +143,7 @@ def test_nado_decoding_evaluates_guided_sampling(model_dir, tmp_path):
     from jaxdetox.data import SampleStore
 
     store = SampleStore(out / "eval" / "samples")
-    texts = [store.read_samples(v)["completion_text"].to_pylist() for v in (0, 1)]
+    texts = [store.read_samples(v)["completion_text"].to_pylist() for v in (0, 2)]
     assert texts[0] != texts[1]
     assert guided["perplexity"] != base["perplexity"]
     assert (out / "final" / "nado").exists()

@@ -352,7 +352,10 @@ class Experiment:
         from jaxdetox.lm import lm_sampler
 
         lm = self.language_model(self.lm_params(0))
-        return lm_sampler(lm, self.nado_module(self.nado_params(0)))[0]
+        # The module gives the structure only (parameters come with each call), so any held
+        # version serves: NADO_0 is never saved and is dropped once NADO_2 exists.
+        held = next(iter(self._nado.values()))
+        return lm_sampler(lm, self.nado_module(held))[0]
 
     def nado_sampler_params(self, version: int) -> Any:
         """NADO_version's parameters in the form the guided sampler takes."""
