@@ -340,6 +340,11 @@ class LoopSection(Section):
     iterations: int = Field(2, ge=1)
     checkpoint_every: int = Field(50, ge=1, description="train steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
+    keep_stage_checkpoints: bool = Field(
+        False,
+        description="keep a finished training stage's resume checkpoints (optimizer state "
+        "included; the stage's output is its artefact): off, they are deleted once it is done",
+    )
     async_checkpoints: bool = True
     wait_timeout: float = Field(
         86400.0, gt=0, description="split/jobs: seconds a role waits for another's output"

@@ -44,3 +44,13 @@ def test_adopt_links_outputs_and_copies_records(tmp_path):
         target.adopt(source, 1, "finetune")
     with pytest.raises(ValueError, match="eval of iteration 2 is not done"):
         target.adopt(source, 2, "eval")
+
+
+def test_drop_stage_checkpoints_keeps_the_artifact(tmp_path):
+    run = RunDir(tmp_path)
+    stage = run.stage_dir(2, "finetune")
+    for name in ("artifact", "ckpt", "ckpt_extra"):
+        (stage / name / "0").mkdir(parents=True)
+    run.drop_stage_checkpoints(2, "finetune")
+    assert sorted(p.name for p in stage.iterdir()) == ["artifact"]
+    run.drop_stage_checkpoints(3, "finetune")  # no such stage: nothing to do

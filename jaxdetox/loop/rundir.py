@@ -6,7 +6,9 @@
     RUN/metrics.jsonl         one JSON object per logged step
     RUN/tensorboard/          the same scalars as TensorBoard events
     RUN/samples/              the sample store (every iteration's samples and labels)
-    RUN/iter_003/train_nado/  orbax checkpoints of a training stage
+    RUN/iter_003/train_nado/  a training stage's output (artifact/) and, while it runs, its
+                              resume checkpoints (ckpt*/: deleted once the stage is done,
+                              unless loop.keep_stage_checkpoints)
     RUN/final/model/          the final LLM as an HF checkpoint; RUN/final/nado/ the NADO
 
 Stage `inputs` name the iteration whose artefact the stage consumed: `lm` (0 = the base
@@ -162,6 +164,15 @@ class RunDir:
             records = [r for r in own if (r["iteration"], r["stage"]) != (iteration, stage)]
             records = sorted([*records, record], key=_stage_key)
             _atomic_write(self.manifest_path, json.dumps(records, indent=2) + "\n")
+
+    def drop_stage_checkpoints(self, iteration: int, stage: str) -> None:
+        """Delete a finished stage's resume checkpoints (`ckpt*/`: parameters + optimizer
+        state every `checkpoint_every` steps); its artefact and records stay."""
+        if not self.writer or not self.stage_dir(iteration, stage).exists():
+            return
+        for path in self.stage_dir(iteration, stage).glob("ckpt*"):
+            if path.is_dir():
+                path.rmtree()
 
     def adopt(self, source: RunDir, iteration: int, stage: str) -> bool:
         """Take over `source`'s finished `stage` of `iteration`: its outputs (hard-linked

@@ -78,6 +78,8 @@ def run_stage(
         iteration, stage, status="done", inputs=inputs, outputs=outputs,
         seconds=time.perf_counter() - start, **where,
     )  # fmt: skip
+    if not exp.config.loop.keep_stage_checkpoints:
+        run.drop_stage_checkpoints(iteration, stage)
     return True
 
 
