@@ -32,19 +32,23 @@ def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path |
     runs = [s for s in summaries if len(s["curve"]) >= 1]
     if not runs:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for s in runs:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    colors = plt.get_cmap("tab20").colors
+    for i, s in enumerate(runs):
         its = [p["iteration"] for p in s["curve"]]
+        # a λ sweep's runs share the method: name them by their folder (lambda_<λ>)
+        label = Path(str(s["run"])).name if s["method"] == "lambda_sweep" else s["method"]
         for ax, key in zip(axes, ("mean_toxicity", "expected_max_toxicity")):
-            ax.plot(its, [p[key] for p in s["curve"]], marker="o", label=s["method"])
+            ax.plot(its, [p[key] for p in s["curve"]], marker="o", label=label,
+                    color=colors[i % len(colors)])  # fmt: skip
     for ax, title in zip(axes, ("Mean toxicity", "Expected max toxicity")):
         ax.set_xlabel("iteration (0 = base model)")
         ax.set_ylabel(title.lower())
         ax.set_title(f"{title} on held-out prompts")
         ax.grid(alpha=0.3)
-        ax.legend()
         ax.set_ylim(bottom=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # one, beside
     return _save(fig, out / "toxicity_per_iteration.png")
 
 
@@ -53,17 +57,22 @@ def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None
     rows = [r for r in rows if r.get("perplexity") and r.get("mean_toxicity") is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        label = r["method"] + (f" (λ={r['kl_weight']})" if r.get("kl_weight") is not None else "")
-        ax.scatter(r["perplexity"], r["mean_toxicity"], s=60, label=label)
-        ax.annotate(r["method"], (r["perplexity"], r["mean_toxicity"]), xytext=(5, 5),
-                    textcoords="offset points", fontsize=9)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.get_cmap("tab20").colors  # distinct for up to 20 rows (tab10 repeats at 11)
+    for i, r in enumerate(rows):
+        swept = r["method"] == "lambda_sweep" and r.get("kl_weight") is not None
+        name = r["method"] + (f" λ={r['kl_weight']:g}" if swept else "")
+        weighted = r.get("kl_weight") is not None and not swept
+        label = name + (f" (λ={r['kl_weight']:g})" if weighted else "")
+        point = (r["perplexity"], r["mean_toxicity"])
+        ax.scatter(*point, s=60, color=colors[i % len(colors)], label=label)
+        ax.annotate(name, point, xytext=(5, 5), textcoords="offset points", fontsize=9)
     ax.set_xlabel("perplexity on held-out clean text")
     ax.set_ylabel("mean toxicity of generations")
     ax.set_title("Toxicity vs fluency (lower-left is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points
     return _save(fig, out / "toxicity_vs_perplexity.png")
 
 
