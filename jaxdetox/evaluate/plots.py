@@ -27,13 +27,18 @@ STAGE_COLORS = {
 }
 
 
+def _palette(n: int) -> tuple:
+    """Distinct colours for n series: tab10 (strong) up to 10, tab20 (paired shades) above."""
+    return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+
+
 def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     """Mean and expected maximum toxicity of each run's evaluated LLM versions."""
     runs = [s for s in summaries if len(s["curve"]) >= 1]
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    colors = plt.get_cmap("tab20").colors
+    colors = _palette(len(runs))
     for i, s in enumerate(runs):
         its = [p["iteration"] for p in s["curve"]]
         # a λ sweep's runs share the method: name them by their folder (lambda_<λ>)
@@ -58,7 +63,7 @@ def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.get_cmap("tab20").colors  # distinct for up to 20 rows (tab10 repeats at 11)
+    colors = _palette(len(rows))
     for i, r in enumerate(rows):
         swept = r["method"] == "lambda_sweep" and r.get("kl_weight") is not None
         name = r["method"] + (f" λ={r['kl_weight']:g}" if swept else "")
@@ -101,7 +106,7 @@ def iteration_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     bars = [(s, it, w) for s in summaries for it, w in s.get("walls", {}).items()]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(bars) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4))
     x = range(len(bars))
     width = 0.28
     for offset, key, label in ((-width, "sum", "sum of stages"), (0.0, "wall", "wall time"),
@@ -112,7 +117,7 @@ def iteration_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
         [f"{s['method']} ({s['placement']})\niter {it}" for s, it, _ in bars], fontsize=8
     )
     ax.set_ylabel("seconds")
-    ax.set_title("Iteration time: sequential cost vs measured vs ideal overlap")
+    ax.set_title("Iteration time: sum of stages, measured wall, slowest stage", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "iteration_times.png")
