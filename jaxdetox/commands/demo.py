@@ -82,9 +82,9 @@ def run_nado_decoding(config: Any, run_dir: Path, out: Path, progress: bool) -> 
     from jaxdetox.loop.session import open_run
 
     baseline = nado_decoding_config(config)
-    ours = open_run(baseline, out)
+    ours, method = open_run(baseline, out), RunDir(run_dir)
     for iteration, stage in SHARED_STAGES:
-        ours.adopt(RunDir(run_dir), iteration, stage)
+        ours.adopt(method, iteration, stage)
     execute(baseline, out, progress=progress)
     return out
 

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from jaxdetox.evaluate.runs import row_names  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
@@ -39,10 +41,9 @@ def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path |
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     colors = _palette(len(runs))
-    for i, s in enumerate(runs):
+    names = row_names([s["rows"][-1] for s in runs])  # a run's last row is its method's
+    for i, (s, label) in enumerate(zip(runs, names)):
         its = [p["iteration"] for p in s["curve"]]
-        # a λ sweep's runs share the method: name them by their folder (lambda_<λ>)
-        label = Path(str(s["run"])).name if s["method"] == "lambda_sweep" else s["method"]
         for ax, key in zip(axes, ("mean_toxicity", "expected_max_toxicity")):
             ax.plot(its, [p[key] for p in s["curve"]], marker="o", label=label,
                     color=colors[i % len(colors)])  # fmt: skip
@@ -64,11 +65,11 @@ def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = _palette(len(rows))
-    for i, r in enumerate(rows):
-        swept = r["method"] == "lambda_sweep" and r.get("kl_weight") is not None
-        name = r["method"] + (f" λ={r['kl_weight']:g}" if swept else "")
-        weighted = r.get("kl_weight") is not None and not swept
-        label = name + (f" (λ={r['kl_weight']:g})" if weighted else "")
+    for i, (r, name) in enumerate(zip(rows, row_names(rows))):
+        # the legend gives every λ; the labels on the points only where rows share a method
+        label = (
+            name if "λ" in name or r.get("kl_weight") is None else f"{name} (λ={r['kl_weight']:g})"
+        )
         point = (r["perplexity"], r["mean_toxicity"])
         ax.scatter(*point, s=60, color=colors[i % len(colors)], label=label)
         ax.annotate(name, point, xytext=(5, 5), textcoords="offset points", fontsize=9)

@@ -218,6 +218,18 @@ def iteration_time_markdown(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def row_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's display name: its method, plus `(λ=…)` where several rows share the method
+    (a λ sweep's runs); the table and the plots name rows alike."""
+    methods = [r["method"] for r in rows]
+    return [
+        f"{r['method']} (λ={r['kl_weight']:g})"
+        if methods.count(r["method"]) > 1 and r.get("kl_weight") is not None
+        else r["method"]
+        for r in rows
+    ]
+
+
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """The paper-shaped table: rows = methods; toxicity, fluency, diversity and time."""
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -228,11 +240,7 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    repeated = {m for m in (r["method"] for r in rows) if [x["method"] for x in rows].count(m) > 1}
-    for r in rows:
-        name = r["method"]
-        if name in repeated and r.get("kl_weight") is not None:
-            name = f"{name} (λ={r['kl_weight']:g})"
+    for r, name in zip(rows, row_names(rows)):
         delta = None
         if base is not None and r is not base and base.get("mean_toxicity"):
             delta = f"{100 * (r['mean_toxicity'] / base['mean_toxicity'] - 1):+.0f}%"

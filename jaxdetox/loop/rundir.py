@@ -37,6 +37,8 @@ from etils.epath import Path
 from jaxdetox import fileio
 
 STAGES = ("sample", "label", "train_nado", "finetune", "eval")
+# A training stage's resume checkpoints: `ckpt/`, and `ckpt_<constraint>/` for further NADOs.
+CHECKPOINTS = "ckpt"
 
 
 _atomic_write = fileio.atomic_write_text  # temp names carry pid + a random suffix
@@ -170,7 +172,7 @@ class RunDir:
         state every `checkpoint_every` steps); its artefact and records stay."""
         if not self.writer or not self.stage_dir(iteration, stage).exists():
             return
-        for path in self.stage_dir(iteration, stage).glob("ckpt*"):
+        for path in self.stage_dir(iteration, stage).glob(f"{CHECKPOINTS}*"):
             if path.is_dir():
                 path.rmtree()
 

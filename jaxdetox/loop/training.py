@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdetox.loop.experiment import Experiment
+from jaxdetox.loop.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.checkpoint import Checkpointer
 from jaxdetox.train.optimizer import OptimizerConfig
@@ -86,7 +87,7 @@ def fit(
     trained: str,
     tokens_per_step: int,
     flops_per_step: float,
-    checkpoint: str = "ckpt",
+    checkpoint: str = CHECKPOINTS,
 ) -> StageResult:
     """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position
     (into the stage directory's `checkpoint` folder)."""
@@ -234,7 +235,7 @@ def train_nado_stage(
         exp, iteration=iteration, stage="train_nado", training=training, step_fn=nado_step,
         step_config=step_config, streams=streams, total_steps=total, trained="nado",
         tokens_per_step=tokens, flops_per_step=fl.total,
-        checkpoint="ckpt" if first else f"ckpt_{constraint.name}",
+        checkpoint=CHECKPOINTS if first else f"{CHECKPOINTS}_{constraint.name}",
     )  # fmt: skip
 
 
