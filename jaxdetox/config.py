@@ -49,7 +49,21 @@ class NadoSection(Section):
     variant: Literal["separate", "shared"] = "separate"
     num_layers: int = Field(2, ge=1, description="layers of a separate NADO body")
     init: Literal["lm", "random"] = Field("lm", description="body from the LM's first layers")
-    head_init: Literal["zeros", "normal"] = "zeros"
+    head: Literal["linear", "factored"] = Field(
+        "linear",
+        description="linear: a free [V, D] head (the authors'); factored: a shared value term "
+        "plus the LM's frozen output embedding E times a learned map W of the features "
+        "(docs/method.md, NADO heads)",
+    )
+    head_rank: int = Field(0, ge=0, description="factored: rank of W (0 = full D×D)")
+    head_init: Literal["zeros", "normal"] = Field(
+        "zeros", description="linear head's weight (zeros: R = σ(bias) everywhere at the start)"
+    )
+    bias_init: Literal["zeros", "label_mean"] = Field(
+        "zeros",
+        description="the head's bias when NADO_1 starts from the initial NADO: zeros (R = 0.5 "
+        "for every token never sampled) or logit of the mean training label (the base rate)",
+    )
 
 
 class PromptsSection(Section):
@@ -155,6 +169,29 @@ class TrainNadoSection(Section):
     consistency_weight: float = Field(0.0, ge=0)
     importance_weights: bool = False
     optimizer: OptimizerSection = OptimizerSection()
+    head_learning_rate: float | None = Field(
+        None, ge=0, description="peak learning rate of the head's parameters (None: optimizer's)"
+    )
+    head_weight_decay: float | None = Field(
+        None, ge=0, description="weight decay of the head's parameters (None: optimizer's)"
+    )
+    heldout_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of the iteration's prompts (all their samples) held out of NADO "
+        "training to measure its quality (nado_quality) and to stop early; 0: none",
+    )
+    early_stopping: bool = Field(
+        False, description="stop when the held-out BCE has not improved for `patience` epochs"
+    )
+    patience: int = Field(1, ge=1, description="early_stopping: epochs without improvement")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_heldout(self) -> TrainNadoSection:
+        if self.early_stopping and self.heldout_fraction == 0:
+            raise ValueError("train_nado.early_stopping needs train_nado.heldout_fraction > 0")
+        return self
 
 
 class LoraSection(Section):

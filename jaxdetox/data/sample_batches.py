@@ -151,9 +151,10 @@ def host_batches(
     drop_remainder: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> grain.IterDataset:
     """Fixed-shape numpy batches of this host's share of `arrays` (a grain dataset; see
-    `SampleStore.batches`)."""
+    `SampleStore.batches`), of every row or only of `rows`."""
     import grain
 
     from jaxdetox.data.corpora import host_info
@@ -161,8 +162,9 @@ def host_batches(
     process_index, process_count = host_info(process_index, process_count)
     # Every host gets the same number of rows (-1 = a padding row) and so the same number
     # of batches: hosts that ran out early would leave the others waiting in a collective.
-    per_host = -(-arrays.num_rows // process_count)
-    mine = np.arange(arrays.num_rows)[process_index::process_count]
+    rows = np.arange(arrays.num_rows) if rows is None else np.asarray(rows, np.int64)
+    per_host = -(-len(rows) // process_count)
+    mine = rows[process_index::process_count]
     mine = np.concatenate([mine, np.full(per_host - len(mine), -1)])
     rows = grain.MapDataset.source(mine)
     if shuffle:

@@ -508,12 +508,14 @@ class SampleStore:
         completion_len: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        rows: np.ndarray | None = None,
     ) -> grain.IterDataset:
         """Fixed-shape numpy batches of this host's share of `iteration` (a grain dataset:
         `iter()` it; its iterator state is checkpointable like the corpus pipeline's).
 
         `batch_size` is per host; all hosts get the same number of batches. Without
         `drop_remainder` the last batch is filled with padding rows marked `valid_b=False`.
+        `rows`: only these row indices of the iteration (e.g. a training split).
         """
         arrays = self.arrays(
             iteration, oracle=oracle, prompt_len=prompt_len, completion_len=completion_len
@@ -527,4 +529,5 @@ class SampleStore:
             drop_remainder=drop_remainder,
             process_index=process_index,
             process_count=process_count,
+            rows=rows,
         )

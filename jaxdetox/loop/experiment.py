@@ -141,11 +141,14 @@ class Experiment:
             config.nado.variant,
             num_layers=config.nado.num_layers,
             head_init=config.nado.head_init,
+            head=config.nado.head,
+            head_rank=config.nado.head_rank,
         )
         initial_nado = init_nado(
             self.nado_config,
             config.seed,
             lm_model=base.model if config.nado.init == "lm" else None,
+            output_embedding=base.model.unembed_weights()[0],
             mesh=self.mesh,
         )
         self.nado_graph, self.nado_abstract, nado_params = split_params(initial_nado)

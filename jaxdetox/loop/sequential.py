@@ -142,6 +142,8 @@ def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
         "compiles": result.compile_count,
         "artifact": artifact,
         **{k: result.last_metrics[k] for k in keep if k in result.last_metrics},
+        **({"validation": result.validation} if result.validation is not None else {}),
+        **({"nado_quality": result.quality} if result.quality is not None else {}),
     }
 
 
@@ -161,6 +163,8 @@ def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int)
             exp.save_artifact(iteration, "train_nado", result.params, inputs, name=name)
             exp.keep("nado", iteration, result.params, constraint=c.name)
             outputs[f"nado/bce/{c.name}"] = result.last_metrics.get("nado/bce")
+            if result.quality is not None:
+                outputs[f"nado_quality_{c.name}"] = result.quality
         return outputs
 
     inputs = {"lm": 0, "nado": nado_version, "samples": samples}

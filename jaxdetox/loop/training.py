@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from jaxdetox.train.setup import Training, make_training
 from jaxdetox.train.state import abstract_like
 from jaxdetox.train.steps import StepConfig, StreamLoss, lm_step, nado_step
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class StageResult:
@@ -41,6 +44,30 @@ class StageResult:
     last_metrics: dict[str, float]
     resumed_from: int
     compile_count: int
+    # With a `Validation`: best value, its step, evaluations without improvement, stopped early.
+    validation: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None  # train_nado: `evaluate.nado_quality` figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """A held-out evaluation of a training stage every `every` steps (an epoch) and after its
+    last step; with `patience` the stage stops once that many evaluations in a row did not
+    improve on the best, and its result is the best evaluation's parameters."""
+
+    every: int
+    evaluate: Callable[[Any], float]  # train state -> held-out loss (lower is better)
+    metric: str
+    patience: int | None = None
+
+
+def _record_validation(progress: dict[str, Any], value: float, step: int) -> bool:
+    """Update `progress` (best, best_step, bad) with an evaluation; True if it improved."""
+    if progress["best"] is None or value < progress["best"]:
+        progress.update(best=value, best_step=step, bad=0)
+        return True
+    progress["bad"] += 1
+    return False
 
 
 class Streams:
@@ -88,9 +115,11 @@ def fit(
     tokens_per_step: int,
     flops_per_step: float,
     checkpoint: str = CHECKPOINTS,
+    validation: Validation | None = None,
 ) -> StageResult:
     """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position
-    (into the stage directory's `checkpoint` folder)."""
+    (into the stage directory's `checkpoint` folder); `validation` evaluates (and may stop)
+    the stage at every epoch's end."""
     run, loop = exp.run, exp.config.loop
     state = training.state
     # One runner per stage kind and shape of work: later iterations reuse its executables
@@ -109,6 +138,12 @@ def fit(
         keep=loop.keep_checkpoints,
         async_save=loop.async_checkpoints,
     )
+    stage_dir = run.stage_dir(iteration, stage)
+    early_stopping = validation is not None and validation.patience is not None
+    # The best parameters so far (early stopping), saved whenever an evaluation improves.
+    best = Checkpointer(stage_dir / f"{checkpoint}_best", keep=1, async_save=False) if (
+        early_stopping) else None  # fmt: skip
+    progress: dict[str, Any] = {"best": None, "best_step": None, "bad": 0, "stopped": False}
     start = 0
     if ckpt.latest_step() is not None:
         target = abstract_like(getattr(state, trained), getattr(training.shardings, trained))
@@ -116,17 +151,21 @@ def fit(
         state = state.replace(**{trained: part})
         streams.set_state(data_state)
         start = int(meta["step"])
+        progress = meta.get("validation", progress)
         run.truncate_metrics(iteration, stage, start)
     peak, _ = flops_lib.device_peak_flops()
     if exp.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
         peak *= exp.mesh.size
     last: dict[str, float] = {}
+    done = start
     bar = tqdm(
         total=total_steps, initial=start, desc=f"iter {iteration} {stage}", unit="step",
         disable=not exp.progress,
     )  # fmt: skip
     with bar:
         for step in range(start, total_steps):
+            if progress["stopped"]:
+                break
             batch = next(streams)
             t0, compile_before = time.perf_counter(), runner.compile_seconds
             state, metrics = runner(state, batch)
@@ -137,20 +176,45 @@ def fit(
                 "tokens_per_second": tokens_per_step / seconds,
                 "mfu": flops_per_step / seconds / peak,
             }
-            run.log(iteration, stage, step + 1, metrics)
+            done = step + 1
+            evaluated = validation is not None and (
+                done % validation.every == 0 or done == total_steps
+            )
+            if evaluated:
+                value = float(validation.evaluate(state))
+                metrics[validation.metric] = value
+                if _record_validation(progress, value, done) and best is not None:
+                    best.save(done, getattr(state, trained).params)
+                if early_stopping and progress["bad"] >= validation.patience:
+                    progress["stopped"] = True
+            run.log(iteration, stage, done, metrics)
             last = metrics
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens_per_step / seconds:.0f}", **_headline(metrics))
-            if (step + 1) % loop.checkpoint_every == 0 or step + 1 == total_steps:
+            # Early stopping checkpoints every evaluation: a resume must know the best so far.
+            if (
+                done % loop.checkpoint_every == 0
+                or done == total_steps
+                or (early_stopping and evaluated)
+            ):
                 ckpt.save(
-                    step + 1,
+                    done,
                     getattr(state, trained),
                     data_state=streams.get_state(),
-                    meta={"step": step + 1, "iteration": iteration, "stage": stage},
-                )
+                    meta={"step": done, "iteration": iteration, "stage": stage,
+                          "validation": progress},
+                )  # fmt: skip
     ckpt.close()
     params = getattr(state, trained).params
-    return StageResult(params, total_steps, last, start, runner.compile_count)
+    if best is not None and progress["best_step"] not in (None, done):
+        shardings = getattr(training.shardings, trained).params
+        params = best.restore(abstract_like(params, shardings))[0]
+    if best is not None:
+        best.close()
+    return StageResult(
+        params, done, last, start, runner.compile_count,
+        validation=None if validation is None else dict(progress),
+    )  # fmt: skip
 
 
 def _headline(metrics: dict[str, float]) -> dict[str, str]:
@@ -170,6 +234,7 @@ def _sample_batches(
     epochs: int,
     seed: int,
     label_name: str | None = None,
+    rows: np.ndarray | None = None,
 ):
     hosts = jax.process_count()
     if batch_size % hosts:
@@ -182,6 +247,7 @@ def _sample_batches(
         num_epochs=epochs,
         prompt_len=exp.prompt_len,
         completion_len=exp.completion_len,
+        rows=rows,
     )
 
 
@@ -195,20 +261,42 @@ def train_nado_stage(
 ) -> StageResult:
     """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
     reference (the model R decomposes for the consistency term) is the base LLM. `constraint`
-    (an `Experiment.constraints` entry; default the first) picks the labels and the NADO."""
-    cfg = exp.config.train_nado
+    (an `Experiment.constraints` entry; default the first) picks the labels and the NADO.
+
+    `train_nado.heldout_fraction` of the prompts (all their samples) is held out: the NADO's
+    held-out BCE is evaluated after every epoch (and stops the stage with `early_stopping`),
+    and its quality figures (`evaluate.nado_quality`) are the result's `quality`.
+    """
+    from jaxdetox.evaluate.nado_quality import heldout_split
+
+    cfg, conf = exp.config.train_nado, exp.config
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
-    num_rows = exp.store.read(samples, constraint.label_name).num_rows
-    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    arrays = exp.store.arrays(
+        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
+        completion_len=exp.completion_len,
+    )  # fmt: skip
+    train_rows, heldout_rows = heldout_split(
+        arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
+    )
+    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
+    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
+    label_mean = float(
+        np.sum((labels_b * tokens_b)[train_rows]) / max(np.sum(tokens_b[train_rows]), 1.0)
+    )
+    epoch_steps = math.ceil(len(train_rows) / cfg.batch_size)
+    total = _steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    start_params = exp.nado_params(nado_version, constraint.name)
+    if nado_version == 0 and conf.nado.bias_init == "label_mean":
+        start_params = _with_bias(start_params, label_mean)
     training = make_training(
         exp.lm_module(exp.lm_params(0)),
-        exp.nado_module(exp.nado_params(nado_version, constraint.name)),
+        exp.nado_module(start_params),
         exp.mesh,
         lm_optimizer=None,
-        nado_optimizer=optimizer_config(cfg.optimizer),
+        nado_optimizer=nado_optimizer_config(cfg),
         nado_steps=total,
-        seed=exp.config.seed + iteration,
+        seed=conf.seed + iteration,
     )
     training = dataclasses.replace(training, state=training.state.replace(lm=None))
     training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
@@ -219,8 +307,8 @@ def train_nado_stage(
         micro_batches=cfg.micro_batches,
     )
     batches = _sample_batches(
-        exp, samples, cfg.batch_size, cfg.epochs, exp.config.seed + iteration,
-        constraint.label_name,
+        exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration,
+        constraint.label_name, rows=train_rows,
     )  # fmt: skip
     streams = Streams(
         {"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"], constraint)}
@@ -231,12 +319,139 @@ def train_nado_stage(
     fl = flops_lib.nado_step_flops(
         exp.lm_config, body, tokens=tokens, seq_len=seq, consistency=cfg.consistency is not None
     )
-    return fit(
+    heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
+    validation = None
+    if len(heldout_rows):
+        validation = Validation(
+            every=epoch_steps, evaluate=heldout.bce, metric="nado/heldout_bce",
+            patience=cfg.patience if cfg.early_stopping else None,
+        )  # fmt: skip
+    initial = training.state  # before any update: the reference for the rows training moves
+    initial_probe = heldout.probe_logits(initial) if len(heldout_rows) else None
+    result = fit(
         exp, iteration=iteration, stage="train_nado", training=training, step_fn=nado_step,
         step_config=step_config, streams=streams, total_steps=total, trained="nado",
         tokens_per_step=tokens, flops_per_step=fl.total,
         checkpoint=CHECKPOINTS if first else f"{CHECKPOINTS}_{constraint.name}",
+        validation=validation,
     )  # fmt: skip
+    if len(heldout_rows):
+        trained_state = training.state.replace(
+            nado=training.state.nado.replace(params=result.params)
+        )
+        result.quality = heldout.quality(trained_state, initial_probe, label_mean)
+        if not result.quality["beats_constant"]:
+            logger.warning(
+                "iteration %d: NADO (%s) held-out BCE %.4f does not beat the constant predictor's "
+                "%.4f: its guidance is no better than none (more samples, epochs or another "
+                "nado.head may help)", iteration, constraint.name,
+                result.quality["heldout_bce"], result.quality["constant_bce"],
+            )  # fmt: skip
+    return result
+
+
+def nado_optimizer_config(cfg: Any) -> OptimizerConfig:
+    """The NADO's optimizer: `train_nado.optimizer`, the head in its own parameter group when
+    `head_learning_rate` / `head_weight_decay` are set."""
+    config = optimizer_config(cfg.optimizer)
+    if cfg.head_learning_rate is None and cfg.head_weight_decay is None:
+        return config
+    lr = config.learning_rate if cfg.head_learning_rate is None else cfg.head_learning_rate
+    wd = config.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
+    return dataclasses.replace(config, groups=((r"^head\.", lr, wd),))
+
+
+def _with_bias(params: Any, rate: float) -> Any:
+    """`models.nado.with_uniform_bias`, the new bias placed like the old one."""
+    from jaxdetox.models.nado import with_uniform_bias
+
+    new = with_uniform_bias(params, rate)
+    old_b = params["head"]["b"]
+    new["head"]["b"] = jax.device_put(new["head"]["b"], old_b.sharding)
+    return new
+
+
+def _all_labels(exp: Experiment, arrays: Any, constraint: Any) -> tuple[np.ndarray, np.ndarray]:
+    """NADO labels and label mask of every row of an iteration's `SampleArrays`."""
+    n = arrays.num_rows
+    ok = np.asarray(arrays.ok, bool)
+    batch = {"ok_b": ok, "valid_b": np.ones(n, bool),
+             "toxicity_b": np.where(ok, arrays.toxicity, 0.0).astype(np.float32)}  # fmt: skip
+    out = exp.labels(batch, constraint)
+    return out["labels_b"], out["label_mask_b"]
+
+
+class HeldOut:
+    """The held-out samples of a NADO stage, batched once; evaluates a NADO state on them."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        training: Training,
+        arrays: Any,
+        rows: np.ndarray,
+        batch_size: int,
+        constraint: Any,
+    ) -> None:
+        """Cut `rows` of `arrays` into labelled host batches of `batch_size` (last padded)."""
+        from jaxdetox.train.nado_eval import nado_outputs
+
+        self.batches = [
+            exp.labels(arrays.batch(rows[i : i + batch_size], batch_size), constraint)
+            for i in range(0, len(rows), batch_size)
+        ]
+        self.runner = StepRunner(
+            functools.partial(nado_outputs, models=training.models), exp.mesh,
+            training.shardings, name="nado_heldout", returns_state=False,
+        )  # fmt: skip
+
+    def _outputs(self, state: Any) -> list[dict[str, np.ndarray]]:
+        # Each host feeds its contiguous share of every batch (the global batch is the hosts'
+        # shares in process order); the outputs come back replicated, for the whole batch.
+        hosts, me = jax.process_count(), jax.process_index()
+        outs = []
+        for b in self.batches:
+            share = len(b["valid_b"]) // hosts
+            mine = {k: v[me * share : (me + 1) * share] for k, v in b.items()}
+            out = jax.device_get(self.runner(state, {"samples": mine}))
+            outs.append({k: np.asarray(v) for k, v in out.items()})
+        return outs
+
+    @staticmethod
+    def _weights(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return (batch["loss_mask_bt"] * batch["label_mask_b"][:, None]).astype(np.float64)
+
+    def bce(self, state: Any) -> float:
+        """Token-weighted held-out BCE of the NADO in `state`."""
+        from jaxdetox.evaluate.nado_quality import weighted_bce
+
+        outs = self._outputs(state)
+        logit = np.concatenate([o["token_logit_bt"] for o in outs])
+        weight = np.concatenate([self._weights(b) for b in self.batches])
+        labels = np.concatenate([b["labels_b"] for b in self.batches])
+        return weighted_bce(logit, np.broadcast_to(labels[:, None], logit.shape), weight)
+
+    def probe_logits(self, state: Any) -> np.ndarray:
+        """Full-vocabulary NADO logits at each held-out row's last completion position."""
+        return np.concatenate([o["probe_logits_bv"] for o in self._outputs(state)])
+
+    def quality(self, state: Any, initial_probe: np.ndarray, label_mean: float) -> dict[str, Any]:
+        """`evaluate.nado_quality` figures of the NADO in `state` (JSON-able)."""
+        from jaxdetox.evaluate.nado_quality import nado_quality
+
+        outs = self._outputs(state)
+        probe = np.concatenate([o["probe_logits_bv"] for o in outs])
+        valid = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
+        moved = np.any(
+            ~np.isclose(probe[valid], initial_probe[valid], rtol=1e-5, atol=1e-6), axis=0
+        )
+        return nado_quality(
+            np.concatenate([o["token_logit_bt"] for o in outs]),
+            np.concatenate([b["labels_b"] for b in self.batches]),
+            np.concatenate([self._weights(b) for b in self.batches]),
+            label_mean,
+            moved,
+        ).to_json()
 
 
 def with_all_nados(exp: Experiment, training: Training, nado_version: int) -> Training:

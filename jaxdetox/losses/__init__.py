@@ -19,6 +19,7 @@ from jaxdetox.losses.chunked import (
     naive_nll,
     regularized_lm_loss,
     regularized_lm_loss_naive,
+    selected_head_logits,
 )
 from jaxdetox.losses.fused import FusedLoss, fused_lm_loss
 from jaxdetox.losses.nado import (
@@ -79,6 +80,7 @@ __all__ = [
     "regularized_lm_loss",
     "reinforce_loss",
     "regularized_lm_loss_naive",
+    "selected_head_logits",
     "select_logits",
     "self_normalized_weights",
     "soft_cross_entropy",

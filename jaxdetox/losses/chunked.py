@@ -48,6 +48,7 @@ __all__ = [
     "nado_losses_naive",
     "regularized_lm_loss",
     "regularized_lm_loss_naive",
+    "selected_head_logits",
 ]
 
 Head = tuple[Array, Array | None]
@@ -318,7 +319,7 @@ class NadoLoss(NamedTuple):
     consistency_bt: Array  # Bellman regulariser at t (pairs t with t+1); 0 if disabled
 
 
-def _selected_logits(h: Array, head: Head, targets: Array) -> Array:
+def selected_head_logits(h: Array, head: Head, targets: Array) -> Array:
     """h·W[y] + b[y] for the realised next tokens only: gathers rows, no [.., V] logits."""
     w_vd, b_v = head
     w_rows = jnp.take(w_vd, targets, axis=0)
@@ -362,7 +363,7 @@ def nado_losses(
     labels_bt = jnp.broadcast_to(upcast(labels_b)[:, None], bt)
     nado_head = _accumulating(nado_head)
     targets = jnp.where(mask, targets_bt, 0)
-    r_logit = _selected_logits(h_nado_btd, nado_head, targets)
+    r_logit = selected_head_logits(h_nado_btd, nado_head, targets)
     bce = bce_of_selected(r_logit, labels_bt, mask)
     if consistency is None:
         return NadoLoss(bce, jnp.zeros_like(bce))

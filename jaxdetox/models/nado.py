@@ -8,9 +8,23 @@ Two variants, as in the authors' code:
 - `shared`: only the head, applied to the LM's own final hidden states (pass them as
   `lm_hidden_btd`; `jax.lax.stop_gradient` them when the LM is frozen, the caller decides).
 
-The head is `Linear(d -> |V|)` with bias, zero-initialised by default: every logit is 0 and
-`R = σ(0) = 0.5` everywhere at the start. Its weight is stored `[V, D]` like an unembedding,
-so chunked losses use `unembed_weights()` the same way for the LM and for the NADO.
+Two heads (`NadoConfig.head`, docs/method.md "NADO heads"); each is a feature map `f(h_t)`
+plus a `[V, D']` unembedding `(w_vd, b_v)`, so that `h_φ = f(h_t)·w_vdᵀ + b_v` and every
+consumer (chunked losses, fused loss, samplers) uses `hidden_states()` + `unembed_weights()`
+the same way for the LM and for the NADO:
+
+- `linear` (the authors'): `f = h`, `w` a free `[V, D]` matrix, zero-initialised by default
+  (every logit 0, `R = 0.5`). Trained through the BCE of the *sampled* token only, so a row
+  whose token never occurs in the samples keeps its initial value.
+- `factored`: `h_φ[v] = V(h_t) + E_v·(W h_t + u) + b_v` with `E` the LM's frozen output
+  embedding, `W` (full `D×D`, or rank `r`) and `u` zero-initialised, a value term
+  `V(h_t) = a·h_t` shared by every token, and a per-token bias `b_v` (a sparse residual: only
+  sampled tokens move it). A label on one token moves every token whose embedding is near it.
+  Stored as `f = [W h + u ; a·h]` against the frozen `[E | 1]` (`head.embedding`, `[V, D+1]`).
+
+Either starts neutral: with its trainable matrices at zero every `R` equals `σ(b)`, and a
+uniform `b` cancels in the guided softmax (q = reference). `with_uniform_bias` sets `b` to
+`logit(mean label)` so the untouched rows sit at the base rate instead of at 0.5.
 
 Saved on its own: `nado_config.json` + `nado.safetensors` (our parameter names), never
 inside the LM's checkpoint.
@@ -38,6 +52,9 @@ from jaxdetox.models.layers import param, unembed
 from jaxdetox.models.registry import abstract_model, build_model, family_module
 
 VARIANTS = ("separate", "shared")
+HEADS = ("linear", "factored")
+# Parameters no optimizer may train (the factored head's copy of the LM's output embedding).
+FROZEN_PARAMS = (r"^head\.embedding$",)
 CONFIG_FILE = "nado_config.json"
 WEIGHTS_FILE = "nado.safetensors"
 
@@ -48,13 +65,22 @@ class NadoConfig:
 
     variant: str
     body: ModelConfig  # separate: the body's config; shared: the LM's config (d, |V|, dtypes)
-    head_init: str = "zeros"  # "zeros" (R = 0.5 at start) or "normal"
+    head_init: str = "zeros"  # linear head's weight: "zeros" (R = 0.5 at start) or "normal"
+    head: str = "linear"  # "linear" | "factored" (module docstring)
+    head_rank: int = 0  # factored: rank of W (0 = full D×D)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"NadoConfig.variant = {self.variant!r}; expected one of {VARIANTS}")
         if self.head_init not in ("zeros", "normal"):
             raise ValueError(f"NadoConfig.head_init = {self.head_init!r}; expected zeros|normal")
+        if self.head not in HEADS:
+            raise ValueError(f"NadoConfig.head = {self.head!r}; expected one of {HEADS}")
+        if not 0 <= self.head_rank <= self.body.hidden_size:
+            raise ValueError(
+                f"NadoConfig.head_rank = {self.head_rank}; expected 0 (full) to "
+                f"{self.body.hidden_size} (the hidden size)"
+            )
 
     @classmethod
     def for_lm(
@@ -78,35 +104,102 @@ class NadoConfig:
         body = dataclasses.asdict(self.body)
         if isinstance(body["eos_token_id"], tuple):
             body["eos_token_id"] = list(body["eos_token_id"])
-        return {"variant": self.variant, "head_init": self.head_init, "body": body}
+        return {
+            "variant": self.variant,
+            "head_init": self.head_init,
+            "head": self.head,
+            "head_rank": self.head_rank,
+            "body": body,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NadoConfig:
-        """Rebuild from `to_json()` output."""
-        return cls(data["variant"], ModelConfig(**data["body"]), data.get("head_init", "zeros"))
+        """Rebuild from `to_json()` output (NADOs saved before heads existed are `linear`)."""
+        return cls(
+            data["variant"],
+            ModelConfig(**data["body"]),
+            data.get("head_init", "zeros"),
+            data.get("head", "linear"),
+            int(data.get("head_rank", 0)),
+        )
 
 
 class NadoHead(nnx.Module):
-    """`Linear(d -> |V|)` with bias; logits in float32."""
+    """The `linear` head: `Linear(d -> |V|)` with bias; logits in float32."""
 
     def __init__(self, config: ModelConfig, init: str, *, rngs: nnx.Rngs):
         v, d = config.vocab_size, config.hidden_size
         self.w = param(rngs, (v, d), ("vocab", "embed"), config, init=init)
         self.b = param(rngs, (v,), ("vocab",), config, init="zeros")
 
+    def features(self, h_btd: jax.Array) -> jax.Array:
+        """What the unembedding reads: the hidden states themselves."""
+        return h_btd
+
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        """`(w_vd, b_v)`."""
+        return self.w[...], self.b[...]
+
     def __call__(self, h_btd: jax.Array) -> jax.Array:
         """Float32 logits `[B, T, V]` (the weight in the activations' dtype, as the LM head)."""
-        return unembed(h_btd, self.w[...].astype(h_btd.dtype), self.b[...])
+        return _logits(self, h_btd)
+
+
+class FactoredHead(nnx.Module):
+    """The `factored` head: `h_φ[v] = a·h + E_v·(W h + u) + b_v`, `E` frozen (module doc)."""
+
+    def __init__(self, config: ModelConfig, rank: int, *, rngs: nnx.Rngs):
+        v, d = config.vocab_size, config.hidden_size
+        # [E | 1]: the LM's output embedding and the value term's column; never trained.
+        self.embedding = param(rngs, (v, d + 1), ("vocab", None), config, init="zeros")
+        if rank:  # W = up · down, `up` zero: W = 0 at the start, yet both factors get gradients
+            self.down = param(rngs, (rank, d), (None, "embed"), config, init="normal")
+            self.up = param(rngs, (d, rank), ("embed", None), config, init="zeros")
+        else:
+            self.proj = param(rngs, (d, d), ("embed", None), config, init="zeros")
+        self.shift = param(rngs, (d,), ("embed",), config, init="zeros")
+        self.value = param(rngs, (d,), ("embed",), config, init="zeros")
+        self.b = param(rngs, (v,), ("vocab",), config, init="zeros")
+
+    def features(self, h_btd: jax.Array) -> jax.Array:
+        """`[W h + u ; a·h]`, `[B, T, D + 1]` in the activations' dtype."""
+        dt = h_btd.dtype
+        if hasattr(self, "proj"):
+            wh = jnp.einsum("...i,oi->...o", h_btd, self.proj[...].astype(dt))
+        else:
+            low = jnp.einsum("...i,ri->...r", h_btd, self.down[...].astype(dt))
+            wh = jnp.einsum("...r,or->...o", low, self.up[...].astype(dt))
+        value = jnp.einsum("...i,i->...", h_btd, self.value[...].astype(dt))
+        return jnp.concatenate([wh + self.shift[...].astype(dt), value[..., None]], axis=-1)
+
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        """`([E | 1], b_v)`; the embedding is a constant (stop-gradient)."""
+        return jax.lax.stop_gradient(self.embedding[...]), self.b[...]
+
+    def __call__(self, h_btd: jax.Array) -> jax.Array:
+        """Float32 logits `[B, T, V]` of hidden states `[B, T, D]`."""
+        return _logits(self, h_btd)
+
+
+def _logits(head: nnx.Module, h_btd: jax.Array) -> jax.Array:
+    f_btd = head.features(h_btd)
+    w_vd, b_v = head.weights()
+    return unembed(f_btd, w_vd.astype(f_btd.dtype), b_v)
 
 
 class NadoModel(nnx.Module):
     """R_φ: same call convention as the LMs, plus `lm_hidden_btd` for the shared variant."""
 
+    frozen_params = FROZEN_PARAMS  # `train.setup` never lets an optimizer train these
+
     def __init__(self, config: NadoConfig, *, rngs: nnx.Rngs):
         self.config = config
         if config.variant == "separate":
             self.body = family_module(config.body).MODEL_CLASS(config.body, rngs=rngs)
-        self.head = NadoHead(config.body, config.head_init, rngs=rngs)
+        if config.head == "factored":
+            self.head = FactoredHead(config.body, config.head_rank, rngs=rngs)
+        else:
+            self.head = NadoHead(config.body, config.head_init, rngs=rngs)
 
     def hidden_states(
         self,
@@ -117,20 +210,23 @@ class NadoModel(nnx.Module):
         cache: KVCache | None = None,
         lm_hidden_btd: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Features the head reads `[B, T, D]` and the updated cache (shared: LM's hidden)."""
+        """What the head's unembedding reads, `[B, T, D']`, and the updated cache: the head's
+        feature map of the body's (shared: the LM's) final hidden states."""
         if self.config.variant == "shared":
             if lm_hidden_btd is None:
                 raise ValueError(
                     "shared-backbone NADO needs lm_hidden_btd (the LM's final hidden states)"
                 )
-            return lm_hidden_btd, cache
-        return self.body.hidden_states(
+            return self.head.features(lm_hidden_btd), cache
+        h_btd, cache = self.body.hidden_states(
             tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, cache=cache
         )
+        return self.head.features(h_btd), cache
 
     def unembed_weights(self) -> tuple[jax.Array, jax.Array]:
-        """`(w_vd, bias_v)` of the head: NADO logits are `h @ w_vd.T + bias_v` (float32)."""
-        return self.head.w[...], self.head.b[...]
+        """`(w_vd, bias_v)` of the head: NADO logits are `f @ w_vd.T + bias_v` (float32), `f`
+        from `hidden_states`."""
+        return self.head.weights()
 
     def __call__(
         self,
@@ -149,7 +245,8 @@ class NadoModel(nnx.Module):
             cache=cache,
             lm_hidden_btd=lm_hidden_btd,
         )
-        logits_btv = self.head(h_btd)
+        w_vd, b_v = self.unembed_weights()
+        logits_btv = unembed(h_btd, w_vd.astype(h_btd.dtype), b_v)
         return sharding.constrain(logits_btv, ("batch", "length", "vocab")), cache
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache | None:
@@ -210,10 +307,14 @@ def init_nado(
     seed: int = 0,
     *,
     lm_model: nnx.Module | None = None,
+    output_embedding: Any = None,
     mesh: Mesh | None = None,
 ) -> NadoModel:
-    """A new NADO: body random (seed) or copied from `lm_model`'s first layers; head per config."""
-    head_init = config.head_init
+    """A new NADO: body random (seed) or copied from `lm_model`'s first layers; head per config.
+
+    The factored head copies the LM's output embedding `[V, D]`: `output_embedding`, else
+    `lm_model`'s unembedding.
+    """
     values: dict[str, np.ndarray] = {}
     if config.variant == "separate":
         if lm_model is None:
@@ -224,10 +325,38 @@ def init_nado(
             values["body." + ".".join(str(p) for p in path)] = np.asarray(var[...])
     d, v = config.body.hidden_size, config.body.vocab_size
     rng = np.random.default_rng([seed, 1])
-    w = rng.standard_normal((v, d), np.float32) * config.body.initializer_range
-    values["head.w"] = w if head_init == "normal" else np.zeros((v, d), np.float32)
     values["head.b"] = np.zeros((v,), np.float32)
+    if config.head == "linear":
+        w = rng.standard_normal((v, d), np.float32) * config.body.initializer_range
+        values["head.w"] = w if config.head_init == "normal" else np.zeros((v, d), np.float32)
+        return _assemble(config, values, mesh, "init_nado")
+    if output_embedding is None and lm_model is not None:
+        output_embedding = lm_model.unembed_weights()[0]
+    if output_embedding is None:
+        raise ValueError("init_nado: the factored head needs the LM's output embedding")
+    e = np.asarray(output_embedding, np.float32)
+    if e.shape != (v, d):
+        raise ValueError(f"init_nado: output embedding has shape {e.shape}, expected {(v, d)}")
+    values["head.embedding"] = np.concatenate([e, np.ones((v, 1), np.float32)], axis=1)
+    if config.head_rank:
+        r = config.head_rank
+        values["head.down"] = rng.standard_normal((r, d), np.float32) / np.sqrt(d)
+        values["head.up"] = np.zeros((d, r), np.float32)
+    else:
+        values["head.proj"] = np.zeros((d, d), np.float32)
+    values["head.shift"] = np.zeros((d,), np.float32)
+    values["head.value"] = np.zeros((d,), np.float32)
     return _assemble(config, values, mesh, "init_nado")
+
+
+def with_uniform_bias(params: Any, rate: float) -> Any:
+    """NADO params whose head bias is `logit(rate)` for every token (the neutral start at the
+    base rate: untouched rows predict `R = rate`); `rate` is clipped to [1e-3, 1 − 1e-3]."""
+    rate = float(np.clip(rate, 1e-3, 1 - 1e-3))
+    logit = float(np.log(rate) - np.log1p(-rate))
+    head = dict(params["head"])
+    head["b"] = jnp.full_like(head["b"], logit)
+    return {**params, "head": head}
 
 
 def _body_from_lm(body_config: ModelConfig, lm_model: nnx.Module) -> nnx.Module:

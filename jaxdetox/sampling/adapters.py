@@ -149,8 +149,10 @@ class NnxSharedNado:
     reads_lm_hidden = True
 
     def project(self, params: Params, h_btd: jax.Array) -> jax.Array:
-        """NADO logits `h_φ` of the LM's hidden states, float32."""
-        return _project(nnx.merge(self.graphdef, params), h_btd)
+        """NADO logits `h_φ` of the LM's hidden states (through the head's feature map), float32."""
+        module = nnx.merge(self.graphdef, params)
+        features_btd, _ = module.hidden_states(None, lm_hidden_btd=h_btd)
+        return _project(module, features_btd)
 
     def apply(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, Cache]:
         """Not callable on tokens: the sampler feeds it the LM's hidden states."""

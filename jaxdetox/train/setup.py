@@ -61,8 +61,11 @@ def _trainer(
         base += [frozen, frozen_shard]
     if config is None:
         return graphdef, params, p_shard, None, None, None, None
+    module_frozen = tuple(getattr(module, "frozen_params", ()))
+    if module_frozen:  # the module's constants never train, whatever the config says
+        config = dataclasses.replace(config, frozen=config.frozen + module_frozen)
     optimizer, schedule = make_optimizer(config, total_steps, params)
-    mask = trainable_mask(params, config.trainable)
+    mask = trainable_mask(params, config.trainable, config.frozen)
     shard = model_state_shardings(optimizer, params, p_shard, mesh)
     return graphdef, params, p_shard, optimizer, schedule, mask, shard
 
