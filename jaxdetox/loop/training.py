@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdetox.data.sample_batches import batches_per_epoch
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.loop.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
@@ -43,6 +43,10 @@ class StageResult:
     compile_count: int
 
 
+class StreamEnded(RuntimeError):
+    """A training stage's data stream ran out before its planned steps."""
+
+
 class Streams:
     """Several resumable host-batch iterators advanced together; one dict per step."""
 
@@ -56,6 +60,18 @@ class Streams:
 
     def __iter__(self) -> Iterator:
         return self
+
+    def next_step(self, stage: str, step: int, total_steps: int) -> dict[str, dict]:
+        """The batch of step `step` (0-based) of `stage`; a stream that ends before the
+        planned `total_steps` is an error naming the stage (not a bare StopIteration)."""
+        try:
+            return next(self)
+        except StopIteration:
+            raise StreamEnded(
+                f"{stage}: the data stream ended after {step} of its {total_steps} planned "
+                "steps (the steps must be planned by `stage_steps` from the stream's rows, "
+                "batch size and epochs)"
+            ) from None
 
     def get_state(self) -> dict[str, Any]:
         """Positions of every stream (JSON-able)."""
@@ -127,7 +143,7 @@ def fit(
     )  # fmt: skip
     with bar:
         for step in range(start, total_steps):
-            batch = next(streams)
+            batch = streams.next_step(f"iteration {iteration} {stage}", step, total_steps)
             t0, compile_before = time.perf_counter(), runner.compile_seconds
             state, metrics = runner(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -158,8 +174,27 @@ def _headline(metrics: dict[str, float]) -> dict[str, str]:
     return {k.split("/")[-1]: f"{metrics[k]:.4f}" for k in keys if k in metrics}
 
 
-def _steps(num_rows: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    steps = epochs * math.ceil(num_rows / batch_size)
+def host_batch_size(batch_size: int, process_count: int | None = None) -> int:
+    """Each host's share of a global `batch_size` (an error unless the hosts split it evenly)."""
+    hosts = jax.process_count() if process_count is None else process_count
+    if batch_size % hosts:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
+    return batch_size // hosts
+
+
+def stage_steps(
+    num_rows: int,
+    batch_size: int,
+    epochs: int,
+    max_steps: int | None,
+    process_count: int | None = None,
+) -> int:
+    """Steps of a training stage over `num_rows` items at global `batch_size`: `epochs`
+    whole epochs of the stream every host reads (`sample_batches.row_batches`), capped at
+    `max_steps` — the one count every stage plans its steps (and LR schedule) by."""
+    hosts = jax.process_count() if process_count is None else process_count
+    local = host_batch_size(batch_size, hosts)
+    steps = epochs * batches_per_epoch(num_rows, local, process_count=hosts)
     return min(steps, max_steps) if max_steps else steps
 
 
@@ -171,12 +206,9 @@ def _sample_batches(
     seed: int,
     label_name: str | None = None,
 ):
-    hosts = jax.process_count()
-    if batch_size % hosts:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
     return exp.store.batches(
         iteration,
-        batch_size // hosts,
+        host_batch_size(batch_size),
         oracle=label_name or exp.label_name,
         seed=seed,
         num_epochs=epochs,
@@ -200,7 +232,7 @@ def train_nado_stage(
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
     num_rows = exp.store.read(samples, constraint.label_name).num_rows
-    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     training = make_training(
         exp.lm_module(exp.lm_params(0)),
         exp.nado_module(exp.nado_params(nado_version, constraint.name)),
@@ -262,7 +294,7 @@ def finetune_stage(
     q = reference ⊕ NADO_{nado_version} (reference: the base LLM or LLM_{lm_version})."""
     cfg, conf = exp.config.finetune, exp.config
     num_rows = exp.store.read(samples, exp.label_name).num_rows
-    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     if exp.lora is not None:  # adapters train; the base is the student's and the reference
         lm_module, reference = exp.lora_module(lm_version), None
     else:
