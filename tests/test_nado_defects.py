@@ -103,3 +103,72 @@ def test_a_stream_that_ends_early_names_the_stage():
     streams.next_step("iteration 2 train_nado", 1, 3)
     with pytest.raises(StreamEnded, match=r"iteration 2 train_nado: .* after 2 of its 3 planned"):
         streams.next_step("iteration 2 train_nado", 2, 3)
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+@pytest.fixture(scope="module")
+def tiny_training():
+    from tests._train_fixtures import mesh_of, training
+
+    mesh = mesh_of((1, 1, 1))
+    # The shared variant: its features are the reference's hidden states (and it compiles
+    # in half the time of a separate body).
+    return mesh, training(mesh, variant="shared")
+
+
+KIND_CASES = [("kl", False), ("kl", True), ("squared", False), ("ratio", False)]
+
+
+def test_every_consistency_kind_the_config_accepts_is_known_to_the_loss():
+    from jaxdetox import losses
+    from jaxdetox.config import TrainNadoSection
+
+    accepted = TrainNadoSection.model_fields["consistency"].annotation
+    assert set(accepted.__args__[0].__args__) == set(losses.CONSISTENCY_KINDS)
+    assert {k for k, _ in KIND_CASES} == set(losses.CONSISTENCY_KINDS)
+    with pytest.raises(ValueError, match="'kl' with consistency_weight 0 does nothing"):
+        TrainNadoSection(consistency="kl")
+    with pytest.raises(ValueError, match="consistency_weight 0.5 needs train_nado.consistency"):
+        TrainNadoSection(consistency_weight=0.5)
+    with pytest.raises(ValueError, match="consistency_reverse needs train_nado.consistency: kl"):
+        TrainNadoSection(consistency="ratio", consistency_weight=1.0, consistency_reverse=True)
+
+
+@pytest.mark.slow
+def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(tiny_training):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdetox import losses
+    from jaxdetox.config import TrainNadoSection
+    from jaxdetox.loop.training import nado_step_config
+    from jaxdetox.train import nado_step
+    from jaxdetox.train import steps as steps_lib
+    from tests._train_fixtures import batch, runner
+
+    mesh, tr = tiny_training
+    b = {"samples": batch(11)["samples"]}
+    s = jax.tree.map(jnp.asarray, b["samples"])
+    teacher = steps_lib.teacher_features(tr.models, tr.state.ref_params, tr.state.nado.params, s)
+    w_b = s["label_mask_b"]
+    mask_bt = s["loss_mask_bt"] * (w_b > 0)[:, None]
+    got = {}
+    for kind, reverse in KIND_CASES:
+        section = TrainNadoSection(
+            consistency=kind, consistency_weight=0.5, consistency_reverse=reverse
+        )
+        config = nado_step_config(section)
+        _, metrics = runner(nado_step, tr, mesh, config)(tr.state, b)
+        want = losses.nado_losses_naive(
+            teacher.h_nado, teacher.nado_head, teacher.h_ref, teacher.ref_head,
+            s["targets_bt"], s["labels_b"], mask_bt, consistency=kind, reverse=reverse,
+        )  # fmt: skip
+        expected = float(jnp.sum(want.consistency_bt * w_b[:, None] * mask_bt) / mask_bt.sum())
+        got[kind, reverse] = float(metrics["nado/consistency"])
+        assert got[kind, reverse] > 0, (kind, reverse)
+        np.testing.assert_allclose(got[kind, reverse], expected, rtol=1e-4, err_msg=kind)
+        bce = float(jnp.sum(want.bce_bt * w_b[:, None]) / mask_bt.sum())
+        np.testing.assert_allclose(float(metrics["nado/loss"]), bce + 0.5 * expected, rtol=1e-5)
+    assert got["kl", True] != pytest.approx(got["kl", False])  # the direction reaches the loss

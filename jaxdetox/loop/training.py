@@ -217,6 +217,17 @@ def _sample_batches(
     )
 
 
+def nado_step_config(section: Any) -> StepConfig:
+    """The `StepConfig` of a NADO training stage from the config's `train_nado` section."""
+    return StepConfig(
+        consistency=section.consistency,
+        consistency_weight=section.consistency_weight,
+        consistency_reverse=section.consistency_reverse,
+        importance_weights=section.importance_weights,
+        micro_batches=section.micro_batches,
+    )
+
+
 def train_nado_stage(
     exp: Experiment,
     iteration: int,
@@ -244,12 +255,7 @@ def train_nado_stage(
     )
     training = dataclasses.replace(training, state=training.state.replace(lm=None))
     training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
-    step_config = StepConfig(
-        consistency=cfg.consistency,
-        consistency_weight=cfg.consistency_weight,
-        importance_weights=cfg.importance_weights,
-        micro_batches=cfg.micro_batches,
-    )
+    step_config = nado_step_config(cfg)
     batches = _sample_batches(
         exp, samples, cfg.batch_size, cfg.epochs, exp.config.seed + iteration,
         constraint.label_name,
