@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jaxdetox.losses.nado import CONSISTENCY_KINDS
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field."""
@@ -165,9 +167,27 @@ class TrainNadoSection(Section):
     batch_size: int = Field(16, ge=1, description="global samples per step")
     micro_batches: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
-    consistency: Literal["kl", "sq"] | None = None
-    consistency_weight: float = Field(0.0, ge=0)
-    importance_weights: bool = False
+    consistency: Literal[CONSISTENCY_KINDS] | None = Field(
+        None,
+        description="Bellman consistency regulariser (docs/method.md): kl = KL(Bern(r) ‖ "
+        "Bern(s)), squared = (r − s)², ratio = (s/r − 1)²; None = BCE alone",
+    )
+    consistency_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the consistency term in the NADO loss; must be > 0 when "
+        "`consistency` is set (and is not read without it)",
+    )
+    consistency_reverse: bool = Field(
+        False,
+        description="consistency: kl only: KL(Bern(s) ‖ Bern(r)) (the authors' LCG code) "
+        "instead of KL(Bern(r) ‖ Bern(s)) (their MT code)",
+    )
+    importance_weights: bool = Field(
+        False,
+        description="weigh each sample by p(y)/π(y), self-normalised over its prompt's samples "
+        "(p: the LLM that drew them, π: the sampling distribution; docs/method.md)",
+    )
     optimizer: OptimizerSection = OptimizerSection()
     head_learning_rate: float | None = Field(
         None, ge=0, description="peak learning rate of the head's parameters (None: optimizer's)"
@@ -191,6 +211,24 @@ class TrainNadoSection(Section):
     def _early_stopping_needs_heldout(self) -> TrainNadoSection:
         if self.early_stopping and self.heldout_fraction == 0:
             raise ValueError("train_nado.early_stopping needs train_nado.heldout_fraction > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _consistency_is_used(self) -> TrainNadoSection:
+        # A consistency kind at weight 0 (or a weight / direction without a kind) would run
+        # and silently change nothing.
+        if self.consistency is not None and self.consistency_weight == 0:
+            raise ValueError(
+                f"train_nado.consistency {self.consistency!r} with consistency_weight 0 does "
+                "nothing; set train_nado.consistency_weight > 0"
+            )
+        if self.consistency is None and self.consistency_weight != 0:
+            raise ValueError(
+                f"train_nado.consistency_weight {self.consistency_weight} needs "
+                f"train_nado.consistency (one of {', '.join(CONSISTENCY_KINDS)})"
+            )
+        if self.consistency_reverse and self.consistency != "kl":
+            raise ValueError("train_nado.consistency_reverse needs train_nado.consistency: kl")
         return self
 
 

@@ -141,6 +141,86 @@ def _batch_of_rows(
     return arrays.batch(np.asarray(rows), batch_size)
 
 
+def batches_per_epoch(
+    num_rows: int, batch_size: int, *, process_count: int = 1, drop_remainder: bool = False
+) -> int:
+    """Batches every host's stream of `row_batches` yields per epoch of `num_rows` rows
+    (`batch_size` rows per host): each host takes ⌈rows / hosts⌉ of them and batches every
+    epoch on its own, the last batch short (padded) or, with `drop_remainder`, dropped."""
+    if batch_size < 1 or process_count < 1:
+        raise ValueError(f"batch_size {batch_size} and process_count {process_count} must be >= 1")
+    per_host = -(-num_rows // process_count)
+    return per_host // batch_size if drop_remainder else -(-per_host // batch_size)
+
+
+class _EpochRows:
+    """Row indices of batch `index` of a stream: epoch `index // per_epoch` is its own
+    permutation of this host's rows (a pure function of seed and epoch, so a restored
+    iterator continues exactly), cut into `per_epoch` consecutive batches."""
+
+    def __init__(self, mine: np.ndarray, batch_size: int, per_epoch: int, seed: int,
+                 shuffle: bool) -> None:  # fmt: skip
+        self.mine, self.batch_size, self.per_epoch = mine, batch_size, per_epoch
+        self.seed, self.shuffle = seed, shuffle
+        self._last: tuple[int, np.ndarray] | None = None  # the current epoch's order
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This host's rows in the order of `epoch`."""
+        last = self._last
+        if last is not None and last[0] == epoch:
+            return last[1]
+        if self.shuffle:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+            order = self.mine[rng.permutation(len(self.mine))]
+        else:
+            order = self.mine
+        self._last = (epoch, order)
+        return order
+
+    def __call__(self, index: int, _: Any) -> np.ndarray:
+        epoch, i = divmod(index, self.per_epoch)
+        return self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+def _subset(rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+    # Module-level (not a lambda) so the pipeline pickles into grain worker processes.
+    return np.where(index >= 0, rows[np.maximum(index, 0)], -1)
+
+
+def row_batches(
+    num_rows: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """This host's share of rows `0..num_rows-1` as a grain dataset of row-index arrays of
+    at most `batch_size` (-1 = a padding row): every epoch shuffled and batched on its own,
+    so the stream holds exactly `num_epochs × batches_per_epoch(...)` batches (`num_epochs`
+    None: forever) — the count every training stage plans its steps by."""
+    import grain
+
+    from jaxdetox.data.corpora import host_info
+
+    process_index, process_count = host_info(process_index, process_count)
+    # Every host gets the same number of rows (-1 = a padding row) and so the same number
+    # of batches: hosts that ran out early would leave the others waiting in a collective.
+    per_host = -(-num_rows // process_count)
+    mine = np.arange(num_rows)[process_index::process_count]
+    mine = np.concatenate([mine, np.full(per_host - len(mine), -1)]).astype(np.int64)
+    per_epoch = batches_per_epoch(
+        num_rows, batch_size, process_count=process_count, drop_remainder=drop_remainder
+    )
+    batches = grain.MapDataset.range(per_epoch)
+    if per_epoch:
+        batches = batches.repeat(num_epochs)
+    return batches.map_with_index(_EpochRows(mine, batch_size, per_epoch, seed, shuffle))
+
+
 def host_batches(
     arrays: SampleArrays,
     batch_size: int,
@@ -153,23 +233,18 @@ def host_batches(
     process_count: int | None = None,
     rows: np.ndarray | None = None,
 ) -> grain.IterDataset:
-    """Fixed-shape numpy batches of this host's share of `arrays` (a grain dataset; see
-    `SampleStore.batches`), of every row or only of `rows`."""
+    """Fixed-shape numpy batches of this host's share of `arrays` (a grain dataset of the
+    `row_batches` stream; see `SampleStore.batches`), of every row or only of `rows`."""
     import grain
 
-    from jaxdetox.data.corpora import host_info
-
-    process_index, process_count = host_info(process_index, process_count)
-    # Every host gets the same number of rows (-1 = a padding row) and so the same number
-    # of batches: hosts that ran out early would leave the others waiting in a collective.
-    rows = np.arange(arrays.num_rows) if rows is None else np.asarray(rows, np.int64)
-    per_host = -(-len(rows) // process_count)
-    mine = rows[process_index::process_count]
-    mine = np.concatenate([mine, np.full(per_host - len(mine), -1)])
-    rows = grain.MapDataset.source(mine)
-    if shuffle:
-        rows = rows.shuffle(seed=seed)
-    rows = rows.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder)
+    stream = row_batches(
+        arrays.num_rows if rows is None else len(rows), batch_size, seed=seed,
+        shuffle=shuffle, num_epochs=num_epochs, drop_remainder=drop_remainder,
+        process_index=process_index, process_count=process_count,
+    )  # fmt: skip
+    if rows is not None:  # positions in `rows` -> row indices (-1 stays padding)
+        stream = stream.map(functools.partial(_subset, np.asarray(rows, np.int64)))
+    rows = stream
     batches = rows.map(functools.partial(_batch_of_rows, arrays, batch_size))
     # A short read-ahead: grain's default (hundreds of batches) only costs memory here.
     return batches.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))

@@ -513,9 +513,11 @@ class SampleStore:
         """Fixed-shape numpy batches of this host's share of `iteration` (a grain dataset:
         `iter()` it; its iterator state is checkpointable like the corpus pipeline's).
 
-        `batch_size` is per host; all hosts get the same number of batches. Without
-        `drop_remainder` the last batch is filled with padding rows marked `valid_b=False`.
-        `rows`: only these row indices of the iteration (e.g. a training split).
+        `batch_size` is per host; all hosts get the same number of batches. Every epoch is
+        batched on its own (`sample_batches.batches_per_epoch` batches each): without
+        `drop_remainder` an epoch's last batch is filled with padding rows marked
+        `valid_b=False`, with it that batch is dropped. `rows`: only these row indices of
+        the iteration (e.g. a training split).
         """
         arrays = self.arrays(
             iteration, oracle=oracle, prompt_len=prompt_len, completion_len=completion_len

@@ -24,15 +24,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxdetox.config import RunConfig
+from jaxdetox.data.sample_batches import row_batches
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.loop.flow import eval_due
 from jaxdetox.loop.sequential import (
@@ -48,9 +47,10 @@ from jaxdetox.loop.training import (
     Streams,
     _corpus_batches,
     _sample_batches,
-    _steps,
     fit,
+    host_batch_size,
     optimizer_config,
+    stage_steps,
 )
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.setup import Training, make_training
@@ -134,7 +134,7 @@ def _lm_training(exp: Experiment, iteration: int, lm_version: int, total: int, *
 
 def _samples_steps(exp: Experiment, num_rows: int) -> int:
     cfg = exp.config.finetune
-    return _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    return stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
 
 
 def _with_corpus(exp: Experiment, iterators: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -352,14 +352,12 @@ def pair_batches(exp: Experiment, iteration: int, seed: int) -> tuple[Any, int]:
             f"dpo, iteration {iteration}: no prompt has two samples with different toxicity "
             "(raise sampling.num_samples or lower baseline.dpo_min_gap)"
         )
-    hosts, index = jax.process_count(), jax.process_index()
-    if cfg.batch_size % hosts:
-        raise ValueError(f"finetune.batch_size {cfg.batch_size} is not divisible by {hosts} hosts")
-    per_host = math.ceil(len(chosen) / hosts)
-    mine = np.arange(len(chosen))[index::hosts]
-    mine = np.concatenate([mine, np.full(per_host - len(mine), -1)])
-    local = cfg.batch_size // hosts
-    data = grain.MapDataset.source(mine).shuffle(seed=seed).repeat(cfg.epochs).batch(local)
+    try:
+        local = host_batch_size(cfg.batch_size)
+    except ValueError as e:
+        raise ValueError(f"finetune.{e}") from None
+    # The same stream (and so the same planned steps) as the samples': pairs as its rows.
+    data = row_batches(len(chosen), local, seed=seed, num_epochs=cfg.epochs)
     data = data.map(functools.partial(_pair_batch, arrays, chosen, rejected, local))
     return data.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)), len(
         chosen

@@ -326,10 +326,9 @@ class Planner:
 
         cfg = self.config
         if stage == "train_nado":
-            t = cfg.train_nado
-            return StepConfig(consistency=t.consistency, consistency_weight=t.consistency_weight,
-                              importance_weights=t.importance_weights,
-                              micro_batches=t.micro_batches)  # fmt: skip
+            from jaxdetox.loop.training import nado_step_config
+
+            return nado_step_config(cfg.train_nado)
         f = cfg.finetune
         streams = (("samples", StreamLoss(nll_weight=0.0, kl="samples" in f.kl_on)),)
         if cfg.corpus is not None:

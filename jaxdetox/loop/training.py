@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdetox.data.sample_batches import batches_per_epoch
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.loop.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
@@ -70,6 +70,10 @@ def _record_validation(progress: dict[str, Any], value: float, step: int) -> boo
     return False
 
 
+class StreamEnded(RuntimeError):
+    """A training stage's data stream ran out before its planned steps."""
+
+
 class Streams:
     """Several resumable host-batch iterators advanced together; one dict per step."""
 
@@ -83,6 +87,18 @@ class Streams:
 
     def __iter__(self) -> Iterator:
         return self
+
+    def next_step(self, stage: str, step: int, total_steps: int) -> dict[str, dict]:
+        """The batch of step `step` (0-based) of `stage`; a stream that ends before the
+        planned `total_steps` is an error naming the stage (not a bare StopIteration)."""
+        try:
+            return next(self)
+        except StopIteration:
+            raise StreamEnded(
+                f"{stage}: the data stream ended after {step} of its {total_steps} planned "
+                "steps (the steps must be planned by `stage_steps` from the stream's rows, "
+                "batch size and epochs)"
+            ) from None
 
     def get_state(self) -> dict[str, Any]:
         """Positions of every stream (JSON-able)."""
@@ -166,7 +182,7 @@ def fit(
         for step in range(start, total_steps):
             if progress["stopped"]:
                 break
-            batch = next(streams)
+            batch = streams.next_step(f"iteration {iteration} {stage}", step, total_steps)
             t0, compile_before = time.perf_counter(), runner.compile_seconds
             state, metrics = runner(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -222,8 +238,27 @@ def _headline(metrics: dict[str, float]) -> dict[str, str]:
     return {k.split("/")[-1]: f"{metrics[k]:.4f}" for k in keys if k in metrics}
 
 
-def _steps(num_rows: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    steps = epochs * math.ceil(num_rows / batch_size)
+def host_batch_size(batch_size: int, process_count: int | None = None) -> int:
+    """Each host's share of a global `batch_size` (an error unless the hosts split it evenly)."""
+    hosts = jax.process_count() if process_count is None else process_count
+    if batch_size % hosts:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
+    return batch_size // hosts
+
+
+def stage_steps(
+    num_rows: int,
+    batch_size: int,
+    epochs: int,
+    max_steps: int | None,
+    process_count: int | None = None,
+) -> int:
+    """Steps of a training stage over `num_rows` items at global `batch_size`: `epochs`
+    whole epochs of the stream every host reads (`sample_batches.row_batches`), capped at
+    `max_steps` — the one count every stage plans its steps (and LR schedule) by."""
+    hosts = jax.process_count() if process_count is None else process_count
+    local = host_batch_size(batch_size, hosts)
+    steps = epochs * batches_per_epoch(num_rows, local, process_count=hosts)
     return min(steps, max_steps) if max_steps else steps
 
 
@@ -236,18 +271,26 @@ def _sample_batches(
     label_name: str | None = None,
     rows: np.ndarray | None = None,
 ):
-    hosts = jax.process_count()
-    if batch_size % hosts:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {hosts} hosts")
     return exp.store.batches(
         iteration,
-        batch_size // hosts,
+        host_batch_size(batch_size),
         oracle=label_name or exp.label_name,
         seed=seed,
         num_epochs=epochs,
         prompt_len=exp.prompt_len,
         completion_len=exp.completion_len,
         rows=rows,
+    )
+
+
+def nado_step_config(section: Any) -> StepConfig:
+    """The `StepConfig` of a NADO training stage from the config's `train_nado` section."""
+    return StepConfig(
+        consistency=section.consistency,
+        consistency_weight=section.consistency_weight,
+        consistency_reverse=section.consistency_reverse,
+        importance_weights=section.importance_weights,
+        micro_batches=section.micro_batches,
     )
 
 
@@ -284,8 +327,8 @@ def train_nado_stage(
     label_mean = float(
         np.sum((labels_b * tokens_b)[train_rows]) / max(np.sum(tokens_b[train_rows]), 1.0)
     )
-    epoch_steps = math.ceil(len(train_rows) / cfg.batch_size)
-    total = _steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
+    total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
     start_params = exp.nado_params(nado_version, constraint.name)
     if nado_version == 0 and conf.nado.bias_init == "label_mean":
         start_params = _with_bias(start_params, label_mean)
@@ -300,12 +343,7 @@ def train_nado_stage(
     )
     training = dataclasses.replace(training, state=training.state.replace(lm=None))
     training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
-    step_config = StepConfig(
-        consistency=cfg.consistency,
-        consistency_weight=cfg.consistency_weight,
-        importance_weights=cfg.importance_weights,
-        micro_batches=cfg.micro_batches,
-    )
+    step_config = nado_step_config(cfg)
     batches = _sample_batches(
         exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration,
         constraint.label_name, rows=train_rows,
@@ -477,7 +515,7 @@ def finetune_stage(
     q = reference ⊕ NADO_{nado_version} (reference: the base LLM or LLM_{lm_version})."""
     cfg, conf = exp.config.finetune, exp.config
     num_rows = exp.store.read(samples, exp.label_name).num_rows
-    total = _steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     if exp.lora is not None:  # adapters train; the base is the student's and the reference
         lm_module, reference = exp.lora_module(lm_version), None
     else:

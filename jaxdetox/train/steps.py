@@ -76,8 +76,9 @@ class StepConfig:
         ("corpus", StreamLoss(nll_weight=1.0, kl=False)),
         ("samples", StreamLoss(nll_weight=0.0, kl=True)),
     )
-    consistency: str | None = None  # NADO Bellman regulariser: None | "kl" | "sq"
+    consistency: str | None = None  # NADO Bellman regulariser: None | losses.CONSISTENCY_KINDS
     consistency_weight: float = 0.0
+    consistency_reverse: bool = False  # "kl": KL(Bern(s) ‖ Bern(r)) instead of KL(r ‖ s)
     importance_weights: bool = False  # weights ∝ p_model(y) / p_sampling(y) for the NADO
     micro_batches: int = 1
     chunk_size: int | None = None  # tokens per chunk of the vocabulary-sized losses
@@ -89,8 +90,11 @@ class StepConfig:
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if self.consistency not in (None, "kl", "sq"):
-            raise ValueError(f"consistency = {self.consistency!r}; expected None, 'kl' or 'sq'")
+        if self.consistency is not None and self.consistency not in losses.CONSISTENCY_KINDS:
+            raise ValueError(
+                f"consistency = {self.consistency!r}; expected None or one of "
+                f"{losses.CONSISTENCY_KINDS}"
+            )
 
 
 class Teacher(NamedTuple):
@@ -205,7 +209,8 @@ def nado_sums(teacher: Teacher, stream: dict[str, jax.Array], config: StepConfig
     terms = losses.nado_losses(
         teacher.h_nado, teacher.nado_head, teacher.h_ref, teacher.ref_head,
         stream["targets_bt"], stream["labels_b"], mask_bt,
-        consistency=config.consistency, chunk_size=config.chunk_size,
+        consistency=config.consistency, reverse=config.consistency_reverse,
+        chunk_size=config.chunk_size,
     )  # fmt: skip
     w_bt = w_b[:, None] * mask_bt
     return jnp.sum(terms.bce_bt * w_bt), jnp.sum(terms.consistency_bt * w_bt)
