@@ -165,6 +165,15 @@ def test_eval_command_on_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert rows[0]["prompts"] == 4 and rows[0]["completions"] == 8
     assert np.isfinite(rows[0]["perplexity"]) and 0 <= rows[0]["distinct_2"] <= 1
     assert 0 <= rows[0]["detection_auroc"] <= 1
+    # the eval stage records each toxicity figure's standard error and keeps per-prompt results
+    record = next(r for r in read_manifest(out) if r["stage"] == "eval")["outputs"]
+    for key in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
+        assert rows[0][f"{key}_stderr"] == record[f"{key}_stderr"] and record[f"{key}_stderr"] >= 0
+    assert all("mean_toxicity_stderr" in g for g in record["groups"].values())  # per group
+    per_prompt = json.loads((out / "eval" / "lm_000.prompts.json").read_text())
+    assert len(per_prompt["prompt_id"]) == 4 and sum(per_prompt["scored"]) == 8
+    np.testing.assert_allclose(np.mean(per_prompt["mean_toxicity"]), record["mean_toxicity"])
+    assert "± " in (out / "report.md").read_text()
     assert set(rows[0]["utility"]) == {"jaxdetox_tiny_mc"}
     assert "jaxdetox_tiny_mc" in (out / "report.md").read_text()
     assert main(["eval", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

@@ -348,7 +348,9 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     for r, name in zip(rows, row_names(rows)):
         cells = [_delta(r, base, notes) if cell is None else cell(r) for _, cell, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    legend = ["± one standard error over prompts (each prompt's completions are one unit)."]
+    legend = []
+    if any(r.get("mean_toxicity_stderr") is not None for r in rows):
+        legend.append("± one standard error over prompts (each prompt's completions are one unit).")
     if any("delta_mean_toxicity_stderr" in r for r in rows):
         legend.append(
             "Δ: relative to base ± the paired standard error of the per-prompt differences; "
