@@ -146,6 +146,9 @@ def test_nado_decoding_evaluates_guided_sampling(model_dir, tmp_path):
     texts = [store.read_samples(v)["completion_text"].to_pylist() for v in (0, 2)]
     assert texts[0] != texts[1]
     assert guided["perplexity"] != base["perplexity"]
+    # the same prompts as the base row: its Δ mean toxicity is paired prompt by prompt
+    assert "delta_note" not in guided and guided["paired_prompts"] == base["prompts"]
+    assert guided["delta_mean_toxicity_stderr"] >= 0
     assert (out / "final" / "nado").exists()
 
 

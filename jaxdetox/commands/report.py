@@ -1,8 +1,11 @@
 """`jaxdetox report RUN_DIR... [--out DIR]`: the results of runs as a table and plots.
 
-Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity probability,
-mean toxicity, perplexity on held-out text and of the generations, distinct-2, training
-time, training samples drawn and oracle calls), `DIR/results.json` (the same rows) and PNG
+Writes `DIR/report.md` (rows = methods: expected maximum toxicity, toxicity probability and
+mean toxicity, each ± its standard error over prompts; the change of mean toxicity from the
+base row ± its paired standard error, `*` past two of them, or a note saying why it is
+empty; perplexity on held-out text and of the generations, distinct-2, detection and utility
+when measured, training time, training samples drawn and oracle calls), `DIR/results.json`
+(the same rows, the errors as `<figure>_stderr`) and PNG
 plots (toxicity per iteration, toxicity vs perplexity, time per iteration by stage, and
 toxicity / perplexity against λ when the runs sweep it; a λ sweep's directory stands for
 its runs). DIR defaults to the first run directory. Run directories and DIR may be on

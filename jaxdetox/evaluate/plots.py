@@ -1,4 +1,7 @@
-"""PNG plots of a report: toxicity per iteration, toxicity vs perplexity, stage times."""
+"""PNG plots of a report: toxicity per iteration, toxicity vs perplexity, stage times.
+
+Toxicity carries error bars of one standard error over prompts where the runs recorded one;
+iteration axes have integer ticks; legends sit beside the axes, never over the data."""
 
 from __future__ import annotations
 
@@ -29,6 +32,26 @@ STAGE_COLORS = {
 }
 
 
+def _legend_beside(ax: plt.Axes, **kwargs: Any) -> None:
+    """The legend to the right of `ax`, outside it, so it covers no bar or point."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), **kwargs)
+
+
+def _stderrs(points: list[dict[str, Any]], key: str) -> list[float]:
+    """`key`'s standard error of each point (NaN, i.e. no bar, where it was not recorded)."""
+    return [float("nan") if p.get(f"{key}_stderr") is None else p[f"{key}_stderr"]
+            for p in points]  # fmt: skip
+
+
+def _iteration_ticks(ax: plt.Axes, iterations: set[int]) -> None:
+    """Ticks at the evaluated iterations (integers; all of them when few, so a single
+    evaluated iteration is still labelled), else integer ticks chosen by matplotlib."""
+    if len(iterations) <= 12:
+        ax.set_xticks(sorted(iterations))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _palette(n: int) -> tuple:
     """Distinct colours for n series: tab10 (strong) up to 10, tab20 (paired shades) above."""
     return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
@@ -45,16 +68,17 @@ def toxicity_per_iteration(summaries: list[dict[str, Any]], out: Path) -> Path |
     for i, (s, label) in enumerate(zip(runs, names)):
         its = [p["iteration"] for p in s["curve"]]
         for ax, key in zip(axes, ("mean_toxicity", "expected_max_toxicity")):
-            ax.plot(its, [p[key] for p in s["curve"]], marker="o", label=label,
-                    color=colors[i % len(colors)])  # fmt: skip
+            ax.errorbar(its, [p[key] for p in s["curve"]], yerr=_stderrs(s["curve"], key),
+                        marker="o", capsize=3, label=label, color=colors[i % len(colors)])  # fmt: skip
+    iterations = {p["iteration"] for s in runs for p in s["curve"]}
     for ax, title in zip(axes, ("Mean toxicity", "Expected max toxicity")):
         ax.set_xlabel("iteration (0 = base model)")
-        ax.set_ylabel(title.lower())
+        ax.set_ylabel(f"{title.lower()} (± 1 s.e.)")
         ax.set_title(f"{title} on held-out prompts")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # one, beside
+        _iteration_ticks(ax, iterations)
+    _legend_beside(axes[1])  # one legend for both
     return _save(fig, out / "toxicity_per_iteration.png")
 
 
@@ -71,14 +95,16 @@ def toxicity_vs_perplexity(rows: list[dict[str, Any]], out: Path) -> Path | None
             name if "λ" in name or r.get("kl_weight") is None else f"{name} (λ={r['kl_weight']:g})"
         )
         point = (r["perplexity"], r["mean_toxicity"])
-        ax.scatter(*point, s=60, color=colors[i % len(colors)], label=label)
+        color = colors[i % len(colors)]
+        ax.errorbar(*point, yerr=_stderrs([r], "mean_toxicity"), color=color, capsize=3)
+        ax.scatter(*point, s=60, color=color, label=label)
         ax.annotate(name, point, xytext=(5, 5), textcoords="offset points", fontsize=9)
     ax.set_xlabel("perplexity on held-out clean text")
-    ax.set_ylabel("mean toxicity of generations")
+    ax.set_ylabel("mean toxicity of generations (± 1 s.e.)")
     ax.set_title("Toxicity vs fluency (lower-left is better)")
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.08)  # room for the labels of the outermost points
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points
+    _legend_beside(ax)
     return _save(fig, out / "toxicity_vs_perplexity.png")
 
 
@@ -87,7 +113,7 @@ def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     bars = [(s["method"], it, t) for s in summaries for it, t in sorted(s["times"].items())]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(bars) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(bars) + 3), 4))
     labels = [f"{m}\niter {it}" for m, it, _ in bars]
     bottom = [0.0] * len(bars)
     for stage, color in STAGE_COLORS.items():
@@ -96,7 +122,7 @@ def stage_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("seconds")
     ax.set_title("Time per iteration by stage")
-    ax.legend()
+    _legend_beside(ax, reverse=True)  # top to bottom as stacked
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "stage_times.png")
 
@@ -107,7 +133,7 @@ def iteration_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     bars = [(s, it, w) for s in summaries for it, w in s.get("walls", {}).items()]
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(bars) + 3), 4))
     x = range(len(bars))
     width = 0.28
     for offset, key, label in ((-width, "sum", "sum of stages"), (0.0, "wall", "wall time"),
@@ -119,7 +145,7 @@ def iteration_times(summaries: list[dict[str, Any]], out: Path) -> Path | None:
     )
     ax.set_ylabel("seconds")
     ax.set_title("Iteration time: sum of stages, measured wall, slowest stage", fontsize=10)
-    ax.legend(fontsize=8)
+    _legend_beside(ax)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out / "iteration_times.png")
 
@@ -137,12 +163,13 @@ def lambda_sweep(rows: list[dict[str, Any]], out: Path) -> Path | None:
     fig, (tox_ax, ppl_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for method, rs in sweeps.items():
         lambdas = [r["kl_weight"] for r in rs]
-        tox_ax.plot(lambdas, [r["mean_toxicity"] for r in rs], marker="o", label=method)
+        tox_ax.errorbar(lambdas, [r["mean_toxicity"] for r in rs], capsize=3, marker="o",
+                        yerr=_stderrs(rs, "mean_toxicity"), label=method)  # fmt: skip
         ppl_ax.plot(lambdas, [r.get("perplexity") for r in rs], marker="o", label=method)
     for ax, label in ((tox_ax, "mean toxicity"), (ppl_ax, "perplexity on held-out text")):
         ax.set_xlabel("λ (weight of the KL term)")
         ax.set_ylabel(label)
         ax.set_title(f"{label.capitalize()} vs λ")
         ax.grid(alpha=0.3)
-        ax.legend()
+    _legend_beside(ppl_ax)  # one legend for both
     return _save(fig, out / "lambda_sweep.png")

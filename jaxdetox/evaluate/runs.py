@@ -3,24 +3,32 @@
 A run contributes the row `base` (its iteration-0 eval, when it has one) and the row named by
 its config's `method` (its last eval), plus per-iteration curves and stage times for the
 plots. Rows always carry `method`, `expected_max_toxicity`, `toxicity_probability` and
-`perplexity`; the rest when measured.
+`perplexity`; the rest when measured: among them `<figure>_stderr` (the standard error over
+prompts of each toxicity figure) and, for rows evaluated on the base row's prompts, the
+paired difference of mean toxicity from the base (`compare_with_base`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxdetox.evaluate.report import PER_PROMPT_FILE, read_per_prompt, with_stderr
+from jaxdetox.evaluate.rtp import paired_difference
 from jaxdetox.fileio import as_path
 
 ROW_KEYS = (
     "expected_max_toxicity",
     "expected_max_toxicity_std",
+    "expected_max_toxicity_stderr",
     "toxicity_probability",
+    "toxicity_probability_stderr",
     "mean_toxicity",
+    "mean_toxicity_stderr",
     "perplexity",
     "fluency_perplexity",
     "distinct_1",
@@ -51,12 +59,23 @@ def _config(run: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
+def _finite(value: Any) -> Any:
+    """A standard error that could not be computed (NaN: fewer than two prompts) as None, so
+    results.json stays valid JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _row(method: str, record: dict[str, Any], run: Path, **extra: Any) -> dict[str, Any]:
     out = record["outputs"]
-    row = {"method": method, **{k: out[k] for k in ROW_KEYS if k in out}}
-    row["toxic_prompts_expected_max_toxicity"] = (
-        out.get("groups", {}).get("toxic", {}).get("expected_max_toxicity")
-    )
+    row = {"method": method}
+    row.update({k: _finite(out[k]) if k.endswith("_stderr") else out[k]
+                for k in ROW_KEYS if k in out})  # fmt: skip
+    toxic = out.get("groups", {}).get("toxic", {})
+    row["toxic_prompts_expected_max_toxicity"] = toxic.get("expected_max_toxicity")
+    if "expected_max_toxicity_stderr" in toxic:
+        row["toxic_prompts_expected_max_toxicity_stderr"] = _finite(
+            toxic["expected_max_toxicity_stderr"]
+        )
     for name, c in out.get("constraints", {}).items():  # per-constraint satisfaction
         row[f"satisfied_{name}"] = c.get("satisfaction")
     return {**row, "run": str(run), "lm_version": record["iteration"], **extra}
@@ -151,7 +170,8 @@ def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Any]:
 
 def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]:
     """`(rows, summaries)` over several runs (a sweep's directory stands for its runs); one
-    `base` row (the first run's) is kept."""
+    `base` row (the first run's) is kept, and every other row compared with it
+    (`compare_with_base`)."""
     summaries = [run_summary(r) for r in expand_runs(runs)]
     rows, have_base = [], False
     for s in summaries:
@@ -161,7 +181,45 @@ def collect(runs: list[str | os.PathLike[str]]) -> tuple[list[dict], list[dict]]
                     continue
                 have_base = True
             rows.append(row)
+    compare_with_base(rows)
     return rows, summaries
+
+
+NO_BASE = "no base row among the reported runs"
+OTHER_PROMPTS = "evaluated on other prompts than the base row"
+NO_PER_PROMPT = (
+    "no per-prompt results (evaluated before they were kept), so no paired standard error"
+)
+
+
+def _per_prompt(row: dict[str, Any]) -> dict[str, Any] | None:
+    return read_per_prompt(as_path(row["run"]) / "eval" / PER_PROMPT_FILE.format(row["lm_version"]))
+
+
+def compare_with_base(rows: list[dict[str, Any]]) -> None:
+    """Set on every row but `base`: `delta_mean_toxicity` (mean over prompts of the row's
+    per-prompt mean toxicity minus the base's), `delta_mean_toxicity_stderr` (its paired
+    standard error) and `paired_prompts` when both were evaluated on the same prompts, else
+    `delta_note` saying why not (`NO_BASE`, `OTHER_PROMPTS`, `NO_PER_PROMPT`)."""
+    base = next((r for r in rows if r["method"] == "base"), None)
+    base_prompts = _per_prompt(base) if base is not None else None
+    for row in rows:
+        if row is base:
+            continue
+        if base is None:
+            row["delta_note"] = NO_BASE
+            continue
+        mine = _per_prompt(row)
+        if mine is None or base_prompts is None:
+            row["delta_note"] = NO_PER_PROMPT
+        elif mine["prompts_digest"] != base_prompts["prompts_digest"]:
+            row["delta_note"] = OTHER_PROMPTS
+        else:
+            d = paired_difference(mine["prompt_id"], mine["mean_toxicity"],
+                                  base_prompts["prompt_id"], base_prompts["mean_toxicity"])  # fmt: skip
+            row["delta_mean_toxicity"] = _finite(d["difference"])
+            row["delta_mean_toxicity_stderr"] = _finite(d["stderr"])
+            row["paired_prompts"] = d["prompts"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -230,27 +288,79 @@ def row_names(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _delta(row: dict[str, Any], base: dict[str, Any] | None, notes: list[str]) -> str:
+    """The `Δ mean tox. vs base` cell: relative change, ± its paired standard error, `*` past
+    two of them; a numbered note (in `notes`) where it or its error is missing."""
+    if row is base:
+        return "–"
+    note = row.get("delta_note")
+    mark = ""
+    if note is not None:
+        if note not in notes:
+            notes.append(note)
+        mark = f" ({notes.index(note) + 1})"
+    ref = base.get("mean_toxicity") if base is not None else None
+    if not ref or note in (NO_BASE, OTHER_PROMPTS) or row.get("mean_toxicity") is None:
+        return f"–{mark}"
+    cell = f"{100 * (row['mean_toxicity'] / ref - 1):+.0f}%"
+    se = row.get("delta_mean_toxicity_stderr")
+    if se is not None:
+        cell += f" ± {100 * se / ref:.0f}%"
+        if abs(row["delta_mean_toxicity"]) > 2 * se:
+            cell += " *"
+    return cell + mark
+
+
+def _toxicity(key: str) -> Any:
+    return lambda r: with_stderr(r.get(key), r.get(f"{key}_stderr"))
+
+
+# (header, cell, key that makes an optional column appear: shown only when some row has it,
+# i.e. the runs measured or asked for it; None: always shown)
+_COLUMNS = (
+    ("exp. max toxicity", _toxicity("expected_max_toxicity"), None),
+    ("toxicity prob.", _toxicity("toxicity_probability"), None),
+    ("mean toxicity", _toxicity("mean_toxicity"), None),
+    ("Δ mean tox. vs base", None, None),
+    ("PPL (held-out)", lambda r: _fmt(r.get("perplexity"), 2), None),
+    ("PPL (generations)", lambda r: _fmt(r.get("fluency_perplexity"), 2), "fluency_perplexity"),
+    ("distinct-2", lambda r: _fmt(r.get("distinct_2")), "distinct_2"),
+    ("detection AUROC", lambda r: _fmt(r.get("detection_auroc")), "detection_auroc"),
+    ("utility", lambda r: _utility(r.get("utility")), "utility"),
+    ("train time (s)", lambda r: _fmt(r.get("seconds"), 0), None),
+    ("samples", lambda r: _fmt(r.get("train_samples")), None),
+    ("oracle calls", lambda r: _fmt(r.get("oracle_calls")), None),
+)
+
+
 def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paper-shaped table: rows = methods; toxicity, fluency, diversity and time."""
+    """The paper-shaped table: rows = methods; toxicity (± its standard error over prompts),
+    the change from base (± its paired standard error), fluency, diversity and time; an
+    optional column only when some row has its value; notes below say what an empty cell
+    or a missing error means."""
     base = next((r for r in rows if r["method"] == "base"), None)
-    header = (
-        "| method | exp. max toxicity | toxicity prob. | mean toxicity | Δ mean tox. vs base "
-        "| PPL (held-out) | PPL (generations) | distinct-2 | detection AUROC | utility "
-        "| train time (s) | samples | oracle calls |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
+    columns = [c for c in _COLUMNS if c[2] is None or any(c[2] in r for r in rows)]
+    notes: list[str] = []
+    lines = [
+        "| method | " + " | ".join(h for h, _, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for r, name in zip(rows, row_names(rows)):
-        delta = None
-        if base is not None and r is not base and base.get("mean_toxicity"):
-            delta = f"{100 * (r['mean_toxicity'] / base['mean_toxicity'] - 1):+.0f}%"
-        lines.append(
-            f"| {name} | {_fmt(r.get('expected_max_toxicity'))} "
-            f"| {_fmt(r.get('toxicity_probability'))} | {_fmt(r.get('mean_toxicity'))} "
-            f"| {delta or '–'} | {_fmt(r.get('perplexity'), 2)} "
-            f"| {_fmt(r.get('fluency_perplexity'), 2)} | {_fmt(r.get('distinct_2'))} "
-            f"| {_fmt(r.get('detection_auroc'))} | {_utility(r.get('utility'))} "
-            f"| {_fmt(r.get('seconds'), 0)} | {_fmt(r.get('train_samples'))} "
-            f"| {_fmt(r.get('oracle_calls'))} |"
+        cells = [_delta(r, base, notes) if cell is None else cell(r) for _, cell, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    legend = []
+    if any(r.get("mean_toxicity_stderr") is not None for r in rows):
+        legend.append("± one standard error over prompts (each prompt's completions are one unit).")
+    if any("delta_mean_toxicity_stderr" in r for r in rows):
+        legend.append(
+            "Δ: relative to base ± the paired standard error of the per-prompt differences; "
+            "`*`: the difference exceeds two of them."
         )
-    return header + "\n".join(lines) + "\n"
+    old = [n for r, n in zip(rows, row_names(rows))
+           if r.get("mean_toxicity") is not None and "mean_toxicity_stderr" not in r]  # fmt: skip
+    if old:
+        legend.append(
+            f"No standard errors for {', '.join(old)}: evaluated before they were recorded."
+        )
+    legend += [f"({i}) {note}." for i, note in enumerate(notes, 1)]
+    return "\n".join(lines) + "\n\n" + "".join(f"- {line}\n" for line in legend)

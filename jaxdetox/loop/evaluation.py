@@ -5,7 +5,9 @@ sampler's k-per-prompt mode) into `RUN/eval/samples` (store iteration = LLM vers
 every version is scored on the same prompts with the same seeds), labels them with the
 run's oracle, and reports the RTP metrics per prompt group, distinct-1/2/3, the
 generations' perplexity under the fluency model and the LLM's perplexity on held-out text.
-Resumable like stages 1–2; the metrics go to the manifest record and `RUN/eval/lm_NNN.json`.
+Resumable like stages 1–2; the metrics (each toxicity figure with its standard error over
+prompts) go to the manifest record and `RUN/eval/lm_NNN.json`, the headline prompt form's
+per-prompt results to `RUN/eval/lm_NNN.prompts.json` (`evaluate.report.write_per_prompt`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxdetox.evaluate.fluency import (
     nll_sums,
     text_windows,
 )
+from jaxdetox.evaluate.report import PER_PROMPT_FILE, write_per_prompt
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.state import Models, Params
@@ -290,6 +293,11 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     if exp.run.writer:
         path = exp.run.root / "eval" / f"lm_{version:03d}.json"
         path.write_text(json.dumps({"lm": version, **metrics}, indent=2))
+        # per prompt, for the report's paired comparison with the base (`evaluate.runs`)
+        write_per_prompt(
+            exp.run.root / "eval" / PER_PROMPT_FILE.format(version),
+            toxicity, ok, prompt_ids, table["prompt_text"].to_pylist(),
+        )  # fmt: skip
     return metrics
 
 
