@@ -151,13 +151,25 @@ def test_logprobs_equal_teacher_forced_forward(models):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("head", ["linear", "factored"])
 @pytest.mark.parametrize("variant", ["separate", "shared"])
-def test_guided_decoding_with_nado_model(models, variant):
-    """The real NADO: own body + cache (separate) or a head on the LM's hidden states."""
+def test_guided_decoding_with_nado_model(models, variant, head):
+    """The real NADO: own body + cache (separate) or a head on the LM's hidden states; a
+    free linear head or the factored head through the LM's output embedding."""
     _, lm = models("llama_gqa")
-    nado_config = NadoConfig.for_lm(lm.config, variant, num_layers=1, head_init="normal")
-    nado = init_nado(nado_config, seed=3)
-    nado.head.w[...] = 50.0 * nado.head.w[...]  # |h_φ| ~ 1: guidance visibly reshapes p
+    nado_config = NadoConfig.for_lm(
+        lm.config, variant, num_layers=1, head_init="normal", head=head, head_rank=4 * (
+            variant == "shared")
+    )  # fmt: skip
+    nado = init_nado(nado_config, seed=3, lm_model=lm.model if head == "factored" else None)
+    if head == "linear":
+        nado.head.w[...] = 50.0 * nado.head.w[...]  # |h_φ| ~ 1: guidance visibly reshapes p
+    else:  # W, u and the value term away from their zero start
+        rng = np.random.default_rng(0)
+        for name in ("proj", "up", "down", "shift", "value"):
+            if hasattr(nado.head, name):
+                var = getattr(nado.head, name)
+                var[...] = jnp.asarray(rng.standard_normal(var.shape), var.dtype) * 0.5
     sampler, params, nado_params = lm_sampler(lm, nado)
     config = SamplingConfig(
         max_new_tokens=4, temperature=0.8, top_k=40, num_samples=2, seed=2, alpha=2.0

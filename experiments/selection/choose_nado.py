@@ -1,6 +1,6 @@
 """Choose the NADO recipe by measurement on training prompts only (experiments/README.md).
 
-    python experiments/selection/select.py --out runs/select [--only NAME ...] [--list]
+    python experiments/selection/choose_nado.py --out runs/select [--only NAME ...] [--list]
 
 Every variant is the `nado_decoding` baseline of `nado_decoding.yaml` (131 of the 175 toxic
 training prompts sampled, 44 other training prompts to evaluate guided decoding on) with a
