@@ -47,7 +47,11 @@ def _write(rows: list, summaries: list, out: Path) -> str:
     import json
 
     from jaxdetox.evaluate import plots
-    from jaxdetox.evaluate.runs import iteration_time_markdown, results_markdown
+    from jaxdetox.evaluate.runs import (
+        iteration_time_markdown,
+        nado_quality_markdown,
+        results_markdown,
+    )
 
     table = results_markdown(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -64,7 +68,11 @@ def _write(rows: list, summaries: list, out: Path) -> str:
     )
     times = iteration_time_markdown(summaries)
     times = f"## Iteration time\n\n{times}\n" if times else ""
-    (out / "report.md").write_text(f"# Results\n\n{table}\n{times}Runs:\n{runs_list}\n\n{images}\n")
+    quality = nado_quality_markdown(summaries)
+    quality = f"## NADO quality (held-out samples)\n\n{quality}\n" if quality else ""
+    (out / "report.md").write_text(
+        f"# Results\n\n{table}\n{times}{quality}Runs:\n{runs_list}\n\n{images}\n"
+    )
     return table
 
 

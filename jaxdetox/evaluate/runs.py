@@ -149,7 +149,50 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
     loop = config.get("loop", {})
     return {"run": str(run), "method": method, "scheme": loop.get("scheme", "sequential"),
             "placement": loop.get("placement", "colocated"), "rows": rows, "curve": curve,
-            "times": times, "walls": iteration_walls(records)}  # fmt: skip
+            "times": times, "walls": iteration_walls(records),
+            "nado_quality": nado_quality_records(records)}  # fmt: skip
+
+
+def nado_quality_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`[{iteration, constraint, **nado_quality}]` of a run's done train_nado stages (the
+    main oracle's NADO as constraint None, further constraints' by name)."""
+    out = []
+    for r in sorted(records, key=lambda r: r["iteration"]):
+        if r["stage"] != "train_nado" or r["status"] != "done":
+            continue
+        for key, quality in r["outputs"].items():
+            if key == "nado_quality" or key.startswith("nado_quality_"):
+                name = key[len("nado_quality_") :] or None
+                out.append({"iteration": r["iteration"], "constraint": name, **quality})
+    return out
+
+
+def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
+    """Each trained NADO's held-out quality; a NADO that does not beat the constant
+    predictor is flagged (its guidance is no better than none)."""
+    lines = [
+        "| run | iteration | NADO | held-out BCE | constant BCE | AUROC | ECE | vocab coverage |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    flagged = False
+    for s in summaries:
+        for q in s.get("nado_quality", []):
+
+            def f(key: str, digits: int = 3, q: dict = q) -> str:
+                return "–" if q.get(key) is None else f"{q[key]:.{digits}f}"
+
+            flag = "" if q.get("beats_constant", True) else " ⚠"
+            flagged |= bool(flag)
+            lines.append(
+                f"| {s['method']} | {q['iteration']} | {q['constraint'] or 'oracle'} "
+                f"| {f('heldout_bce', 4)}{flag} | {f('constant_bce', 4)} | {f('auroc')} "
+                f"| {f('ece')} | {f('vocab_coverage')} |"
+            )
+    if len(lines) == 2:
+        return ""
+    note = ("\n⚠ held-out BCE not below the constant predictor's: that NADO has learnt "
+            "nothing it can use.\n") if flagged else ""  # fmt: skip
+    return "\n".join(lines) + "\n" + note
 
 
 def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Any]:
