@@ -234,18 +234,20 @@ def train_nado_stage(
     *,
     nado_version: int,
     samples: int,
+    lm_version: int,
     constraint: Any = None,
 ) -> StageResult:
     """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
-    reference (the model R decomposes for the consistency term) is the base LLM. `constraint`
-    (an `Experiment.constraints` entry; default the first) picks the labels and the NADO."""
+    reference (the model R decomposes: the Bellman term's p and the `shared` variant's
+    features) is LLM_{lm_version}, the LLM that drew S_{samples}. `constraint` (an
+    `Experiment.constraints` entry; default the first) picks the labels and the NADO."""
     cfg = exp.config.train_nado
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
     num_rows = exp.store.read(samples, constraint.label_name).num_rows
     total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     training = make_training(
-        exp.lm_module(exp.lm_params(0)),
+        exp.lm_module(exp.lm_params(lm_version)),
         exp.nado_module(exp.nado_params(nado_version, constraint.name)),
         exp.mesh,
         lm_optimizer=None,
