@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from jaxdetox import sharding
+from jaxdetox.data.sample_batches import per_prompt_importance_weights
 from jaxdetox.models import ModelConfig, NadoConfig, build_model, init_nado
 from jaxdetox.train import (
     OptimizerConfig,
@@ -68,6 +69,9 @@ def stream(rng: np.random.Generator, batch: int = 8, length: int = 10, labels: b
             label_mask_b=label_mask,
             model_logprob_b=rng.normal(size=batch).astype(np.float32),
             sampling_logprob_b=rng.normal(size=batch).astype(np.float32),
+        )
+        out["importance_weight_b"] = per_prompt_importance_weights(  # all rows: one prompt
+            np.zeros(batch), out["sampling_logprob_b"], out["model_logprob_b"], label_mask > 0
         )
     return out
 

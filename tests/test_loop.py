@@ -43,7 +43,7 @@ def test_manifest_records_the_sequential_data_flow(finished_run):
         (1, "finetune", {"lm": 0, "nado": 1, "samples": 1}),
         (2, "sample", {"lm": 1}),
         (2, "label", {"samples": 2}),
-        (2, "train_nado", {"lm": 0, "nado": 1, "samples": 2}),
+        (2, "train_nado", {"lm": 1, "nado": 1, "samples": 2}),  # S_2 was drawn by LLM_1
         (2, "finetune", {"lm": 1, "nado": 2, "samples": 2}),
         (2, "eval", {"lm": 2}),
     ]
@@ -222,6 +222,43 @@ def test_parallel_scheme_manifest_shows_the_pipelined_data_flow(model_dir, tmp_p
     for i in (2, 3, 4):  # no stage consumes an artefact of its own iteration
         assert flow[i, "sample"] == {"lm": i - 1} and produced[i] == i - 1
         assert flow[i, "label"] == {"samples": i - 1}
-        assert flow[i, "train_nado"] == {"lm": 0, "nado": i - 1, "samples": i - 2}
+        assert flow[i, "train_nado"] == {"lm": i - 2, "nado": i - 1, "samples": i - 2}
         assert flow[i, "finetune"] == {"lm": i - 1, "nado": i - 1, "samples": i - 2}
     assert (out / "final" / "model" / "model.safetensors").exists()
+
+
+def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_path, monkeypatch):
+    """NADO_2 is trained on S_2, drawn by LLM_1: its reference (the Bellman term's p and the
+    shared variant's features) is LLM_1, not the base, and its record says so."""
+    import shutil
+
+    import jax
+
+    from jaxdetox.loop import sequential
+    from jaxdetox.loop import training as training_lib
+    from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.loop.session import resolve_run_config
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    records = json.loads((run / "manifest.json").read_text())
+    kept = [r for r in records if (r["iteration"], r["stage"]) != (2, "train_nado")]
+    (run / "manifest.json").write_text(json.dumps(kept))
+    shutil.rmtree(run / "iter_002" / "train_nado")
+    exp = Experiment(resolve_run_config(None, run, []), RunDir(run), progress=False)
+    seen = {}
+
+    def fake_fit(exp, *, training, **kw):  # the stage as set up, without its steps
+        seen["ref"] = jax.device_get(training.state.ref_params)
+        params = training.state.nado.params
+        return training_lib.StageResult(params, kw["total_steps"], {}, 0, 0)
+
+    monkeypatch.setattr(training_lib, "fit", fake_fit)
+    sequential.train_nado(exp, 2, nado_version=1, samples=2)  # the store says LLM_1 drew S_2
+    record = RunDir(run).record(2, "train_nado")
+    assert record["inputs"] == {"lm": 1, "nado": 1, "samples": 2}
+    llm_1, llm_0 = jax.device_get(exp.lm_params(1)), jax.device_get(exp.lm_params(0))
+    flat = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(flat(seen["ref"]), flat(llm_1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(flat(seen["ref"]), flat(llm_0)))

@@ -172,3 +172,57 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
         bce = float(jnp.sum(want.bce_bt * w_b[:, None]) / mask_bt.sum())
         np.testing.assert_allclose(float(metrics["nado/loss"]), bce + 0.5 * expected, rtol=1e-5)
     assert got["kl", True] != pytest.approx(got["kl", False])  # the direction reaches the loss
+
+
+# ----------------------------------------------------------------------------- importance weights
+
+
+def _importance_fixture() -> SampleArrays:
+    # Two prompts x 3 samples, interleaved. Prompt 7: plain samples. Prompt 9: guided
+    # samples (drawn from q = p ⊕ NADO; model_logprobs is log q, base_logprobs log p), one of
+    # them with a failed label.
+    table = sample_table(
+        [7, 9, 7, 9, 7, 9],
+        model=[-1.0, -2.0, -2.0, -2.0, -3.0, -2.0],
+        sampling=[-1.5, -2.0, -1.0, -2.0, -2.0, -2.0],
+        base=[None, -1.0, None, -3.0, None, -2.5],
+        ok=[True, True, True, False, True, True],
+    )
+    return SampleArrays(table, None, None, 8)
+
+
+def _hand_weights() -> np.ndarray:
+    # Prompt 7: log p − log π = model − sampling = 0.5, −1, −1 over its 3 labelled samples.
+    e7 = [np.exp(0.5), np.exp(-1.0), np.exp(-1.0)]
+    w7 = [3 * x / sum(e7) for x in e7]
+    # Prompt 9: log p = base: −1 − (−2) = 1 and −2.5 − (−2) = −0.5 over its 2 labelled ones.
+    e9 = [np.exp(1.0), np.exp(-0.5)]
+    w9 = [2 * x / sum(e9) for x in e9]
+    return np.array([w7[0], w9[0], w7[1], 0.0, w7[2], w9[1]])
+
+
+def test_importance_weights_are_normalised_per_prompt_against_the_drawing_llm():
+    arrays = _importance_fixture()
+    want = _hand_weights()
+    np.testing.assert_allclose(arrays.importance_weights, want, rtol=1e-6)
+    # Carried per row: the same weight whichever batch the row lands in.
+    for rows in ([0, 1], [5, 3, 2], [4]):
+        b = arrays.batch(np.array(rows), 4)
+        np.testing.assert_allclose(b["importance_weight_b"][: len(rows)], want[rows], rtol=1e-6)
+        assert not b["importance_weight_b"][len(rows) :].any()  # padding rows weigh nothing
+
+
+def test_a_nado_step_weighs_samples_by_the_per_prompt_weights():
+    import jax.numpy as jnp
+
+    from jaxdetox.train import StepConfig
+    from jaxdetox.train import steps as steps_lib
+
+    arrays = _importance_fixture()
+    b = arrays.batch(np.array([3, 0, 5, 2]), 4)
+    stream = {**b, "label_mask_b": b["ok_b"].astype(np.float32)}
+    stream = {k: jnp.asarray(v) for k, v in stream.items() if k in steps_lib.STEP_KEYS}
+    got = steps_lib.nado_weights(stream, StepConfig(importance_weights=True))
+    np.testing.assert_allclose(np.asarray(got), _hand_weights()[[3, 0, 5, 2]], rtol=1e-6)
+    plain = steps_lib.nado_weights(stream, StepConfig())
+    np.testing.assert_array_equal(np.asarray(plain), [0.0, 1.0, 1.0, 1.0])

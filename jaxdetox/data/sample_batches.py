@@ -28,7 +28,11 @@ class SampleArrays:
     Row layout: prompt left-padded to `prompt_len`, completion right-padded to
     `completion_len`. `targets_bt[t]` is the token after t; `loss_mask_bt` is 1 where that
     target is a completion token (the positions the NADO BCE, the KL on samples and an SFT on
-    samples use); `*_logprobs_bt[t]` is the stored log-prob of `targets_bt[t]`.
+    samples use); `*_logprobs_bt[t]` is the stored log-prob of `targets_bt[t]`;
+    `importance_weight_b` is the row's importance weight for the NADO, self-normalised over
+    its prompt's labelled samples of the whole iteration (`per_prompt_importance_weights`
+    of log p = the drawing LLM's: `base_logprobs` on guided rows, else `model_logprobs`,
+    against log π = `sampling_logprobs`).
     """
 
     def __init__(
@@ -77,6 +81,27 @@ class SampleArrays:
             if has_labels
             else None
         )
+        labelled = None if self.ok is None else self.ok & np.isfinite(self.toxicity)
+        self.importance_weights = per_prompt_importance_weights(
+            self.prompt_ids,
+            self.sequence_logprob("sampling_logprobs"),
+            np.where(
+                self.has_logprobs("base_logprobs"),
+                self.sequence_logprob("base_logprobs"),
+                self.sequence_logprob("model_logprobs"),
+            ),
+            labelled,
+        )
+
+    def has_logprobs(self, name: str) -> np.ndarray:
+        """Per row: whether log-prob column `name` is stored (`base_logprobs`: guided rows)."""
+        return np.diff(self._logprobs[name][1]) > 0
+
+    def sequence_logprob(self, name: str) -> np.ndarray:
+        """Per row: the sum of log-prob column `name` over the completion (0 if not stored)."""
+        values, offsets = self._logprobs[name]
+        sums = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+        return (sums[offsets[1:]] - sums[offsets[:-1]]).astype(np.float32)
 
     def batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         """The padded batch of sample `rows` (row index -1 = none), filled up to `batch_size`;
@@ -120,6 +145,7 @@ class SampleArrays:
             **{f"{name}_bt": value for name, value in logprobs.items()},
             # Sequence log-probs (importance weights, docs/method.md): sums over the completion.
             **{f"{name[:-1]}_b": value.sum(axis=1) for name, value in logprobs.items()},
+            "importance_weight_b": take(self.importance_weights, 0.0, np.float32),
             "prompt_ids_b": take(self.prompt_ids, -1, np.int64),
             "sample_index_b": take(self.sample_index, -1, np.int32),
             "prompt_lengths_b": take(self.prompt_lengths, 0, np.int32),
@@ -132,6 +158,35 @@ class SampleArrays:
             # Failed or missing scores are masked by ok_b; 0 keeps NaN out of the loss arithmetic.
             out["toxicity_b"] = np.where(ok_b, self.toxicity[safe_b], 0.0).astype(np.float32)
         return out
+
+
+def per_prompt_importance_weights(
+    prompt_ids: np.ndarray,
+    log_proposal: np.ndarray,
+    log_target: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-sample weights `n_x · softmax_{i ∈ x}(log p(y_i) − log π(y_i))`, self-normalised
+    over each prompt x's `n_x` unmasked samples (mean 1 per prompt; masked samples get 0).
+
+    The NADO's BCE estimates R under p from samples of π (docs/method.md, "Importance
+    weights"); normalising per prompt keeps one prompt's likely samples from taking the
+    weight of another prompt's. float64 on the host; float32 out.
+    """
+    ids = np.asarray(prompt_ids)
+    log_w = np.asarray(log_target, np.float64) - np.asarray(log_proposal, np.float64)
+    keep = np.ones(len(ids), bool) if mask is None else np.asarray(mask, bool)
+    log_w = np.where(keep, log_w, -np.inf)
+    _, group = np.unique(ids, return_inverse=True)
+    top = np.full(group.max(initial=-1) + 1, -np.inf)
+    np.maximum.at(top, group, log_w)
+    w = np.where(keep, np.exp(log_w - np.where(np.isfinite(top), top, 0.0)[group]), 0.0)
+    total = np.zeros_like(top)
+    np.add.at(total, group, w)
+    count = np.bincount(group, weights=keep, minlength=len(top))
+    return np.where(keep, w * count[group] / np.maximum(total[group], 1e-300), 0.0).astype(
+        np.float32
+    )
 
 
 def _batch_of_rows(

@@ -401,7 +401,7 @@ def run_nado_decoding(exp: Experiment) -> None:
         evaluate(exp, 0)
     for i in range(1, n + 1):
         sample_and_label(exp, i, lm_version=0, samples=i, block=i - 1)
-        train_nado(exp, i, nado_version=i - 1, samples=i)
+        train_nado(exp, i, nado_version=i - 1, samples=i, lm_version=0)
         if eval_due(exp.config, i):
             evaluate_guided(exp, i)
     export_models(exp, 0, n)

@@ -248,10 +248,11 @@ class Experiment:
         return params
 
     def _hold(self, kind: str, iteration: int, params: Params) -> None:
-        """Keep a version in memory, dropping the ones no later stage of either scheme reads
-        (one asked for again is restored): once LLM_i exists no stage reads LLM_{i−1} (the
-        base LLM, every stage's reference, stays), while the parallel scheme's finetune i
-        still reads NADO_{i−1} after NADO_i is made. So at most two versions of each."""
+        """Keep a version in memory, dropping the ones no later stage of the sequential
+        scheme reads (one asked for again is restored): once LLM_i exists no stage reads
+        LLM_{i−1} (the base LLM stays; the parallel scheme's train_nado i+1 restores the
+        LLM_{i−1} that drew its samples), while the parallel scheme's finetune i still reads
+        NADO_{i−1} after NADO_i is made. So at most two versions of each."""
         if kind == "lm":
             table, drop = self._lm, lambda k: 0 < k < iteration
         else:

@@ -5,12 +5,15 @@ differ in who executes which stages and how a consumer learns that its inputs ex
 Versions: `lm` j is LLM_j (0 = the base model), `nado` k is NADO_k (0 = the initial NADO),
 `samples` s is the sample store S_s (drawn) and `labels` s the same store labelled.
 
-    sequential, iteration i:  S_i ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_i);
+    sequential, iteration i:  S_i ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_i, LLM_{i−1});
                               LLM_i ← (LLM_{i−1}, NADO_i, S_i)
-    parallel, iteration i≥2:  S_{i−1} ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_{i−2});
+    parallel, iteration i≥2:  S_{i−1} ← LLM_{i−1};  NADO_i ← (NADO_{i−1}, S_{i−2}, LLM_{i−2});
                               LLM_i ← (LLM_{i−1}, NADO_{i−1}, S_{i−2})
-    parallel, iteration 1 (warm-up, sequential on S_0): S_0 ← LLM_0; NADO_1 ← (NADO_0, S_0);
-                              LLM_1 ← (LLM_0, NADO_1, S_0)
+    parallel, iteration 1 (warm-up, sequential on S_0): S_0 ← LLM_0;
+                              NADO_1 ← (NADO_0, S_0, LLM_0); LLM_1 ← (LLM_0, NADO_1, S_0)
+
+A NADO's `lm` input is the LLM that drew its samples: R decomposes that model (the Bellman
+term's p, the `shared` variant's features), so it is the NADO stage's reference.
 
 Before a stage runs, `check_inputs` verifies that the record of every stage it depends on is
 done *and consumed what this flow says it should* — a role handed an artefact made from
@@ -99,8 +102,9 @@ def _sample(iteration: int, lm: int, samples: int, block: int) -> list[Stage]:
     return [drawn, _stage(iteration, "label", ("labels", samples), samples=samples)]
 
 
-def _train_nado(iteration: int, nado: int, samples: int) -> Stage:
-    return _stage(iteration, "train_nado", ("nado", iteration), lm=0, nado=nado, samples=samples)
+def _train_nado(iteration: int, lm: int, nado: int, samples: int) -> Stage:
+    # `lm`: the LLM that drew the samples, the model the NADO decomposes (its reference).
+    return _stage(iteration, "train_nado", ("nado", iteration), lm=lm, nado=nado, samples=samples)
 
 
 def _finetune(iteration: int, lm: int, nado: int, samples: int) -> Stage:
@@ -128,15 +132,21 @@ def plan_stages(config: RunConfig) -> list[Stage]:
             stages.append(_stage(version, "eval", ("eval", version), lm=version))
 
     evaluate(0)
+    drawn_by: dict[int, int] = {}  # S_s -> the LLM its sample stage draws it from
+
+    def sample(i: int, lm: int, samples: int) -> None:
+        stages.extend(_sample(i, lm=lm, samples=samples, block=i - 1))
+        drawn_by[samples] = lm
+
     for i in range(1, n + 1):
         if config.loop.scheme == "sequential" or i == 1:
             s = i if config.loop.scheme == "sequential" else 0
-            stages += _sample(i, lm=i - 1, samples=s, block=i - 1)
-            stages.append(_train_nado(i, nado=i - 1, samples=s))
+            sample(i, lm=i - 1, samples=s)
+            stages.append(_train_nado(i, lm=drawn_by[s], nado=i - 1, samples=s))
             stages.append(_finetune(i, lm=i - 1, nado=i, samples=s))
         else:  # (C), (A), (B): nothing consumes an artefact of its own iteration
-            stages += _sample(i, lm=i - 1, samples=i - 1, block=i - 1)
-            stages.append(_train_nado(i, nado=i - 1, samples=i - 2))
+            sample(i, lm=i - 1, samples=i - 1)
+            stages.append(_train_nado(i, lm=drawn_by[i - 2], nado=i - 1, samples=i - 2))
             stages.append(_finetune(i, lm=i - 1, nado=i - 1, samples=i - 2))
         evaluate(i)
     stages.append(_stage(n, "export", None, lm=n, nado=n))

@@ -239,8 +239,8 @@ def _stream(batch: int, length: int, labels: bool = False) -> dict[str, jax.Shap
     }
     if labels:
         vec = jax.ShapeDtypeStruct((batch,), jnp.float32)
-        out |= {"labels_b": vec, "label_mask_b": vec, "model_logprob_b": vec,
-                "sampling_logprob_b": vec, "nado_weight_b": vec}  # fmt: skip
+        out |= {"labels_b": vec, "label_mask_b": vec, "importance_weight_b": vec,
+                "nado_weight_b": vec}  # fmt: skip
     return out
 
 

@@ -30,7 +30,15 @@ from jaxdetox.config import ROLES, RunConfig
 from jaxdetox.loop import flow
 from jaxdetox.loop.experiment import Experiment, Handover
 from jaxdetox.loop.rundir import RunDir
-from jaxdetox.loop.sequential import evaluate, export_final, finetune, label, sample, train_nado
+from jaxdetox.loop.sequential import (
+    evaluate,
+    export_final,
+    finetune,
+    label,
+    sample,
+    sampled_by,
+    train_nado,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +55,7 @@ def check_sample_store(
     if s is None or stage.name == "sample":
         return
     expected = made_by["samples", s].input_versions["lm"]
-    info = exp.store.done_info(s, "sampled") or {}
-    drawn_by = info.get("versions", {}).get("lm")
+    drawn_by = sampled_by(exp, s)
     if drawn_by is not None and drawn_by != expected:
         raise flow.VersionError(
             f"{stage} (role {stage.role}) consumes S_{s}, which the flow draws from LLM_{expected}, "
@@ -64,7 +71,9 @@ def execute(exp: Experiment, stage: flow.Stage) -> None:
     elif stage.name == "label":
         label(exp, stage.iteration, v["samples"])
     elif stage.name == "train_nado":
-        train_nado(exp, stage.iteration, nado_version=v["nado"], samples=v["samples"])
+        train_nado(
+            exp, stage.iteration, nado_version=v["nado"], samples=v["samples"], lm_version=v["lm"]
+        )
     elif stage.name == "finetune":
         finetune(exp, stage.iteration, v["lm"], nado_version=v["nado"], samples=v["samples"])
     elif stage.name == "eval":

@@ -147,18 +147,38 @@ def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
     }
 
 
-def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int) -> None:
-    """Stage 3: NADO_iteration from NADO_{nado_version} on S_{samples}."""
+def sampled_by(exp: Experiment, samples: int) -> int | None:
+    """The LLM version the sample store records as having drawn S_{samples} (None: none)."""
+    info = exp.store.done_info(samples, "sampled") or {}
+    return info.get("versions", {}).get("lm")
+
+
+def train_nado(
+    exp: Experiment,
+    iteration: int,
+    nado_version: int,
+    samples: int,
+    lm_version: int | None = None,
+) -> None:
+    """Stage 3: NADO_iteration from NADO_{nado_version} on S_{samples}, decomposing
+    LLM_{lm_version}: the LLM that drew S_{samples} (None: the one the store records)."""
+    if lm_version is None:
+        lm_version = sampled_by(exp, samples)
+        if lm_version is None:
+            raise ValueError(
+                f"train_nado of iteration {iteration}: the sample store {exp.store.root} does "
+                f"not record which LLM drew S_{samples} (its sampled.done.json has no "
+                "versions.lm); the NADO must decompose that LLM"
+            )
+    kw = {"nado_version": nado_version, "samples": samples, "lm_version": lm_version}
 
     def body() -> dict[str, Any]:
-        result = train_nado_stage(exp, iteration, nado_version=nado_version, samples=samples)
+        result = train_nado_stage(exp, iteration, **kw)
         artifact = exp.save_artifact(iteration, "train_nado", result.params, inputs)
         exp.keep("nado", iteration, result.params)
         outputs = _training_outputs(result, artifact)
         for c in exp.constraints[1:]:  # one NADO per further constraint, on its own labels
-            result = train_nado_stage(
-                exp, iteration, nado_version=nado_version, samples=samples, constraint=c
-            )
+            result = train_nado_stage(exp, iteration, **kw, constraint=c)
             name = f"artifact_{c.name}"
             exp.save_artifact(iteration, "train_nado", result.params, inputs, name=name)
             exp.keep("nado", iteration, result.params, constraint=c.name)
@@ -167,7 +187,7 @@ def train_nado(exp: Experiment, iteration: int, nado_version: int, samples: int)
                 outputs[f"nado_quality_{c.name}"] = result.quality
         return outputs
 
-    inputs = {"lm": 0, "nado": nado_version, "samples": samples}
+    inputs = {"lm": lm_version, "nado": nado_version, "samples": samples}
     run_stage(exp, iteration, "train_nado", inputs, body)
 
 

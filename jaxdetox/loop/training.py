@@ -300,11 +300,13 @@ def train_nado_stage(
     *,
     nado_version: int,
     samples: int,
+    lm_version: int,
     constraint: Any = None,
 ) -> StageResult:
     """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
-    reference (the model R decomposes for the consistency term) is the base LLM. `constraint`
-    (an `Experiment.constraints` entry; default the first) picks the labels and the NADO.
+    reference (the model R decomposes: the Bellman term's p and the `shared` variant's
+    features) is LLM_{lm_version}, the LLM that drew S_{samples}. `constraint` (an
+    `Experiment.constraints` entry; default the first) picks the labels and the NADO.
 
     `train_nado.heldout_fraction` of the prompts (all their samples) is held out: the NADO's
     held-out BCE is evaluated after every epoch (and stops the stage with `early_stopping`),
@@ -333,7 +335,7 @@ def train_nado_stage(
     if nado_version == 0 and conf.nado.bias_init == "label_mean":
         start_params = _with_bias(start_params, label_mean)
     training = make_training(
-        exp.lm_module(exp.lm_params(0)),
+        exp.lm_module(exp.lm_params(lm_version)),
         exp.nado_module(start_params),
         exp.mesh,
         lm_optimizer=None,

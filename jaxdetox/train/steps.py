@@ -10,13 +10,13 @@ hidden states by `losses.fused_lm_loss` (no `[B, T, V]` tensor; its gradient is 
 in the forward pass, chunk by chunk). Each stream is a
 token-weighted mean over its own loss-mask tokens, so λ weighs a KL token against an NLL
 token. The NADO objective is the per-token BCE of σ(h_φ[y_t]) against the sequence label
-(+ the Bellman consistency regulariser, + self-normalised importance weights), from
+(+ the Bellman consistency regulariser, + importance weights self-normalised per prompt), from
 `losses.nado_losses`.
 
 Batches are dicts of streams, each a dict of `[B, ...]` arrays (`tokens_bt`,
 `segment_ids_bt`, `positions_bt`, `targets_bt`, `loss_mask_bt`; the samples stream also
-`labels_b`, `label_mask_b`, `model_logprob_b`, `sampling_logprob_b`; any stream may carry
-`weight_b`, a per-sequence weight). Gradient accumulation splits every stream into
+`labels_b`, `label_mask_b`, `importance_weight_b`; any stream may carry `weight_b`, a
+per-sequence weight). Gradient accumulation splits every stream into
 `micro_batches` interleaved micro-batches (row r goes to micro-batch r mod k, so each
 device keeps its own rows) and scans over them with float32 accumulators; the
 denominators are counted over the whole batch first, so k micro-batches of b rows give the
@@ -50,8 +50,7 @@ STEP_KEYS = (
     "weight_b",
     "labels_b",
     "label_mask_b",
-    "model_logprob_b",
-    "sampling_logprob_b",
+    "importance_weight_b",
     "reward_b",  # the policy baselines (train/policy.py)
     "baseline_b",
 )
@@ -79,7 +78,7 @@ class StepConfig:
     consistency: str | None = None  # NADO Bellman regulariser: None | losses.CONSISTENCY_KINDS
     consistency_weight: float = 0.0
     consistency_reverse: bool = False  # "kl": KL(Bern(s) ‖ Bern(r)) instead of KL(r ‖ s)
-    importance_weights: bool = False  # weights ∝ p_model(y) / p_sampling(y) for the NADO
+    importance_weights: bool = False  # the NADO's BCE weighted by `importance_weight_b`
     micro_batches: int = 1
     chunk_size: int | None = None  # tokens per chunk of the vocabulary-sized losses
 
@@ -191,15 +190,14 @@ def lm_sums(
 
 
 def nado_weights(stream: dict[str, jax.Array], config: StepConfig) -> jax.Array:
-    """Per-sequence NADO weights `[B]`: label mask × (self-normalised importance weights,
-    rescaled to mean 1 over the labelled rows of the whole batch) when configured."""
+    """Per-sequence NADO weights `[B]`: label mask × (when configured) the batch's
+    `importance_weight_b`, the importance weights p(y)/π(y) self-normalised per prompt over
+    the whole iteration on the host (`data.sample_batches.per_prompt_importance_weights`):
+    a batch mixes prompts and holds only some of a prompt's samples, so it cannot."""
     label_mask = stream["label_mask_b"].astype(F32)
     if not config.importance_weights:
         return label_mask
-    w = losses.self_normalized_weights(
-        stream["model_logprob_b"], stream["sampling_logprob_b"], label_mask
-    )
-    return w * jnp.sum(label_mask)
+    return label_mask * stream["importance_weight_b"].astype(F32)
 
 
 def nado_sums(teacher: Teacher, stream: dict[str, jax.Array], config: StepConfig) -> tuple:
