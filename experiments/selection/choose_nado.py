@@ -21,27 +21,22 @@ HERE = Path(__file__).parent
 CONFIG = HERE / "nado_decoding.yaml"
 
 # name -> overrides. The first one of each sampling setting samples; the rest adopt.
+F = ["nado.head=factored", "nado.bias_init=label_mean"]
+HEAD_ONLY = ["train_nado.optimizer.trainable=[^head\\.]"]
+SCREEN = ["eval.enabled=false"]  # NADO quality only (no guided evaluation): a cheap screen
 VARIANTS: dict[str, list[str]] = {
     "linear": [],
-    "linear_bias": ["nado.bias_init=label_mean"],
-    "factored": ["nado.head=factored", "nado.bias_init=label_mean"],
-    "factored_r64": ["nado.head=factored", "nado.head_rank=64", "nado.bias_init=label_mean"],
-    "factored_es10": [
-        "nado.head=factored", "nado.bias_init=label_mean", "train_nado.epochs=10",
-        "train_nado.early_stopping=true",
-    ],
-    "factored_lr1e-3": [
-        "nado.head=factored", "nado.bias_init=label_mean", "train_nado.head_learning_rate=1e-3",
-    ],
-    "linear_bias_es10": [
-        "nado.bias_init=label_mean", "train_nado.epochs=10", "train_nado.early_stopping=true",
-    ],
-    "factored_alpha1": ["nado.head=factored", "nado.bias_init=label_mean", "baseline.alpha=1.0"],
-    "factored_alpha4": ["nado.head=factored", "nado.bias_init=label_mean", "baseline.alpha=4.0"],
-    "factored_shared": [
-        "nado.head=factored", "nado.bias_init=label_mean", "nado.variant=shared",
-        "train_nado.optimizer.trainable=[]",
-    ],
+    "factored": F,
+    # screens: held-out NADO quality only
+    "s_linear_bias": ["nado.bias_init=label_mean", *SCREEN],
+    "s_factored_head_only": [*F, *HEAD_ONLY, *SCREEN],
+    "s_factored_head_only_lr1e-3": [*F, *HEAD_ONLY, "train_nado.head_learning_rate=1e-3", *SCREEN],
+    "s_factored_r16_head_only": [*F, "nado.head_rank=16", *HEAD_ONLY, *SCREEN],
+    "s_factored_lr3e-5": [*F, "train_nado.optimizer.learning_rate=3e-5", *SCREEN],
+    "s_factored_wd": [*F, "train_nado.optimizer.weight_decay=0.1", *SCREEN],
+    "s_shared_factored": [*F, "nado.variant=shared", "train_nado.optimizer.trainable=[]", *SCREEN],
+    "s_shared_linear_bias": ["nado.variant=shared", "nado.bias_init=label_mean",
+                             "train_nado.optimizer.trainable=[]", *SCREEN],
 }  # fmt: skip
 SHARED_STAGES = ((1, "sample"), (1, "label"))
 
@@ -114,11 +109,12 @@ def main() -> None:
     ordered = first + [n for n in names if n not in first]
     runs = [run_variant(n, VARIANTS[n], args.out, donors) for n in ordered]
     write_report(runs, args.out)
-    # results.json: the base row, then one nado_decoding row per run, in the order of `runs`.
-    rows = [r for r in json.loads((args.out / "results.json").read_text())
-            if r["method"] == "nado_decoding"]  # fmt: skip
+    # results.json: the base row and one nado_decoding row per evaluated run.
+    rows = {r["run"]: r for r in json.loads((args.out / "results.json").read_text())
+            if r["method"] == "nado_decoding"}  # fmt: skip
     results = {}
-    for name, run_dir, row in zip(ordered, runs, rows):
+    for name, run_dir in zip(ordered, runs):
+        row = rows.get(str(run_dir), {})
         keep = ("delta_mean_toxicity", "delta_mean_toxicity_stderr")
         results[name] = {"overrides": VARIANTS[name], **summary(run_dir),
                          **{k: row.get(k) for k in keep}}  # fmt: skip
