@@ -108,3 +108,72 @@ def sample_sequences(rng: np.random.Generator, log_weights: np.ndarray, n: int) 
     p = np.exp(log_weights.ravel() - np.logaddexp.reduce(log_weights.ravel()))
     idx = rng.choice(p.size, size=n, p=p / p.sum())
     return np.stack(np.unravel_index(idx, (v,) * t), axis=1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- stopping LMs
+# A real LM's completion stops at EOS, so its completions have 1..T tokens. With the rows after
+# an EOS made a point mass on EOS (`stopping_lm`), every completion is exactly one (V,)*T
+# sequence (the completion padded with EOS) of the same probability, and everything above
+# (success_rates, sequence_log_probs, sums over the (V,)*T table) applies unchanged.
+
+
+def ended(vocab: int, t: int, eos: int) -> np.ndarray:
+    """bool (V,)*t: whether the prefix y_1..y_t contains `eos` (its completion has stopped)."""
+    if t == 0:
+        return np.zeros((), bool)
+    return np.any(np.indices((vocab,) * t) == eos, axis=0)
+
+
+def stopping_lm(tables: list[np.ndarray], eos: int) -> TinyLM:
+    """A TinyLM from next-token logit tables (shapes (V,)*t + (V,), t < T) whose rows after an
+    `eos` are replaced by a point mass on `eos`."""
+    vocab, out = tables[0].shape[-1], []
+    stop = np.full(vocab, -np.inf)
+    stop[eos] = 0.0
+    for t, table in enumerate(tables):
+        table = np.array(table, np.float64)
+        table[ended(vocab, t, eos)] = stop
+        out.append(table)
+    return TinyLM(vocab, len(tables), tuple(out))
+
+
+def completions(seqs: np.ndarray, eos: int) -> list[np.ndarray]:
+    """Each sequence up to and including its first `eos` (the completion it pads)."""
+    cut = [int(np.argmax(s == eos)) + 1 if np.any(s == eos) else len(s) for s in seqs]
+    return [s[:n] for s, n in zip(seqs, cut)]
+
+
+def prefix_probs(lm: TinyLM) -> list[np.ndarray]:
+    """p(y_1..y_t) for t = 0..T-1, shapes (V,)*t."""
+    out, p = [], np.ones(())
+    for lp in lm.log_probs():
+        out.append(p)
+        p = p[..., None] * np.exp(lp)
+    return out
+
+
+def continuation_tables(fn, prompt: np.ndarray, vocab: int, length: int) -> list[np.ndarray]:  # noqa: ANN001
+    """A model's teacher-forced outputs as tables: `fn(tokens [N, P+T-1]) -> [N, P+T-1, V]`
+    is run once on `prompt` followed by every (V,)^(T-1) sequence; table t (shape
+    (V,)*t + (V,)) is the output after prompt∘y_1..y_t, t = 0..T-1."""
+    seqs = all_sequences(vocab, length - 1)
+    tokens = np.concatenate([np.tile(np.asarray(prompt, np.int32), (len(seqs), 1)), seqs], 1)
+    out = np.asarray(fn(tokens), np.float64)[:, len(prompt) - 1 :]
+    out = out.reshape((vocab,) * (length - 1) + out.shape[1:])
+    # y_1..y_t leads the C-order index: any continuation of it (take y_>t = 0) gives its row
+    return [out[(slice(None),) * t + (0,) * (length - 1 - t) + (t,)] for t in range(length)]
+
+
+def rate_error(
+    lm: TinyLM, rates: list[np.ndarray], nado_logits: list[np.ndarray], eos: int, every: bool
+) -> float:
+    """Mean |σ(h(y_≤t)[v]) − R(y_≤t∘v)| over the next tokens v of the unfinished prefixes
+    y_≤t, weighted by p(y_≤t)·p(v|y_≤t) (the tokens a sample from p visits: what the BCE
+    trains), or with `every` by p(y_≤t)/|V| (all next tokens: what the guided teacher reads)."""
+    num = den = 0.0
+    for t, (w, lp) in enumerate(zip(prefix_probs(lm), lm.log_probs())):
+        w = np.where(ended(lm.vocab, t, eos), 0.0, w)[..., None]
+        w = w * (np.ones(lm.vocab) / lm.vocab if every else np.exp(lp))
+        err = np.abs(1.0 / (1.0 + np.exp(-nado_logits[t])) - rates[t + 1])
+        num, den = num + np.sum(w * err), den + np.sum(w)
+    return float(num / den)

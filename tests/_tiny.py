@@ -30,3 +30,19 @@ def tiny_chat_llama(seed: int = 0) -> Any:
     tok = make_chat_tokenizer()
     config = dataclasses.replace(tiny_llama(seed).config, vocab_size=len(tok))
     return random_init(config, seed=seed, tokenizer=tok)
+
+
+def tiny_word_llama(words: tuple[str, ...], seed: int = 0, initializer_range: float = 0.2) -> Any:
+    """A 2-layer random Llama over `make_word_tokenizer(words)` (eos = pad = 0, no BOS).
+    `initializer_range` 0.2 (HF's default is 0.02) makes its next-token distributions peaked
+    and context-dependent (logit std ≈ 0.8) rather than near-uniform."""
+    from jaxdetox.models import ModelConfig, random_init
+    from tests._tokenizer import make_word_tokenizer
+
+    tok = make_word_tokenizer(tuple(words))
+    config = ModelConfig(
+        family="llama", vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+        eos_token_id=0, pad_token_id=0, bos_token_id=None, initializer_range=initializer_range,
+    )  # fmt: skip
+    return random_init(config, seed=seed, tokenizer=tok)

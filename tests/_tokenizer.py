@@ -58,3 +58,23 @@ def make_chat_tokenizer():
     )
     chat.chat_template = CHAT_TEMPLATE
     return chat
+
+
+@functools.cache
+def make_word_tokenizer(words: tuple[str, ...], eos: str = "</s>"):
+    """A word-level tokenizer: id 0 is `eos` (also the pad token, GPT-2 style: no BOS, so a
+    prompt is its words' ids), then `words` in order; text is split at whitespace and decoded
+    with single spaces. Small enough to enumerate every completion (tests/_enumeration.py)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if (
+        eos in words
+        or len(set(words)) != len(words)
+        or any(not w or w.split() != [w] for w in words)
+    ):
+        raise ValueError(f"make_word_tokenizer: distinct single words without {eos!r} expected")
+    vocab = {w: i for i, w in enumerate((eos, *words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
