@@ -23,6 +23,7 @@ import dataclasses
 from typing import Any
 
 from jaxdetox.config import RunConfig
+from jaxdetox.errors import JaxdetoxError
 
 ROLE_OF = {
     "sample": "sampler",
@@ -35,7 +36,7 @@ ROLE_OF = {
 NAMES = {"lm": "LLM", "nado": "NADO", "samples": "S", "labels": "labelled S", "eval": "eval"}
 
 
-class VersionError(RuntimeError):
+class VersionError(JaxdetoxError, RuntimeError):
     """An input was made from other versions than the data flow prescribes."""
 
 

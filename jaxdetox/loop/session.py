@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import jax
 import yaml
@@ -20,7 +22,7 @@ from jaxdetox.config import (
     load_config,
 )
 from jaxdetox.fileio import atomic_write_text
-from jaxdetox.loop.rundir import RunDir
+from jaxdetox.loop.rundir import RunDir, read_manifest
 
 CONFIG_FILE = "config.yaml"
 
@@ -60,6 +62,19 @@ def _diff(a: object, b: object, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
+def config_diff(saved: dict, config: RunConfig, out: Path) -> str:
+    """Why `config` may not resume the run in `out` that saved `saved` ("" if it may): the
+    differing keys, both through the current schema (defaults added since compare equal)."""
+    before = config_from_dict(saved, str(out / CONFIG_FILE)).model_dump(mode="json")
+    diff = _diff(before, config.model_dump(mode="json"))
+    if not diff:
+        return ""
+    return (
+        f"{out} was started with a different config ({len(diff)} keys differ, saved -> now); "
+        "use a new --out directory, or rerun with the saved config:\n  " + "\n  ".join(diff)
+    )
+
+
 def resolve_run_config(config_path: str | None, out: Path, overrides: list[str]) -> RunConfig:
     """The run's config: from CONFIG (+ overrides), or the one saved in `out` when resuming.
 
@@ -75,15 +90,9 @@ def resolve_run_config(config_path: str | None, out: Path, overrides: list[str])
     else:
         config = load_config(config_path, overrides)
     if saved is not None:
-        # Both through the current schema: defaults added since the run started compare equal.
-        before = config_from_dict(saved, str(saved_path)).model_dump(mode="json")
-        diff = _diff(before, config.model_dump(mode="json"))
-        if diff:
-            raise ConfigError(
-                f"{out} was started with a different config; differences (saved -> now):\n  "
-                + "\n  ".join(diff)
-                + "\nuse a new --out directory, or rerun with the saved config"
-            )
+        differences = config_diff(saved, config, out)
+        if differences:
+            raise ConfigError(differences)
     return config
 
 
@@ -94,6 +103,31 @@ def open_run(config: RunConfig, out: Path, role: str | None = None) -> RunDir:
     if run.writer and not (out / CONFIG_FILE).exists():
         atomic_write_text(out / CONFIG_FILE, dump_config(config))
     return run
+
+
+def _has_records(out: Path) -> bool:
+    """Whether a stage of the run in `out` (or of a λ sweep's runs in its subfolders) began."""
+    if read_manifest(out):
+        return True
+    return out.is_dir() and any(c.is_dir() and read_manifest(c) for c in out.iterdir())
+
+
+@contextlib.contextmanager
+def undo_failed_start(out: Path) -> Iterator[None]:
+    """Around a run's start-up and stages: if the body raises before any stage was
+    recorded (the model did not load, a file was missing...), remove the `config.yaml` this
+    start wrote (and `out` itself, if it made it and it is empty), so the corrected command
+    is not refused as "started with a different config"."""
+    config_existed, out_existed = (out / CONFIG_FILE).exists(), out.exists()
+    try:
+        yield
+    except BaseException:
+        if jax.process_index() == 0 and not config_existed and not _has_records(out):
+            with contextlib.suppress(OSError):
+                (out / CONFIG_FILE).unlink(missing_ok=True)
+                if not out_existed and not any(out.iterdir()):
+                    out.rmdir()
+        raise
 
 
 def setup_logging() -> None:
