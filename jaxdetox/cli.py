@@ -27,6 +27,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if action.default == [] and action.option_strings and "default:" not in text:
+            return text + " (default: none)"  # a repeatable flag given no times
         if (
             "default:" in text or "%(default)" in text
             or action.default is None

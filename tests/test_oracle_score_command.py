@@ -54,5 +54,7 @@ def test_score_reports_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("jaxdetox score: error: ")
     assert "bad.jsonl:1: expected a string field 'text'" in err
-    assert cli.main(["score", str(src), "--no-cache", "--field", "body", "--oracle-arg", "oops"]) == 2
+    assert (
+        cli.main(["score", str(src), "--no-cache", "--field", "body", "--oracle-arg", "oops"]) == 2
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from jaxdetox.config import ROLES, check_method, is_method_variant
 from jaxdetox.fileio import as_path
-from jaxdetox.loop.session import add_distributed_args
+from jaxdetox.launch.distributed import add_distributed_args
 
 __all__ = ["check_method", "execute", "register", "run"]
 
@@ -77,9 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check, then plan (`--dry-run`) or execute the run."""
     from jaxdetox.config import ConfigError, load_config
+    from jaxdetox.launch.distributed import init_distributed
     from jaxdetox.loop.preflight import check_run
     from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.session import init_distributed, resolve_run_config
+    from jaxdetox.loop.session import resolve_run_config
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith(".yaml"):

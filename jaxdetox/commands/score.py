@@ -56,7 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--chunk-size", type=int, default=256, help="texts per progress step (default: %(default)s)"
     )
     p.add_argument(
-        "--threshold", type=float, default=0.5, help="toxic if toxicity >= this (default: %(default)s)"
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="toxic if toxicity >= this (default: %(default)s)",
     )
     p.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxdetox.data.errors import EmptySplitError, MalformedRecordError, missing_field
+from jaxdetox.data.errors import DataError, EmptySplitError, MalformedRecordError, missing_field
 
 _INDEX_BLOCK_BYTES = 64 << 20
 
@@ -364,7 +364,7 @@ def open_source(
         return JsonListSource(path)
     if suffix == ".parquet":
         return ParquetSource(path)
-    raise ValueError(
+    raise DataError(
         f"{spec}: unknown data format '{suffix}'; expected .jsonl, .json, .txt, .parquet, a "
         "directory (tfds prepared data, HF save_to_disk, parquet files), tfds:NAME or hf:DIR"
     )

@@ -197,8 +197,8 @@ def check_mesh(config: RunConfig, role: str | None = None) -> str:
         mesh = mesh_for(config)
     except ValueError as e:
         raise ConfigError(
-            f"mesh: {e} (this machine has {jax.device_count()} {jax.devices()[0].platform} "
-            "devices; set mesh.data / mesh.fsdp / mesh.tensor, one of them -1)"
+            f"mesh: {e} ({jax.devices()[0].platform} devices here); fit mesh.data / "
+            "mesh.fsdp / mesh.tensor to them (one of them -1 takes the rest)"
         ) from None
     return f"{dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} devices"
 
@@ -206,9 +206,29 @@ def check_mesh(config: RunConfig, role: str | None = None) -> str:
 # ----------------------------------------------------------------------------- data
 
 
+def _field_error(field: str, error: Exception) -> Exception:
+    """`error` with its message prefixed by the config field that named the data."""
+    from jaxdetox.data import DataError
+
+    if isinstance(error, DataError):
+        return type(error)(f"{field}: {error}")
+    return DataError(f"{field}: {error}")
+
+
 def check_prompts(config: RunConfig, *, train: bool = True) -> str:
     """The prompt source exists, parses, and (`train`) has a block for every iteration that
     samples."""
+    from jaxdetox.data import DataError
+
+    try:
+        return _check_prompts(config, train)
+    except (DataError, FileNotFoundError) as e:
+        if isinstance(e, FileNotFoundError) and e.errno is not None:
+            raise
+        raise _field_error("prompts.source", e) from None
+
+
+def _check_prompts(config: RunConfig, train: bool) -> str:
     from jaxdetox.data import load_prompts, split_blocks
     from jaxdetox.loop.experiment import builtin_prompt_set
 
@@ -218,9 +238,7 @@ def check_prompts(config: RunConfig, *, train: bool = True) -> str:
             raise ConfigError(f"prompts.kind: {p.kind!r}; expected toxic, neutral or null (all)")
         train = builtin_prompt_set("train", p.kind)
         blocks = split_blocks(train, seed=p.seed, block_size=p.block_size, eval_size=0)
-    else:
-        if p.kind is not None:
-            raise ConfigError("prompts.kind is for the built-in prompts (source: builtin) only")
+    else:  # `kind` selects among the built-in prompts only (the run ignores it here too)
         blocks = split_blocks(
             load_prompts(p.source), seed=p.seed, block_size=p.block_size, eval_size=p.eval_size
         )
@@ -234,13 +252,19 @@ def check_prompts(config: RunConfig, *, train: bool = True) -> str:
 
 def check_corpus(corpus: Any) -> str:
     """The corpus source opens, is non-empty, and its first record has the text field(s)."""
+    from jaxdetox.data import DataError
     from jaxdetox.data.readers import check_fields, open_source
 
     if corpus.source == "builtin":
         return "builtin: the built-in training prompts' texts"
-    source = open_source(corpus.source, split=corpus.split, data_dir=corpus.data_dir)
-    fields = [corpus.text_field] + ([corpus.prompt_field] if corpus.prompt_field else [])
-    check_fields(source, fields)
+    try:
+        source = open_source(corpus.source, split=corpus.split, data_dir=corpus.data_dir)
+        fields = [corpus.text_field] + ([corpus.prompt_field] if corpus.prompt_field else [])
+        check_fields(source, fields)
+    except (DataError, FileNotFoundError) as e:
+        if isinstance(e, FileNotFoundError) and e.errno is not None:
+            raise
+        raise _field_error("corpus.source", e) from None
     return f"{corpus.source}: {len(source)} records"
 
 

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 import jax
@@ -22,35 +20,10 @@ from jaxdetox.config import (
     load_config,
 )
 from jaxdetox.fileio import atomic_write_text
+from jaxdetox.launch.distributed import add_distributed_args, init_distributed  # noqa: F401 (their old home)
 from jaxdetox.loop.rundir import RunDir, read_manifest
 
 CONFIG_FILE = "config.yaml"
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for multi-host runs (each defaults to its JAX environment variable)."""
-    group = parser.add_argument_group("multi-host (one process per host)")
-    group.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    group.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
-    group.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """`jax.distributed.initialize` when a coordinator is given (or on a TPU pod, where JAX
-    discovers the hosts by itself when `JAXDETOX_DISTRIBUTED=1`)."""
-    if args.coordinator:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    elif os.environ.get("JAXDETOX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
 
 
 def _diff(a: object, b: object, prefix: str = "") -> list[str]:

@@ -13,7 +13,7 @@ def register_stage(
     subparsers: argparse._SubParsersAction, name: str, doc: str, func: Callable[..., int]
 ) -> None:
     """Add a subcommand `name RUN_DIR --iteration I [key=value ...]` handled by `func`."""
-    from jaxdetox.loop.session import add_distributed_args
+    from jaxdetox.launch.distributed import add_distributed_args
 
     p = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc)
     p.add_argument("out", type=as_path, help="run directory (made by `jaxdetox run`)")
@@ -28,13 +28,9 @@ def open_experiment(args: argparse.Namespace) -> tuple[Any, Any]:
     """`(experiment, run dir)` for an existing run directory (`ConfigError` if it is not one,
     or the overrides change its config)."""
     from jaxdetox.config import ConfigError
+    from jaxdetox.launch.distributed import init_distributed
     from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.session import (
-        init_distributed,
-        open_run,
-        resolve_run_config,
-        setup_logging,
-    )
+    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging
 
     if args.iteration < 1:
         raise ConfigError(f"--iteration must be >= 1, got {args.iteration}")
