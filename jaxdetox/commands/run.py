@@ -129,7 +129,7 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
 
     setup_logging()
     start = time.perf_counter()
-    with undo_failed_start(out):
+    with undo_failed_start(out, role=role):
         if config.method == "lambda_sweep":
             runs = sweep_configs(config, out)
             open_run(config, out, role=role).close()
@@ -150,7 +150,7 @@ def _execute_one(config: object, out: Path, progress: bool, role: str | None) ->
     from jaxdetox.loop.baselines import LOOPS
     from jaxdetox.loop.session import open_run, undo_failed_start
 
-    with undo_failed_start(out):
+    with undo_failed_start(out, role=role):
         run_dir = open_run(config, out, role=role)
         if config.method in LOOPS:
             from jaxdetox.loop.experiment import Experiment

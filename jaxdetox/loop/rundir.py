@@ -25,6 +25,7 @@ one program (the `split` placement) share one `RunDir`, whose writes take a lock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -85,7 +86,13 @@ def check_out(
     if out.exists():
         if not out.is_dir():
             raise RunDirError(f"{flag} {out}: is a file, not a folder")
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+        # Another program's atomic write in progress (a `jobs` role starting beside this
+        # one) leaves `.NAME.tmp-*` for a moment: not the user's.
+        entries = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in out.iterdir()
+            if not (p.name.startswith(".") and ".tmp-" in p.name)
+        )
         if entries and not overwrite and not is_run_dir(out, markers, nested=nested):
             shown = ", ".join(entries[:5]) + (
                 f", ... ({len(entries)} in all)" if len(entries) > 5 else ""
@@ -101,22 +108,27 @@ def check_out(
 
 def _probe_create(path: str, flag: str) -> None:
     """Make `path` (and missing parents), then remove what was made; `RunDirError` if it
-    cannot be made."""
-    made = []
+    cannot be made. Another host probing the same shared path at once is no error."""
+    missing = []
     head = os.path.abspath(path)
     while not os.path.exists(head):
-        made.append(head)
+        missing.append(head)
         head = os.path.dirname(head)
     if not os.path.isdir(head):
         raise RunDirError(f"{flag} {path}: {head} is a file, not a folder")
+    created = []
     try:
-        for folder in reversed(made):
-            os.mkdir(folder)
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue
+            created.append(folder)
     except OSError as e:
         raise RunDirError(f"{flag} {path}: cannot create it ({e.strerror})") from None
     finally:
-        for folder in made:
-            if os.path.isdir(folder):
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
                 os.rmdir(folder)
 
 

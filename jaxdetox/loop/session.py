@@ -86,16 +86,18 @@ def _has_records(out: Path) -> bool:
 
 
 @contextlib.contextmanager
-def undo_failed_start(out: Path) -> Iterator[None]:
+def undo_failed_start(out: Path, *, role: str | None = None) -> Iterator[None]:
     """Around a run's start-up and stages: if the body raises before any stage was
     recorded (the model did not load, a file was missing...), remove the `config.yaml` this
     start wrote (and `out` itself, if it made it and it is empty), so the corrected command
-    is not refused as "started with a different config"."""
+    is not refused as "started with a different config". Not for a `jobs` role (`role`):
+    the other roles' programs share that config."""
     config_existed, out_existed = (out / CONFIG_FILE).exists(), out.exists()
     try:
         yield
     except BaseException:
-        if jax.process_index() == 0 and not config_existed and not _has_records(out):
+        fresh = role is None and not config_existed
+        if fresh and jax.process_index() == 0 and not _has_records(out):
             with contextlib.suppress(OSError):
                 (out / CONFIG_FILE).unlink(missing_ok=True)
                 if not out_existed and not any(out.iterdir()):
