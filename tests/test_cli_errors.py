@@ -34,6 +34,7 @@ def files(tmp_path_factory):
     noise = os.urandom(4096)
     (root / "rand.gguf").write_bytes(noise)
     (root / "binary.txt").write_bytes(b"\xff\xfe" + noise)
+    (root / "binary.jsonl").write_bytes(b"\xff\xfe" + noise.replace(b"\n", b" "))
     (root / "empty.jsonl").write_text("")
     (root / "empty.txt").write_text("\n\n")
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
@@ -105,6 +106,8 @@ ROWS = [
     ("score-empty-file", ["score", "{empty.txt}", "--no-cache"], ["empty.txt", "no texts"]),
     ("sample-empty-prompts", ["sample", "--prompts", "{empty.jsonl}", "--out", "{new}"],
      ["empty.jsonl"]),
+    ("sample-binary-prompts", ["sample", "--prompts", "{binary.jsonl}", "--out", "{new}"],
+     ["binary.jsonl:1"]),
     ("sample-malformed-prompts", ["sample", "--prompts", "{bad.jsonl}", "--out", "{new}"],
      ["bad.jsonl:2"]),
     ("convert-missing-source", ["convert", "{nope}", "{new}"], ["nope", "no such file"]),

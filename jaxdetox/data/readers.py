@@ -165,6 +165,8 @@ class JsonlSource(_LineFile):
                 f"{self.describe(index)}: malformed JSON line ({e.msg} at column {e.colno}): "
                 f"{raw[:80]!r}"
             ) from None
+        except UnicodeDecodeError as e:  # json.loads decodes bytes first
+            raise MalformedRecordError(f"{self.describe(index)}: not UTF-8 text ({e})") from None
         if not isinstance(record, dict):
             raise MalformedRecordError(
                 f"{self.describe(index)}: expected a JSON object, got {type(record).__name__}"
@@ -199,6 +201,8 @@ class JsonListSource:
             raise MalformedRecordError(
                 f"{self.path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
             ) from None
+        except UnicodeDecodeError as e:
+            raise MalformedRecordError(f"{self.path}: not UTF-8 text ({e})") from None
         if key is not None:
             data = get_field(data, key, str(self.path)) if isinstance(data, dict) else data
         if not isinstance(data, list):
