@@ -30,7 +30,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default == [] and action.option_strings and "default:" not in text:
             return text + " (default: none)"  # a repeatable flag given no times
         if (
-            "default:" in text or "%(default)" in text
+            "default:" in text
+            or "%(default)" in text
             or action.default is None
             or action.default is argparse.SUPPRESS
             or action.default is False

@@ -266,6 +266,28 @@ def test_a_programming_error_keeps_its_traceback(files, monkeypatch):
         cli.main(["score", str(files / "good.jsonl"), "--no-cache"])
 
 
+def test_every_project_error_class_is_on_the_one_surface():
+    from jaxdetox.config import ConfigError
+    from jaxdetox.data import DataError
+    from jaxdetox.errors import JaxdetoxError
+    from jaxdetox.loop.flow import VersionError
+    from jaxdetox.loop.rundir import RunDirError
+    from jaxdetox.models.config import UnsupportedConfigError
+    from jaxdetox.models.gguf import GGUFError, UnsupportedGGUFError
+    from jaxdetox.models.hf import CheckpointError
+    from jaxdetox.oracles import OracleArgumentError, OracleError
+    from jaxdetox.train.checkpoint import CheckpointError as TrainCheckpointError
+
+    classes = [ConfigError, DataError, VersionError, RunDirError, UnsupportedConfigError,
+               GGUFError, CheckpointError, OracleError, TrainCheckpointError]  # fmt: skip
+    assert all(issubclass(c, JaxdetoxError) for c in classes)
+    # Their builtin bases stay, so callers catching ValueError & co. still do.
+    assert issubclass(GGUFError, ValueError) and issubclass(
+        UnsupportedGGUFError, NotImplementedError
+    )
+    assert issubclass(OracleArgumentError, ValueError) and issubclass(OracleError, RuntimeError)
+
+
 def test_an_os_error_on_a_path_the_user_did_not_name_is_a_bug():
     from jaxdetox.errors import user_error_message
 

@@ -15,7 +15,8 @@ def register_stage(
     """Add a subcommand `name RUN_DIR --iteration I [key=value ...]` handled by `func`."""
     from jaxdetox.launch.distributed import add_distributed_args
 
-    p = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc)
+    summary = doc.splitlines()[0].split("`: ", 1)[-1]  # the line after its usage
+    p = subparsers.add_parser(name, help=summary, description=doc)
     p.add_argument("out", type=as_path, help="run directory (made by `jaxdetox run`)")
     p.add_argument("--iteration", type=int, required=True, help="iteration (1-based)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="must match the run's")
