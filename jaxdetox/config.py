@@ -21,10 +21,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jaxdetox.errors import JaxdetoxError
 from jaxdetox.losses.nado import CONSISTENCY_KINDS
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxdetoxError, ValueError):
     """A configuration file or override is invalid; the message names the field."""
 
 
@@ -336,16 +337,34 @@ METHODS = (
     "pr_parallel",
     "lambda_sweep",
 )
-"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md). Any other `pr_<variant>`
-name (e.g. `pr_lora`, `pr_two_constraints`) runs the method too — the scheme comes from
-`loop.scheme` — and labels its own row; other names are only row labels of
-evaluation-only directories (`jaxdetox eval --method NAME`)."""
+"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md)."""
+
+METHOD_VARIANTS = ("pr_lora", "pr_two_constraints")
+"""Row labels that run the regularised fine-tuning loop like `pr_sequential` / `pr_parallel`
+(the scheme comes from `loop.scheme`) and name its row in a report: the method with LoRA
+adapters (`finetune.lora`), with further constraints (`constraints:`). A new variant is
+listed here; no prefix rule, so a misspelt `pr_paralel` is an error, not a silent run of
+the sequential scheme. Other names are only row labels of evaluation-only directories
+(`jaxdetox eval --method NAME`)."""
 
 
 def is_method_variant(method: str) -> bool:
     """Whether `method` runs the regularised fine-tuning loop (pr_sequential, pr_parallel and
-    any other `pr_*` variant)."""
-    return method.startswith("pr_")
+    the variants of `METHOD_VARIANTS`)."""
+    return method in ("pr_sequential", "pr_parallel", *METHOD_VARIANTS)
+
+
+def check_method(config: RunConfig) -> None:
+    """Raise `ConfigError` unless `config.method` is one `jaxdetox run` executes."""
+    import difflib
+
+    known = (*METHODS, *METHOD_VARIANTS)
+    if config.method not in known:
+        close = difflib.get_close_matches(config.method, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"method: unknown method {config.method!r}; {hint}expected one of {', '.join(known)}"
+        )
 
 
 class BaselineSection(Section):
@@ -526,17 +545,25 @@ def _section_fields(path: Sequence[str | int]) -> list[str] | None:
 
 
 def _format(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
+    """One line per invalid field (one line in all when only one is wrong)."""
+    issues = []
     for e in error.errors():
         loc = [p for p in e["loc"] if not isinstance(p, int)]
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             valid = _section_fields(loc[:-1])
             hint = f"; valid keys: {', '.join(valid)}" if valid else ""
-            lines.append(f"  {where}: unknown key{hint}")
-        else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            issues.append(f"{where}: unknown key{hint}")
+            continue
+        # A rule over several fields (a model validator) states them in its message; its
+        # input is the whole section, not worth echoing.
+        message = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        got = "" if isinstance(value, dict) else f" (got {value!r})"
+        issues.append(f"{where}: {message}{got}" if where else f"{message}{got}")
+    if len(issues) == 1:
+        return f"{source}: invalid configuration: {issues[0]}"
+    return "\n  ".join([f"{source}: invalid configuration ({len(issues)} problems)", *issues])
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -578,19 +605,55 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(_format(e, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the
+    last one silently: a second `loop:` section would replace the first)."""
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping (`read_yaml` names the file)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise _DuplicateKey(
+                f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line "
+                f"{seen[key] + 1}); merge the two into one"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Parse a YAML file with duplicate keys refused; errors name the file (`ConfigError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, overrides), source)

@@ -91,8 +91,17 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
 
 
 def test_shipped_experiment_configs_validate(capsys):
+    # `plan` checks the config alone: the gpt2 / llama2-7b data and weights are not here
+    # (`run --dry-run` of those refuses, naming the missing prompt file).
     configs = sorted((REPO / "experiments").rglob("*.yaml"))
     assert configs, "no experiment configs found"
     for path in configs:
-        assert main(["run", str(path), "--dry-run"]) == 0, path
+        assert main(["plan", str(path)]) == 0, path
     assert "tiny_pr_sequential" in capsys.readouterr().out
+    gpt2 = REPO / "experiments" / "gpt2" / "small" / "pr_sequential.yaml"
+    assert main(["run", str(gpt2), "--dry-run"]) == 2  # no gpt2 in the offline HF cache
+    assert "model.path: cannot load: 'gpt2'" in capsys.readouterr().err
+    assert main(["run", str(gpt2), "--dry-run", "model.path=default"]) == 2
+    assert "prompts.source: data source not found: data/realtoxicityprompts/" in (
+        capsys.readouterr().err
+    )

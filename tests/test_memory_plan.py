@@ -148,9 +148,14 @@ def test_mesh_shapes_and_device_kinds():
 
 
 def _tiny_model_dir(tmp_path):
+    # Weights and a tokenizer too: `run --dry-run` checks that the run could load them
+    # (`plan` reads config.json only).
+    from jaxdetox.models import random_init
+    from tests._tokenizer import make_tokenizer
+
     directory = tmp_path / "arch"
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(LLAMA.to_hf()))
+    random_init(LLAMA, tokenizer=make_tokenizer()).save_pretrained(directory)
+    assert json.loads((directory / "config.json").read_text()) == LLAMA.to_hf()
     return str(directory)
 
 

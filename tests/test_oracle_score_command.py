@@ -21,7 +21,7 @@ def test_score_jsonl_with_cache(tmp_path, capsys):
     args = ["score", str(src), "--field", "comment", "--cache", str(cache), "--chunk-size", "2"]
     assert cli.main(args) == 0
     first = summary(capsys)
-    out = tmp_path / "samples.scored.jsonl"
+    out = tmp_path / "samples.jsonl.scored.jsonl"
     rows = [json.loads(line) for line in out.open()]
     assert [r["id"] for r in rows] == [0, 1, 2] and all(r["ok"] for r in rows)
     ref, _ = oracles.load("default").score(TEXTS)
@@ -47,10 +47,14 @@ def test_score_txt_without_cache(tmp_path, capsys):
     assert summary(capsys)["cache"] is None
 
 
-def test_score_reports_bad_input(tmp_path):
+def test_score_reports_bad_input(tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(SystemExit, match="bad.jsonl:1: expected a string field 'text'"):
-        cli.main(["score", str(src), "--no-cache"])
-    with pytest.raises(SystemExit, match="not KEY=VALUE"):
-        cli.main(["score", str(src), "--no-cache", "--field", "body", "--oracle-arg", "oops"])
+    assert cli.main(["score", str(src), "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdetox score: error: ")
+    assert "bad.jsonl:1: expected a string field 'text'" in err
+    assert (
+        cli.main(["score", str(src), "--no-cache", "--field", "body", "--oracle-arg", "oops"]) == 2
+    )
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -8,6 +8,11 @@
 
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` and with
 `jaxdetox.models.load_pretrained(out_dir)`. New input formats plug into `load_source`.
+
+OUT must be new or empty; `--overwrite` replaces an existing OUT. The checkpoint is written
+into a temporary folder beside OUT and renamed into place when complete, so a failed or
+interrupted conversion leaves OUT as it was, and no stale file of an earlier checkpoint
+(say a `model.safetensors.index.json` beside a new single `model.safetensors`) survives.
 """
 
 from __future__ import annotations
@@ -24,19 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="re-save a checkpoint as an HF dir (optionally cast dtype, verify logits)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "source", help="HF checkpoint dir, hub id, Llama .gguf file, or 'default' (built-in GGUF)"
     )
-    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("out", type=Path, help="output directory (new or empty; see --overwrite)")
     p.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16", "float16"),
         help="parameter dtype of the written tensors (default: %(default)s)",
     )
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="split files above this size")
+    p.add_argument(
+        "--max-shard-gb", type=float, default=5.0, help="split the weights into files of this size"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists and is not empty"
+    )
     p.add_argument(
         "--verify",
         action="store_true",
@@ -74,10 +83,53 @@ def verify(lm: Any, out: Path) -> tuple[float, float]:
     return float(np.abs(ours - ref).max()), max(1.0, float(np.abs(ref).max()))
 
 
+def check_target(out: Path, *, overwrite: bool) -> None:
+    """Refuse an OUT that is a file, or a non-empty folder unless `overwrite`."""
+    from jaxdetox.loop.rundir import RunDirError
+
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"OUT {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise RunDirError(
+            f"OUT {out}: exists and is not empty ({shown}); choose a new folder, or pass "
+            "--overwrite to replace it"
+        )
+
+
+def save_into_place(lm: Any, out: Path, *, max_shard_bytes: int) -> None:
+    """`lm.save_pretrained` into a temporary sibling of `out`, then rename it to `out` (an
+    existing `out` is replaced only once the new checkpoint is complete)."""
+    import os
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lm.save_pretrained(tmp, max_shard_bytes=max_shard_bytes)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is for others to read
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load `source`, write it to `out`, optionally verify against transformers."""
+    from jaxdetox.loop.preflight import check_model
+
+    check_target(args.out, overwrite=args.overwrite)
+    check_model(args.source, "SOURCE", tokenizer=False)
     lm = load_source(args.source, param_dtype=args.dtype)
-    lm.save_pretrained(args.out, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    save_into_place(lm, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30))
     report: dict[str, Any] = {"source": str(args.source), "out": str(args.out)}
     report.update(model_type=lm.config.model_type, dtype=args.dtype)
     status = 0

@@ -17,13 +17,17 @@ first iteration's (same config and seed), adopted rather than recomputed; only i
 evaluation runs (`--no-nado-decoding` skips it).
 
 Rerunning resumes. `--preset smoke` is a one-minute version for tests (pass `--model`).
+`--dry-run` checks everything the demo would fail on (the built-in model and oracle,
+`--out`) and prints its plan.
+
+    jaxdetox demo --out runs/demo
+    jaxdetox demo --out runs/demo --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,17 +38,31 @@ PRESETS = ("demo", "smoke")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand."""
     p = subparsers.add_parser(
-        "demo", help="the whole pipeline offline on the built-in default (minutes on CPU)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "demo",
+        help="the whole pipeline offline on the built-in default (minutes on CPU)",
+        description=__doc__,
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
-    p.add_argument("--preset", choices=PRESETS, default="demo")
-    p.add_argument("--model", default=None, help="model path instead of the preset's")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument(
-        "--no-nado-decoding", action="store_true", help="skip the nado_decoding row"
-    )  # fmt: skip
+        "--preset",
+        choices=PRESETS,
+        default="demo",
+        help="demo: the measured 10-minute run; smoke: a one-minute one for tests",
+    )
+    p.add_argument(
+        "--model", default=None, help="model path instead of the preset's (default: the preset's)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument(
+        "--dry-run", action="store_true", help="check and print the plan only; run nothing"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="accept an --out folder that exists and is not a jaxdetox output folder",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-nado-decoding", action="store_true", help="skip the nado_decoding row")
     p.set_defaults(func=run)
 
 
@@ -94,19 +112,24 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox import assets
     from jaxdetox.commands.report import write_report
     from jaxdetox.commands.run import execute
-    from jaxdetox.config import ConfigError
+    from jaxdetox.loop.preflight import check_out_dir, check_run
+    from jaxdetox.loop.rundir import check_out
     from jaxdetox.loop.session import resolve_run_config
 
     start = time.perf_counter()
     overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
     run_dir = args.out / "run"
-    try:
-        config = resolve_run_config(
-            str(assets.asset_path(f"{args.preset}.yaml")), run_dir, overrides
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out(args.out, overwrite=args.overwrite, nested=True)
+    config = resolve_run_config(str(assets.asset_path(f"{args.preset}.yaml")), run_dir, overrides)
+    notes = check_run(config, run_dir, overwrite=args.overwrite)
+    if not args.no_nado_decoding:
+        notes.append(check_out_dir(nado_decoding_config(config), args.out / "nado_decoding"))
+    if args.dry_run:
+        from jaxdetox.loop.plan import plan
+
+        print(plan(config))
+        print("\nchecked (the demo would start):\n  " + "\n  ".join(notes))
+        return 0
     execute(config, run_dir, progress=not args.no_progress)
     _publish(run_dir / "final" / "model", args.out / "model")
     _publish(run_dir / "final" / "nado", args.out / "nado")

@@ -13,21 +13,28 @@ RTP metrics per prompt group, distinct-n and perplexities to `DIR/report.md`,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` subcommand."""
     p = subparsers.add_parser(
-        "eval", help="RTP toxicity, perplexity and diversity of a checkpoint", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "eval", help="RTP toxicity, perplexity and diversity of a checkpoint", description=__doc__
+    )
     p.add_argument("model", help="HF dir, .gguf, 'default', or a jaxdetox run directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--out", type=Path, required=True, help="evaluation directory")
-    p.add_argument("--method", default=None, help="row name in the report (default: model)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="row name in the report (default: the run's method, or 'model')",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="accept an --out folder that exists and is not a jaxdetox run directory",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -35,11 +42,13 @@ def _resolve_model(model: str) -> tuple[str, str | None]:
     """`(model path, method)`: a run directory stands for its final LLM and its method."""
     import yaml
 
+    from jaxdetox.loop.rundir import RunDirError
+
     path = Path(model)
     if (path / "manifest.json").exists():
         final = path / "final" / "model"
         if not final.exists():
-            raise FileNotFoundError(f"{path}: run directory without final/model (unfinished?)")
+            raise RunDirError(f"{path}: run directory without final/model (unfinished?)")
         saved = path / "config.yaml"
         method = yaml.safe_load(saved.read_text()).get("method") if saved.exists() else None
         return str(final), method
@@ -47,35 +56,29 @@ def _resolve_model(model: str) -> tuple[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate the model and write the report."""
+    """Check the inputs, evaluate the model and write the report."""
     from jaxdetox.commands.report import write_report
-    from jaxdetox.config import ConfigError, load_config
+    from jaxdetox.config import load_config
     from jaxdetox.loop.experiment import Experiment
+    from jaxdetox.loop.preflight import check_run
+    from jaxdetox.loop.rundir import check_out
     from jaxdetox.loop.sequential import evaluate
-    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging
+    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging, undo_failed_start
 
-    try:
-        model, run_method = _resolve_model(args.model)
-        method = args.method or run_method or "model"
-        overrides = [f"model.path={model}", f"method={method}", "name=eval", *args.overrides]
-        if (args.out / "config.yaml").exists():
-            config = resolve_run_config(None, args.out, overrides)
-        else:
-            config = load_config(None, overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from jaxdetox.models import CheckpointError
-
+    model, run_method = _resolve_model(args.model)
+    method = args.method or run_method or "model"
+    overrides = [f"model.path={model}", f"method={method}", "name=eval", *args.overrides]
+    check_out(args.out, overwrite=args.overwrite)
+    if (args.out / "config.yaml").exists():
+        config = resolve_run_config(None, args.out, overrides)
+    else:
+        config = load_config(None, overrides)
+    check_run(config, executes=False)  # before anything is written into --out
     setup_logging()
-    run_dir = open_run(config, args.out)
-    try:
-        exp = Experiment(config, run_dir, progress=not args.no_progress)
-    except (CheckpointError, OSError) as e:
-        print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
-        return 2
-    evaluate(exp, 0)
-    run_dir.close()
+    with undo_failed_start(args.out):
+        run_dir = open_run(config, args.out)
+        evaluate(Experiment(config, run_dir, progress=not args.no_progress), 0)
+        run_dir.close()
     print(write_report([args.out], args.out))
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
     return 0

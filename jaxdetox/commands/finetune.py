@@ -3,6 +3,8 @@
 Fine-tunes LLM_I from LLM_(I-1) with the teacher reference ⊕ NADO_I on S_I (and the corpus,
 if the run has one), using the run's saved config; records the stage and writes its
 checkpoint. Rerunning resumes from the last checkpoint; a finished stage is skipped.
+
+    jaxdetox finetune runs/tiny --iteration 1      # after train-nado of iteration 1
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="memory per device of a run's stages; mesh shapes that fit a device kind",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="CONFIG.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
@@ -44,24 +42,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan of the configured mesh, then the suggested mesh shapes."""
-    from jaxdetox.config import ConfigError, load_config
+    from jaxdetox.config import ConfigError, check_method, load_config
+    from jaxdetox.loop import memory
+    from jaxdetox.loop.plan import mesh_sizes, plan, planner
 
+    config = load_config(args.config, args.overrides)
+    check_method(config)
+    if args.num_devices is not None and args.num_devices < 1:
+        raise ConfigError(f"--num-devices: expected a count >= 1, got {args.num_devices}")
+    if args.top < 1:
+        raise ConfigError(f"--top: expected a count >= 1, got {args.top}")
     try:
-        from jaxdetox.loop import memory
-        from jaxdetox.loop.plan import mesh_sizes, plan, planner
-
-        config = load_config(args.config, args.overrides)
         kind = memory.device_kind(args.device_kind) if args.device_kind else None
-        kind = kind or memory.local_device_kind()
-        sizes = mesh_sizes(config, args.num_devices)
-        n = args.num_devices or math.prod(sizes.values())
-        print(plan(config, n, kind.name if kind else None))
-        if math.prod(sizes.values()) != n:
-            print(f"(the configured mesh has {math.prod(sizes.values())} devices; the "
-                  f"suggestions below are for {n})")  # fmt: skip
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise ConfigError(f"--device-kind: {e}") from None
+    kind = kind or memory.local_device_kind()
+    sizes = mesh_sizes(config, args.num_devices)
+    n = args.num_devices or math.prod(sizes.values())
+    print(plan(config, n, kind.name if kind else None))
+    if math.prod(sizes.values()) != n:
+        print(f"(the configured mesh has {math.prod(sizes.values())} devices; the "
+              f"suggestions below are for {n})")  # fmt: skip
     if kind is None:
         print("\n(pass --device-kind to check the fit and get mesh suggestions)")
         return 0

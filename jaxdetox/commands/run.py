@@ -2,13 +2,22 @@
 
     jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny
     jaxdetox run experiments/tiny/pr_sequential.yaml --out runs/tiny finetune.kl_weight=0.5
-    jaxdetox run experiments/tiny/pr_sequential.yaml --dry-run     # validate + plan only
+    jaxdetox run experiments/tiny/pr_sequential.yaml --dry-run     # check + plan only
     jaxdetox run CONFIG --out gs://bucket/run --role lm    # one role (loop.placement=jobs)
     jaxdetox run experiments/tiny/dpo.yaml --out runs/tiny_dpo       # a baseline
 
 `method:` picks what runs (docs/baselines.md): base, nado_decoding, filter_sft, reinforce,
 dpo, sft_only, pr_sequential, pr_parallel, lambda_sweep (pr_sequential per λ in
-RUN/lambda_<λ>/).
+RUN/lambda_<λ>/), or a named variant of the method (pr_lora, pr_two_constraints: the
+regularised loop with the scheme of `loop.scheme`, under its own row name). Any other name
+is an error.
+
+Before anything is written, the run checks what it would fail on: the model (file format,
+weights, tokenizer), the mesh against the devices here, the prompts and corpus, every
+oracle (arguments, packages, credentials) and `--out` (new, or a run directory of this
+project whose saved config matches; another folder needs `--overwrite`). `--dry-run` makes
+the same checks and prints the plan. To plan a run for other hardware on a machine without
+its data and weights, use `jaxdetox plan`.
 
 Rerunning the same command resumes the run where it stopped: finished stages are skipped,
 sampling and labelling continue from their committed chunks, training from its last
@@ -19,13 +28,14 @@ TensorBoard events and the final models in `final/`.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from jaxdetox.config import ROLES, is_method_variant
+from jaxdetox.config import ROLES, check_method, is_method_variant
 from jaxdetox.fileio import as_path
-from jaxdetox.loop.session import add_distributed_args
+from jaxdetox.launch.distributed import add_distributed_args
+
+__all__ = ["check_method", "execute", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,102 +44,99 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run an experiment from a YAML config (rerun = resume)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", help="CONFIG.yaml (omit to resume RUN_DIR as saved)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     p.add_argument(
-        "--out", type=as_path, help="run directory, local or gs://... (required unless --dry-run)"
+        "--out",
+        type=as_path,
+        help="run directory, local or gs://... (required unless --dry-run; default: none)",
     )
-    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything the run would fail on (model, mesh, prompts, corpus, oracles, "
+        "--out), print the plan and the memory per device; run nothing",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="accept an --out folder that exists and is not a jaxdetox run directory",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--role",
         choices=ROLES,
         help="loop.placement=jobs: run this role only (start one program per role on the same "
-        "--out; each waits for the others' outputs)",
+        "--out; each waits for the others' outputs; default: every role)",
     )
     add_distributed_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, then plan (`--dry-run`) or execute the run."""
+    """Check, then plan (`--dry-run`) or execute the run."""
     from jaxdetox.config import ConfigError, load_config
+    from jaxdetox.launch.distributed import init_distributed
+    from jaxdetox.loop.preflight import check_run
+    from jaxdetox.loop.rundir import check_out
+    from jaxdetox.loop.session import resolve_run_config
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith(".yaml"):
         config_path, overrides = None, [config_path, *overrides]
-    try:
-        if args.dry_run:
-            from jaxdetox.loop.plan import plan
+    if args.dry_run:
+        if config_path is None and args.out is not None:
+            check_out(args.out, overwrite=args.overwrite)
+            config = resolve_run_config(None, args.out, overrides)
+        else:
+            config = load_config(config_path, overrides)
+        notes = check_run(config, args.out, overwrite=args.overwrite, role=args.role)
+        from jaxdetox.loop.flow import describe_flow
+        from jaxdetox.loop.plan import plan
 
-            if config_path is None and args.out is not None:
-                from jaxdetox.loop.session import resolve_run_config
-
-                config = resolve_run_config(None, args.out, overrides)
-            else:
-                config = load_config(config_path, overrides)
-            check_method(config)
-            from jaxdetox.loop.flow import describe_flow
-            from jaxdetox.models import CheckpointError
-
-            try:
-                print(plan(config))
-            except CheckpointError as e:
-                raise ConfigError(f"model.path: {e}") from None
-            if is_method_variant(config.method) or config.method == "lambda_sweep":
-                print()
-                print(describe_flow(config))
-            return 0
-        if args.out is None:
-            raise ConfigError("jaxdetox run: --out RUN_DIR is required")
-        from jaxdetox.loop.session import init_distributed, resolve_run_config
-
-        init_distributed(args)
-        config = resolve_run_config(config_path, args.out, overrides)
-        placement = config.loop.placement
-        if (placement == "jobs") != (args.role is not None):
-            raise ConfigError(
-                f"loop.placement is {placement!r}: "
-                + (
-                    "start each role with --role sampler|nado|lm (one program per role)"
-                    if args.role is None
-                    else "--role is only for loop.placement=jobs"
-                )
-            )
-        check_method(config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return execute(config, args.out, progress=not args.no_progress, role=args.role)
-
-
-def check_method(config: object) -> None:
-    """Raise `ConfigError` unless `config.method` is one `jaxdetox run` executes."""
-    from jaxdetox.config import METHODS, ConfigError
-
-    if config.method not in METHODS and not is_method_variant(config.method):
+        print(plan(config))
+        if is_method_variant(config.method) or config.method == "lambda_sweep":
+            print()
+            print(describe_flow(config))
+        print("\nchecked (a run would start):\n  " + "\n  ".join(notes))
+        return 0
+    if args.out is None:
+        raise ConfigError("--out RUN_DIR is required (or --dry-run to check and plan only)")
+    init_distributed(args)
+    check_out(args.out, overwrite=args.overwrite)
+    config = resolve_run_config(config_path, args.out, overrides)
+    placement = config.loop.placement
+    if (placement == "jobs") != (args.role is not None):
         raise ConfigError(
-            f"method {config.method!r}: expected one of {', '.join(METHODS)} or a pr_<variant>"
+            f"loop.placement is {placement!r}: "
+            + (
+                "start each role with --role sampler|nado|lm (one program per role)"
+                if args.role is None
+                else "--role is only for loop.placement=jobs"
+            )
         )
+    check_run(config, role=args.role)  # before anything is written into --out
+    return execute(config, args.out, progress=not args.no_progress, role=args.role)
 
 
 def execute(config: object, out: Path, *, progress: bool = True, role: str | None = None) -> int:
     """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
-    sweep: one run per λ under `out`)."""
+    sweep: one run per λ under `out`). A start that fails before its first stage leaves no
+    `config.yaml` behind (`undo_failed_start`)."""
     from jaxdetox.loop.baselines import sweep_configs, write_sweep_index
-    from jaxdetox.loop.session import open_run, setup_logging
+    from jaxdetox.loop.session import open_run, setup_logging, undo_failed_start
 
     setup_logging()
     start = time.perf_counter()
-    if config.method == "lambda_sweep":
-        runs = sweep_configs(config, out)
-        open_run(config, out, role=role).close()
-        write_sweep_index(out, runs)
-        complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
-    else:
-        complete = _execute_one(config, out, progress, role)
+    with undo_failed_start(out, role=role):
+        if config.method == "lambda_sweep":
+            runs = sweep_configs(config, out)
+            open_run(config, out, role=role).close()
+            write_sweep_index(out, runs)
+            complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
+        else:
+            complete = _execute_one(config, out, progress, role)
     took = time.perf_counter() - start
     if not complete:
         print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
@@ -141,19 +148,20 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
 def _execute_one(config: object, out: Path, progress: bool, role: str | None) -> bool:
     """One run directory: a baseline's loop, or the method through its placement."""
     from jaxdetox.loop.baselines import LOOPS
-    from jaxdetox.loop.session import open_run
+    from jaxdetox.loop.session import open_run, undo_failed_start
 
-    run_dir = open_run(config, out, role=role)
-    if config.method in LOOPS:
-        from jaxdetox.loop.experiment import Experiment
+    with undo_failed_start(out, role=role):
+        run_dir = open_run(config, out, role=role)
+        if config.method in LOOPS:
+            from jaxdetox.loop.experiment import Experiment
 
-        LOOPS[config.method](Experiment(config, run_dir, progress=progress))
-        complete = True
-    else:
-        from jaxdetox.loop.placement import run_placed
+            LOOPS[config.method](Experiment(config, run_dir, progress=progress))
+            complete = True
+        else:
+            from jaxdetox.loop.placement import run_placed
 
-        complete = run_placed(config, run_dir, role=role, progress=progress)
-    run_dir.close()
+            complete = run_placed(config, run_dir, role=role, progress=progress)
+        run_dir.close()
     metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
     print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")
     if (out / "final").exists():

@@ -7,7 +7,9 @@ a toxicity oracle, persist both in a sample store, and print the toxicity table.
 The defaults are the built-in offline setup: SmolLM2-135M-Instruct (GGUF wheel), the
 built-in eval prompts fed as raw text (RealToxicityPrompts protocol), 4 samples of 20 tokens
 (top-k 50, temperature 1), the offline profanity-check classifier. Rerunning the same
-command resumes: committed samples and labels are never recomputed.
+command resumes: committed samples and labels are never recomputed. The prompts, the oracle,
+the model file and `--out` (new, or this command's earlier output; any other existing
+folder needs `--overwrite`) are checked before the model is loaded or anything is written.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample",
         help="sample completions for prompts, score them, store them, print a toxicity table",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("runs/sample"), help="run directory")
     p.add_argument("--model", default="default", help="HF dir, .gguf, hub id or 'default'")
@@ -35,17 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'builtin', or a prompt file (RTP prompts.jsonl, SafeNLP toxiGen.json, jsonl/txt)",
     )
     p.add_argument("--split", default="eval", help="built-in prompts: train | eval | all")
-    p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument(
+        "--max-prompts", type=int, default=None, help="use the first N prompts (default: all)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=30, help="truncate prompts (paper: 30)")
     p.add_argument("--num-samples", type=int, default=4, help="completions per prompt (k)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens per completion")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call")
     p.add_argument("--oracle", default="default", help="oracle name (see `jaxdetox score`)")
-    p.add_argument("--oracle-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--oracle-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="oracle keyword argument, value parsed as YAML (repeatable)",
+    )
     p.add_argument(
         "--max-label-attempts",
         type=int,
@@ -55,7 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--iteration", type=int, default=0, help="sample-store iteration")
     p.add_argument("--show", type=int, default=5, help="print this many example completions")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="accept an --out folder that exists and is not an earlier `jaxdetox sample` output",
+    )
     p.set_defaults(func=run)
+
+
+# What marks an output folder of this command (a rerun resumes there).
+SAMPLE_MARKERS = ("summary.json", "samples")
 
 
 def load_prompt_set(spec: str, split: str) -> tuple:
@@ -80,17 +98,25 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox import oracles
     from jaxdetox.data import SampleStore, tokenize_prompts
     from jaxdetox.evaluate import group_summaries, summary_markdown
-    from jaxdetox.models import load_pretrained
+    from jaxdetox.loop.preflight import check_model
+    from jaxdetox.loop.rundir import check_out
+    from jaxdetox.models import CheckpointError, load_pretrained
     from jaxdetox.sampling import SamplingConfig, special_tokens
     from jaxdetox.stages import label_stage, oracle_label_name, sample_stage_lm
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that can fail on the user's input, before the model loads (seconds to
+    # minutes) and before anything is written.
+    check_out(out, overwrite=args.overwrite, markers=SAMPLE_MARKERS)
+    prompt_set, kinds = load_prompt_set(args.prompts, args.split)
+    oracle_args = parse_oracle_args(args.oracle_arg)
+    oracles.check(args.oracle, **oracle_args)
+    check_model(args.model, "--model")
     print(f"loading model {args.model!r} ...", flush=True)
     lm = load_pretrained(args.model)
     if lm.tokenizer is None:
-        raise SystemExit(f"jaxdetox sample: model {args.model!r} has no tokenizer files")
-    prompt_set, kinds = load_prompt_set(args.prompts, args.split)
+        raise CheckpointError(f"--model {args.model!r}: no tokenizer files")
+    out.mkdir(parents=True, exist_ok=True)
     if args.max_prompts:
         prompt_set = prompt_set.take(np.arange(min(args.max_prompts, len(prompt_set))))
     prompts = tokenize_prompts(prompt_set, lm.tokenizer, max_tokens=args.prompt_tokens)
@@ -109,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
     report = sample_stage_lm(lm, prompts, store, args.iteration, config, batch_size=args.batch_size)
     print(f"{report.stage}: {report.processed} prompts sampled, {report.skipped} already done")
 
-    oracle = oracles.load(
-        args.oracle, cache=out / "oracle_cache.sqlite", **parse_oracle_args(args.oracle_arg)
-    )
+    oracle = oracles.load(args.oracle, cache=out / "oracle_cache.sqlite", **oracle_args)
     label_name = oracle_label_name(args.oracle)
     report = label_stage(
         store, args.iteration, oracle, label_name, max_attempts=args.max_label_attempts

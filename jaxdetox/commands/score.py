@@ -4,7 +4,9 @@
     jaxdetox score lines.txt --oracle hf:/models/toxigen_roberta --oracle-arg batch_size=16
     PERSPECTIVE_API_KEY=... jaxdetox score s.jsonl --oracle perspective --oracle-arg qps=1
 
-Every input row is written back with `toxicity` (null where the oracle failed) and `ok`.
+Every input row is written back with `toxicity` (null where the oracle failed) and `ok`, by
+default to `INPUT.scored.jsonl` next to the input (`a.txt` -> `a.txt.scored.jsonl`, so
+`a.txt` and `a.jsonl` never share an output). An input with no texts is an error.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="oracle keyword argument, value parsed as YAML (repeatable)",
     )
-    p.add_argument("--field", default="text", help="jsonl field holding the text")
-    p.add_argument("--out", type=Path, help="output jsonl (default: INPUT.scored.jsonl)")
+    p.add_argument(
+        "--field", default="text", help="jsonl field holding the text (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="output jsonl (default: INPUT.scored.jsonl next to the input)"
+    )
     p.add_argument(
         "--cache",
         type=Path,
@@ -46,44 +52,68 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sqlite score cache (default: %(default)s)",
     )
     p.add_argument("--no-cache", action="store_true", help="score everything, cache nothing")
-    p.add_argument("--chunk-size", type=int, default=256, help="texts per progress step")
-    p.add_argument("--threshold", type=float, default=0.5, help="toxic if toxicity >= this")
+    p.add_argument(
+        "--chunk-size", type=int, default=256, help="texts per progress step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="toxic if toxicity >= this (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
 def parse_oracle_args(items: list[str]) -> dict:
     """["batch_size=16", "languages=[en, de]"] -> {"batch_size": 16, "languages": ["en", "de"]}."""
+    from jaxdetox.oracles import OracleArgumentError
+
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"jaxdetox score: --oracle-arg {item!r} is not KEY=VALUE")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise OracleArgumentError(f"--oracle-arg {item!r}: expected KEY=VALUE (e.g. qps=1)")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise OracleArgumentError(f"--oracle-arg {item!r}: value is not YAML ({e})") from None
     return kwargs
 
 
 def read_rows(path: Path, field: str) -> list[dict]:
     """Rows of a .jsonl (each must have a string `field`) or .txt (row = {field: line})."""
+    from jaxdetox.data import EmptySplitError, MalformedRecordError, MissingFieldError
+
     if not path.is_file():
-        raise SystemExit(f"jaxdetox score: no such file {path}")
+        raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise SystemExit(f"jaxdetox score: {path}:{n}: invalid JSON ({err})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise SystemExit(
-                        f"jaxdetox score: {path}:{n}: expected a string field {field!r}"
-                    )
-                rows.append(row)
-        else:
-            rows = [{field: line.rstrip("\r\n")} for line in f if line.strip()]
+    try:
+        with path.open(encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise MalformedRecordError(f"{path}:{n}: invalid JSON ({err})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                        raise MissingFieldError(f"{path}:{n}: expected a string field {field!r}")
+                    rows.append(row)
+            else:
+                rows = [{field: line.rstrip("\r\n")} for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise MalformedRecordError(
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected .jsonl or .txt"
+        ) from None
+    if not rows:
+        raise EmptySplitError(f"{path}: no texts to score (the file is empty or all blank)")
     return rows
+
+
+def default_output(path: Path) -> Path:
+    """`a.txt` -> `a.txt.scored.jsonl`: the whole input name, so no two inputs share one."""
+    return path.with_name(path.name + ".scored.jsonl")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from jaxdetox import oracles
+    from jaxdetox.data import DataError
 
     rows = read_rows(args.input, args.field)
-    out = args.out or args.input.with_name(args.input.stem + ".scored.jsonl")
+    out = args.out or default_output(args.input)
+    if out.resolve() == args.input.resolve():
+        raise DataError(f"--out {out}: is the input file; scoring would overwrite it")
     cache = None if args.no_cache else args.cache
     oracle = oracles.load(args.oracle, cache=cache, **parse_oracle_args(args.oracle_arg))
     texts = [r[args.field] for r in rows]

@@ -3,6 +3,8 @@
 Trains NADO_I from NADO_(I-1) on the labelled samples S_I already in the run's sample store
 (the run's saved config gives every setting), records the stage in the manifest and writes
 its checkpoint. Rerunning resumes from the last checkpoint; a finished stage is skipped.
+
+    jaxdetox train-nado runs/tiny --iteration 1    # after sample and label of iteration 1
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from jaxdetox.errors import JaxdetoxError
 
-class DataError(ValueError):
+
+class DataError(JaxdetoxError, ValueError):
     """Base class for bad input data (a subclass of ValueError so callers can catch either)."""
 
 

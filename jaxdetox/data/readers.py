@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxdetox.data.errors import EmptySplitError, MalformedRecordError, missing_field
+from jaxdetox.data.errors import DataError, EmptySplitError, MalformedRecordError, missing_field
 
 _INDEX_BLOCK_BYTES = 64 << 20
 
@@ -165,6 +165,8 @@ class JsonlSource(_LineFile):
                 f"{self.describe(index)}: malformed JSON line ({e.msg} at column {e.colno}): "
                 f"{raw[:80]!r}"
             ) from None
+        except UnicodeDecodeError as e:  # json.loads decodes bytes first
+            raise MalformedRecordError(f"{self.describe(index)}: not UTF-8 text ({e})") from None
         if not isinstance(record, dict):
             raise MalformedRecordError(
                 f"{self.describe(index)}: expected a JSON object, got {type(record).__name__}"
@@ -199,6 +201,8 @@ class JsonListSource:
             raise MalformedRecordError(
                 f"{self.path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
             ) from None
+        except UnicodeDecodeError as e:
+            raise MalformedRecordError(f"{self.path}: not UTF-8 text ({e})") from None
         if key is not None:
             data = get_field(data, key, str(self.path)) if isinstance(data, dict) else data
         if not isinstance(data, list):
@@ -364,7 +368,7 @@ def open_source(
         return JsonListSource(path)
     if suffix == ".parquet":
         return ParquetSource(path)
-    raise ValueError(
+    raise DataError(
         f"{spec}: unknown data format '{suffix}'; expected .jsonl, .json, .txt, .parquet, a "
         "directory (tfds prepared data, HF save_to_disk, parquet files), tfds:NAME or hf:DIR"
     )

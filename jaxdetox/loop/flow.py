@@ -26,6 +26,7 @@ import dataclasses
 from typing import Any
 
 from jaxdetox.config import RunConfig
+from jaxdetox.errors import JaxdetoxError
 
 ROLE_OF = {
     "sample": "sampler",
@@ -38,7 +39,7 @@ ROLE_OF = {
 NAMES = {"lm": "LLM", "nado": "NADO", "samples": "S", "labels": "labelled S", "eval": "eval"}
 
 
-class VersionError(RuntimeError):
+class VersionError(JaxdetoxError, RuntimeError):
     """An input was made from other versions than the data flow prescribes."""
 
 

@@ -25,6 +25,7 @@ one program (the `split` placement) share one `RunDir`, whose writes take a lock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -35,6 +36,7 @@ import jax
 from etils.epath import Path
 
 from jaxdetox import fileio
+from jaxdetox.errors import JaxdetoxError
 
 STAGES = ("sample", "label", "train_nado", "finetune", "eval")
 # A training stage's resume checkpoints: `ckpt/`, and `ckpt_<constraint>/` for further NADOs.
@@ -42,6 +44,92 @@ CHECKPOINTS = "ckpt"
 
 
 _atomic_write = fileio.atomic_write_text  # temp names carry pid + a random suffix
+
+# What marks a folder as a run directory of this project (`jaxdetox run`, `eval`).
+RUN_MARKERS = ("config.yaml", "manifest.json")
+
+
+class RunDirError(JaxdetoxError, ValueError):
+    """An output folder that cannot be used: a file, not writable, or an existing folder
+    with other files than this project's (refused unless `--overwrite`)."""
+
+
+def _has_marker(path: Path, markers: tuple[str, ...]) -> bool:
+    return any((path / m).exists() for m in markers)
+
+
+def is_run_dir(
+    path: str | os.PathLike[str], markers: tuple[str, ...] = RUN_MARKERS, *, nested: bool = False
+) -> bool:
+    """Whether `path` is an output of this project: it holds one of `markers` (or, `nested`,
+    one of its subfolders does: a demo's or an experiment's folder of run directories)."""
+    path = fileio.as_path(path)
+    if _has_marker(path, markers):
+        return True
+    return nested and any(c.is_dir() and _has_marker(c, markers) for c in path.iterdir())
+
+
+def check_out(
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    markers: tuple[str, ...] = RUN_MARKERS,
+    nested: bool = False,
+    flag: str = "--out",
+) -> None:
+    """Refuse `out` unless it is new, empty, or already an output of this project (one of
+    `markers` there; `nested`: or in a subfolder): a user's own folder would get our files beside theirs (and a `samples/`
+    of theirs would become the sample store). `overwrite` accepts any existing folder. A new
+    local folder is created and removed again, so a path that cannot be made fails here,
+    before a run spends a minute."""
+    out = fileio.as_path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise RunDirError(f"{flag} {out}: is a file, not a folder")
+        # Another program's atomic write in progress (a `jobs` role starting beside this
+        # one) leaves `.NAME.tmp-*` for a moment: not the user's.
+        entries = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in out.iterdir()
+            if not (p.name.startswith(".") and ".tmp-" in p.name)
+        )
+        if entries and not overwrite and not is_run_dir(out, markers, nested=nested):
+            shown = ", ".join(entries[:5]) + (
+                f", ... ({len(entries)} in all)" if len(entries) > 5 else ""
+            )
+            raise RunDirError(
+                f"{flag} {out}: exists and is not a jaxdetox output folder (it holds {shown}); "
+                "choose a new folder, or pass --overwrite to write into it anyway"
+            )
+        return
+    if fileio.is_local(out):
+        _probe_create(os.fspath(out), flag)
+
+
+def _probe_create(path: str, flag: str) -> None:
+    """Make `path` (and missing parents), then remove what was made; `RunDirError` if it
+    cannot be made. Another host probing the same shared path at once is no error."""
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    if not os.path.isdir(head):
+        raise RunDirError(f"{flag} {path}: {head} is a file, not a folder")
+    created = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue
+            created.append(folder)
+    except OSError as e:
+        raise RunDirError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def _stage_key(record: dict[str, Any]) -> tuple[int, int]:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import logging
-import os
+from collections.abc import Iterator
 
 import jax
 import yaml
@@ -20,35 +20,10 @@ from jaxdetox.config import (
     load_config,
 )
 from jaxdetox.fileio import atomic_write_text
-from jaxdetox.loop.rundir import RunDir
+from jaxdetox.launch.distributed import add_distributed_args, init_distributed  # noqa: F401 (their old home)
+from jaxdetox.loop.rundir import RunDir, read_manifest
 
 CONFIG_FILE = "config.yaml"
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """Flags for multi-host runs (each defaults to its JAX environment variable)."""
-    group = parser.add_argument_group("multi-host (one process per host)")
-    group.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    group.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
-    group.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """`jax.distributed.initialize` when a coordinator is given (or on a TPU pod, where JAX
-    discovers the hosts by itself when `JAXDETOX_DISTRIBUTED=1`)."""
-    if args.coordinator:
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-    elif os.environ.get("JAXDETOX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
 
 
 def _diff(a: object, b: object, prefix: str = "") -> list[str]:
@@ -58,6 +33,19 @@ def _diff(a: object, b: object, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def config_diff(saved: dict, config: RunConfig, out: Path) -> str:
+    """Why `config` may not resume the run in `out` that saved `saved` ("" if it may): the
+    differing keys, both through the current schema (defaults added since compare equal)."""
+    before = config_from_dict(saved, str(out / CONFIG_FILE)).model_dump(mode="json")
+    diff = _diff(before, config.model_dump(mode="json"))
+    if not diff:
+        return ""
+    return (
+        f"{out} was started with a different config ({len(diff)} keys differ, saved -> now); "
+        "use a new --out directory, or rerun with the saved config:\n  " + "\n  ".join(diff)
+    )
 
 
 def resolve_run_config(config_path: str | None, out: Path, overrides: list[str]) -> RunConfig:
@@ -75,15 +63,9 @@ def resolve_run_config(config_path: str | None, out: Path, overrides: list[str])
     else:
         config = load_config(config_path, overrides)
     if saved is not None:
-        # Both through the current schema: defaults added since the run started compare equal.
-        before = config_from_dict(saved, str(saved_path)).model_dump(mode="json")
-        diff = _diff(before, config.model_dump(mode="json"))
-        if diff:
-            raise ConfigError(
-                f"{out} was started with a different config; differences (saved -> now):\n  "
-                + "\n  ".join(diff)
-                + "\nuse a new --out directory, or rerun with the saved config"
-            )
+        differences = config_diff(saved, config, out)
+        if differences:
+            raise ConfigError(differences)
     return config
 
 
@@ -94,6 +76,33 @@ def open_run(config: RunConfig, out: Path, role: str | None = None) -> RunDir:
     if run.writer and not (out / CONFIG_FILE).exists():
         atomic_write_text(out / CONFIG_FILE, dump_config(config))
     return run
+
+
+def _has_records(out: Path) -> bool:
+    """Whether a stage of the run in `out` (or of a λ sweep's runs in its subfolders) began."""
+    if read_manifest(out):
+        return True
+    return out.is_dir() and any(c.is_dir() and read_manifest(c) for c in out.iterdir())
+
+
+@contextlib.contextmanager
+def undo_failed_start(out: Path, *, role: str | None = None) -> Iterator[None]:
+    """Around a run's start-up and stages: if the body raises before any stage was
+    recorded (the model did not load, a file was missing...), remove the `config.yaml` this
+    start wrote (and `out` itself, if it made it and it is empty), so the corrected command
+    is not refused as "started with a different config". Not for a `jobs` role (`role`):
+    the other roles' programs share that config."""
+    config_existed, out_existed = (out / CONFIG_FILE).exists(), out.exists()
+    try:
+        yield
+    except BaseException:
+        fresh = role is None and not config_existed
+        if fresh and jax.process_index() == 0 and not _has_records(out):
+            with contextlib.suppress(OSError):
+                (out / CONFIG_FILE).unlink(missing_ok=True)
+                if not out_existed and not any(out.iterdir()):
+                    out.rmdir()
+        raise
 
 
 def setup_logging() -> None:

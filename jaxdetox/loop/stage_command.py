@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,39 +13,30 @@ def register_stage(
     subparsers: argparse._SubParsersAction, name: str, doc: str, func: Callable[..., int]
 ) -> None:
     """Add a subcommand `name RUN_DIR --iteration I [key=value ...]` handled by `func`."""
-    from jaxdetox.loop.session import add_distributed_args
+    from jaxdetox.launch.distributed import add_distributed_args
 
-    p = subparsers.add_parser(
-        name, help=doc.splitlines()[0], description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    summary = doc.splitlines()[0].split("`: ", 1)[-1]  # the line after its usage
+    p = subparsers.add_parser(name, help=summary, description=doc)
     p.add_argument("out", type=as_path, help="run directory (made by `jaxdetox run`)")
     p.add_argument("--iteration", type=int, required=True, help="iteration (1-based)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="must match the run's")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_distributed_args(p)
     p.set_defaults(func=func)
 
 
 def open_experiment(args: argparse.Namespace) -> tuple[Any, Any]:
-    """`(experiment, run dir)` for an existing run directory, or exit 2 with the reason."""
+    """`(experiment, run dir)` for an existing run directory (`ConfigError` if it is not one,
+    or the overrides change its config)."""
     from jaxdetox.config import ConfigError
+    from jaxdetox.launch.distributed import init_distributed
     from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.session import (
-        init_distributed,
-        open_run,
-        resolve_run_config,
-        setup_logging,
-    )
+    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging
 
-    try:
-        if args.iteration < 1:
-            raise ConfigError(f"--iteration must be >= 1, got {args.iteration}")
-        init_distributed(args)
-        config = resolve_run_config(None, args.out, list(args.overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    if args.iteration < 1:
+        raise ConfigError(f"--iteration must be >= 1, got {args.iteration}")
+    init_distributed(args)
+    config = resolve_run_config(None, args.out, list(args.overrides))
     setup_logging()
     run = open_run(config, args.out)
     return Experiment(config, run, progress=not args.no_progress), run
@@ -60,17 +50,12 @@ def run_one_stage(
     artefact: str,
 ) -> int:
     """Open the run, check that every `(iteration, stage, why)` in `needs` is done, run
-    `body(experiment)`, and print the stage's outputs (exit 2 with the reason otherwise)."""
-    from jaxdetox.config import ConfigError
+    `body(experiment)`, and print the stage's outputs (`ConfigError` naming what is missing)."""
     from jaxdetox.loop.session import require_done
 
     exp, run_dir = open_experiment(args)
-    try:
-        for iteration, needed, why in needs:
-            require_done(run_dir, iteration, needed, why)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for iteration, needed, why in needs:
+        require_done(run_dir, iteration, needed, why)
     body(exp)
     run_dir.close()
     print(f"{artefact}: {run_dir.record(args.iteration, stage)['outputs']}")

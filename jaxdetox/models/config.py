@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxdetox.errors import JaxdetoxError
+
 # HF model_type -> our family. Mistral is the Llama block plus an optional sliding window.
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gpt2": "gpt2"}
 ARCHITECTURES = {
@@ -26,7 +28,7 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(JaxdetoxError, ValueError):
     """A config.json field has a value this implementation does not support."""
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxdetox.models.hf import from_hf_tensors
+from jaxdetox.models.hf import CheckpointError, from_hf_tensors
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -56,6 +56,17 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that cannot be read (truncated, not GGUF) or does not describe a model we
+    import; the message names the file."""
+
+
+class UnsupportedGGUFError(GGUFError, NotImplementedError):
+    """A GGUF feature (a RoPE variant, partial rotary embeddings) the import does not cover."""
+
+
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
@@ -119,7 +130,21 @@ class GGUFCheckpoint:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        reader = GGUFReader(self.path, "r")
+        try:
+            reader = GGUFReader(self.path, "r")
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
+            # The reader's own errors (a numpy dtype or reshape error, "GGUF magic invalid")
+            # never name the file; a truncated download is the usual cause.
+            raise GGUFError(
+                f"{self.path}: not a readable GGUF file ({e}); is it truncated, or not GGUF?"
+            ) from e
+        size = self.path.stat().st_size
+        for t in reader.tensors:  # the tensor table must point inside the file
+            if t.data_offset + t.n_bytes > size:
+                raise GGUFError(
+                    f"{self.path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, "
+                    f"past the end of the {size}-byte file (truncated?)"
+                )
         # The reader keeps every vocabulary string as its own numpy view (~150 MB for a 49k
         # vocabulary); keep plain Python values and the tensors' memory-mapped data instead, so
         # that memory is free again before the weights are dequantized.
@@ -128,7 +153,7 @@ class GGUFCheckpoint:
         del reader
         arch = self.metadata("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
+            raise GGUFError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported "
                 f"(general.architecture must be one of {SUPPORTED_ARCHITECTURES})"
             )
@@ -141,7 +166,7 @@ class GGUFCheckpoint:
         """The value of GGUF metadata field `key` (scalars as Python values, arrays as lists)."""
         if key not in self._metadata:
             if default is ...:
-                raise KeyError(f"{self.path}: GGUF metadata field {key!r} is missing")
+                raise GGUFError(f"{self.path}: GGUF metadata field {key!r} is missing")
             return default
         return self._metadata[key]
 
@@ -167,11 +192,11 @@ class GGUFCheckpoint:
                 if name == "rope_freqs.weight":
                     # Llama 3.1-style scaling is stored only as per-frequency factors, which an HF
                     # config cannot express without the original parameters.
-                    raise NotImplementedError(
+                    raise UnsupportedGGUFError(
                         f"{self.path}: tensor 'rope_freqs.weight' (llama3-style RoPE frequency "
                         "factors) is not supported"
                     )
-                raise ValueError(
+                raise GGUFError(
                     f"{self.path}: GGUF tensor {name!r} has no HF Llama equivalent "
                     f"(expected blk.N.{{{','.join(_BLOCK_NAMES)}}} or {{{','.join(_GLOBAL_NAMES)}}})"
                 )
@@ -187,13 +212,13 @@ class GGUFCheckpoint:
         head_dim = int(self._arch("attention.key_length", hidden // num_heads))
         rope_dim = int(self._arch("rope.dimension_count", head_dim))
         if rope_dim != head_dim:
-            raise NotImplementedError(
+            raise UnsupportedGGUFError(
                 f"{self.path}: partial rotary embeddings (rope.dimension_count={rope_dim} < "
                 f"head_dim={head_dim}) are not supported for Llama"
             )
         value_dim = int(self._arch("attention.value_length", head_dim))
         if value_dim != head_dim:
-            raise NotImplementedError(
+            raise UnsupportedGGUFError(
                 f"{self.path}: attention.value_length={value_dim} differs from head_dim={head_dim}"
             )
         if "tokenizer.ggml.tokens" in self._metadata:
@@ -223,7 +248,7 @@ class GGUFCheckpoint:
         )
         missing = [t for t in self._expected_tensor_names(kwargs) if not has(t)]
         if missing:
-            raise ValueError(
+            raise GGUFError(
                 f"{self.path}: GGUF lacks the tensors for HF {missing[:5]} ({len(missing)} missing)"
             )
         # transformers' own serialised form (e.g. `rope_parameters`), minus the generic
@@ -257,7 +282,7 @@ class GGUFCheckpoint:
                 if (value := self._arch(gguf_key, None)) is not None:
                     params[hf_key] = float(value)
             return params
-        raise NotImplementedError(f"{self.path}: rope.scaling.type={kind!r} is not supported")
+        raise UnsupportedGGUFError(f"{self.path}: rope.scaling.type={kind!r} is not supported")
 
     @staticmethod
     def _expected_tensor_names(cfg: dict[str, Any]) -> list[str]:

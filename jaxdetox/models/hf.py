@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxdetox import sharding
+from jaxdetox.errors import JaxdetoxError
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.registry import abstract_model, family_module
 
@@ -36,7 +37,7 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxdetoxError, ValueError):
     """A checkpoint file or tensor is missing, unreadable or has the wrong shape."""
 
 

@@ -17,13 +17,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from jaxdetox.errors import JaxdetoxError
 
-class OracleError(RuntimeError):
+
+class OracleError(JaxdetoxError, RuntimeError):
     """Base class for oracle configuration and loading errors."""
 
 
 class OracleUnavailableError(OracleError):
     """The oracle's package, weights or credentials are not present on this machine."""
+
+
+class OracleArgumentError(OracleError, ValueError):
+    """An unknown oracle name, or arguments (`oracle.args`, `--oracle-arg`) it does not take."""
 
 
 @dataclasses.dataclass

@@ -47,6 +47,17 @@ def label_index(config: object, label: int | str, path: Path) -> int:
     return int(label)
 
 
+def classifier_dir(model_dir: str | os.PathLike) -> Path:
+    """`model_dir` as a path, if it holds a saved classifier (`OracleUnavailableError` if not)."""
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        raise OracleUnavailableError(
+            f"hf oracle: {path} has no config.json; expected a local directory saved with "
+            "save_pretrained (a classifier checkpoint plus its tokenizer files)"
+        )
+    return path
+
+
 class HFClassifierOracle(BatchOracle):
     """transformers `AutoModelForSequenceClassification` + `AutoTokenizer` from a local dir."""
 
@@ -66,12 +77,7 @@ class HFClassifierOracle(BatchOracle):
         num_threads: int | None = None,
     ) -> None:
         super().__init__(batch_size)
-        path = Path(model_dir).expanduser()
-        if not (path / "config.json").is_file():
-            raise OracleUnavailableError(
-                f"hf oracle: {path} has no config.json; expected a local directory saved with "
-                "save_pretrained (a classifier checkpoint plus its tokenizer files)"
-            )
+        path = classifier_dir(model_dir)
         try:
             import torch
             import transformers

@@ -84,6 +84,16 @@ class _Final(Exception):
     """A failure that another attempt would not fix (e.g. HTTP 400 unsupported language)."""
 
 
+def api_key(env: str) -> str:
+    """The API key in environment variable `env` (`OracleUnavailableError` when unset)."""
+    key = os.environ.get(env, "").strip()
+    if not key:
+        raise OracleUnavailableError(
+            f"perspective oracle: set the environment variable {env} to an API key"
+        )
+    return key
+
+
 class PerspectiveOracle:
     """Perspective API `summaryScore` of one attribute (TOXICITY) as the toxicity."""
 
@@ -103,11 +113,7 @@ class PerspectiveOracle:
         batch_size: int = 32,
         do_not_store: bool = True,
     ) -> None:
-        key = os.environ.get(api_key_env, "").strip()
-        if not key:
-            raise OracleUnavailableError(
-                f"perspective oracle: set the environment variable {api_key_env} to an API key"
-            )
+        key = api_key(api_key_env)
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or batch_size < 1:
             raise ValueError(
                 "perspective oracle: need concurrency >= 1, max_retries >= 0, timeout > 0, "

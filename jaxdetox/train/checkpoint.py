@@ -19,10 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxdetox.errors import JaxdetoxError
 from jaxdetox.train.state import key_path
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JaxdetoxError, RuntimeError):
     """A checkpoint is missing or does not match what the run expects."""
 
 
