@@ -79,7 +79,8 @@ def test_heldout_split_holds_out_whole_prompts():
 
 
 @pytest.mark.slow
-def test_train_nado_records_its_quality_and_the_report_shows_it(tmp_path):
+@pytest.mark.parametrize("variant", ["separate", "shared"])
+def test_train_nado_records_its_quality_and_the_report_shows_it(tmp_path, variant):
     from jaxdetox.commands.report import write_report
     from jaxdetox.commands.run import execute
     from jaxdetox.config import config_from_dict
@@ -88,7 +89,7 @@ def test_train_nado_records_its_quality_and_the_report_shows_it(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     config = tiny_config(
         model, loop={"iterations": 1}, eval={"enabled": False},
-        nado={"head": "factored", "bias_init": "label_mean"},
+        nado={"head": "factored", "bias_init": "label_mean", "variant": variant},
         train_nado={"epochs": 4, "early_stopping": True, "heldout_fraction": 0.25},
     )  # fmt: skip
     out = tmp_path / "run"

@@ -27,6 +27,9 @@ SCREEN = ["eval.enabled=false"]  # NADO quality only (no guided evaluation): a c
 VARIANTS: dict[str, list[str]] = {
     "linear": [],
     "factored": F,
+    "shared_factored": [*F, "nado.variant=shared", "train_nado.optimizer.trainable=[]"],
+    "factored_alpha4": [*F, "baseline.alpha=4.0"],
+    "factored_k8": [*F, "sampling.num_samples=8"],
     # screens: held-out NADO quality only
     "s_linear_bias": ["nado.bias_init=label_mean", *SCREEN],
     "s_factored_head_only": [*F, *HEAD_ONLY, *SCREEN],

@@ -47,6 +47,7 @@ class StageResult:
     # With a `Validation`: best value, its step, evaluations without improvement, stopped early.
     validation: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None  # train_nado: `evaluate.nado_quality` figures
+    state: Any = None  # the final train state (the stage's input state was donated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +230,7 @@ def fit(
         best.close()
     return StageResult(
         params, done, last, start, runner.compile_count,
-        validation=None if validation is None else dict(progress),
+        validation=None if validation is None else dict(progress), state=state,
     )  # fmt: skip
 
 
@@ -376,9 +377,7 @@ def train_nado_stage(
         validation=validation,
     )  # fmt: skip
     if len(heldout_rows):
-        trained_state = training.state.replace(
-            nado=training.state.nado.replace(params=result.params)
-        )
+        trained_state = result.state.replace(nado=result.state.nado.replace(params=result.params))
         result.quality = heldout.quality(trained_state, initial_probe, label_mean)
         if not result.quality["beats_constant"]:
             logger.warning(
