@@ -60,9 +60,11 @@ GUIDED_GAP = 0.95  # share of the gap R(x) → E_q*[C] closed by guided decoding
 FINETUNE_GAP = 0.9  # ... by the fine-tuned LLM
 FINETUNE_KL_SHARE = 0.15  # KL(q* ‖ p_θ) over KL(q* ‖ p)
 
-# id -> the run config's `nado:` section (merged); a head variant is one more entry, e.g.
-# "factored": {"head": "factored"}
-NADO_VARIANTS = {"current": {}}
+# id -> the run config's `nado:` section (merged); a head variant is one more entry.
+NADO_VARIANTS = {
+    "linear": {},
+    "factored": {"head": "factored", "bias_init": "label_mean"},
+}
 
 
 @dataclasses.dataclass
