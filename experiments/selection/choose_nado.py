@@ -30,6 +30,10 @@ VARIANTS: dict[str, list[str]] = {
     "shared_factored": [*F, "nado.variant=shared", "train_nado.optimizer.trainable=[]"],
     "factored_alpha4": [*F, "baseline.alpha=4.0"],
     "factored_k8": [*F, "sampling.num_samples=8"],
+    "factored_alpha8": [*F, "baseline.alpha=8.0"],
+    "shared_factored_alpha4": [*F, "nado.variant=shared", "train_nado.optimizer.trainable=[]",
+                               "baseline.alpha=4.0"],
+    "factored_k8_alpha4": [*F, "sampling.num_samples=8", "baseline.alpha=4.0"],
     # screens: held-out NADO quality only
     "s_linear_bias": ["nado.bias_init=label_mean", *SCREEN],
     "s_factored_head_only": [*F, *HEAD_ONLY, *SCREEN],
