@@ -339,10 +339,11 @@ METHODS = (
 )
 """Methods `jaxdetox run` executes (`method:`; docs/baselines.md)."""
 
-METHOD_VARIANTS = ("pr_lora", "pr_two_constraints")
+METHOD_VARIANTS = ("pr_lora", "pr_two_constraints", "pr_paper")
 """Row labels that run the regularised fine-tuning loop like `pr_sequential` / `pr_parallel`
 (the scheme comes from `loop.scheme`) and name its row in a report: the method with LoRA
-adapters (`finetune.lora`), with further constraints (`constraints:`). A new variant is
+adapters (`finetune.lora`), with further constraints (`constraints:`), with the authors'
+recipe (`pr_paper`: linear zero-initialised NADO head, α = 1). A new variant is
 listed here; no prefix rule, so a misspelt `pr_paralel` is an error, not a silent run of
 the sequential scheme. Other names are only row labels of evaluation-only directories
 (`jaxdetox eval --method NAME`)."""

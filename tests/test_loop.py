@@ -252,7 +252,7 @@ def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_p
     def fake_fit(exp, *, training, **kw):  # the stage as set up, without its steps
         seen["ref"] = jax.device_get(training.state.ref_params)
         params = training.state.nado.params
-        return training_lib.StageResult(params, kw["total_steps"], {}, 0, 0)
+        return training_lib.StageResult(params, kw["total_steps"], {}, 0, 0, state=training.state)
 
     monkeypatch.setattr(training_lib, "fit", fake_fit)
     sequential.train_nado(exp, 2, nado_version=1, samples=2)  # the store says LLM_1 drew S_2
