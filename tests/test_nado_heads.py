@@ -159,3 +159,29 @@ def test_factored_embedding_never_trains(lm):
     mask = training.models.nado_trainable
     assert mask["head"]["embedding"] is False and mask["head"]["proj"] is True
     assert mask["body"]["layers"]["mlp"]["up"] is False
+
+
+def test_head_parameter_group_has_its_own_learning_rate_and_the_frozen_leaf_none():
+    """`train_nado.head_learning_rate` puts `head.*` in its own AdamW group: Adam's first
+    step moves each leaf by ~its group's learning rate (|update| = lr for a nonzero grad)."""
+    import optax
+
+    from jaxdetox.train.optimizer import make_optimizer
+
+    params = {
+        "body": {"w": jnp.ones((3,))},
+        "head": {"w": jnp.ones((3,)), "embedding": jnp.ones(2)},
+    }
+    config = OptimizerConfig(
+        learning_rate=1e-3, max_grad_norm=None, frozen=(r"^head\.embedding$",),
+        groups=((r"^head\.", 1e-1, 0.0),),
+    )  # fmt: skip
+    opt, _ = make_optimizer(config, 10, params)
+    grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(1 - new["body"]["w"]), 1e-3, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(1 - new["head"]["w"]), 1e-1, rtol=1e-3)
+    np.testing.assert_array_equal(np.asarray(new["head"]["embedding"]), 1.0)
+    with pytest.raises(ValueError, match="optimizer.groups"):
+        OptimizerConfig(groups=(("[", 1e-3, 0.0),))
