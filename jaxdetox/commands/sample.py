@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxdetox.commands.score import parse_oracle_args
+from jaxdetox.commands.score import add_oracle_arguments, parse_oracle_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,14 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per sampler call")
-    p.add_argument("--oracle", default="default", help="oracle name (see `jaxdetox score`)")
-    p.add_argument(
-        "--oracle-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="oracle keyword argument, value parsed as YAML (repeatable)",
-    )
+    add_oracle_arguments(p)
     p.add_argument(
         "--max-label-attempts",
         type=int,

@@ -22,6 +22,18 @@ import yaml
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxdetox"
 
 
+def add_oracle_arguments(p: argparse.ArgumentParser) -> None:
+    """`--oracle NAME` and repeatable `--oracle-arg KEY=VALUE` (see `parse_oracle_args`)."""
+    p.add_argument("--oracle", default="default", help="oracle name (default: %(default)s)")
+    p.add_argument(
+        "--oracle-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="oracle keyword argument, value parsed as YAML (repeatable)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `score` subcommand."""
     p = subparsers.add_parser(
@@ -31,14 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", type=Path, help=".jsonl (one object per line) or .txt (one per line)")
-    p.add_argument("--oracle", default="default", help="oracle name (default: %(default)s)")
-    p.add_argument(
-        "--oracle-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="oracle keyword argument, value parsed as YAML (repeatable)",
-    )
+    add_oracle_arguments(p)
     p.add_argument(
         "--field", default="text", help="jsonl field holding the text (default: %(default)s)"
     )
