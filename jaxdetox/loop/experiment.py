@@ -136,14 +136,7 @@ class Experiment:
         self.lm_graph = nnx.split(abstract_model(self.lm_config), nnx.Param)[0]
         _, self.lm_abstract, base_params = split_params(base.model)
         self.lm_shardings = param_shardings(self.lm_abstract, self.mesh)
-        self.nado_config = NadoConfig.for_lm(
-            self.lm_config,
-            config.nado.variant,
-            num_layers=config.nado.num_layers,
-            head_init=config.nado.head_init,
-            head=config.nado.head,
-            head_rank=config.nado.head_rank,
-        )
+        self.nado_config = NadoConfig.from_section(self.lm_config, config.nado)
         initial_nado = init_nado(
             self.nado_config,
             config.seed,

@@ -254,7 +254,7 @@ class Planner:
     def __init__(self, config: RunConfig, lm_config: ModelConfig, *, prefix_tokens: int = 1):
         """Build the abstract LLM, NADO, optimizer states and batch shapes of `config`."""
         from jaxdetox.data.packing import round_up
-        from jaxdetox.loop.training import optimizer_config
+        from jaxdetox.loop.training import nado_optimizer_config, optimizer_config
         from jaxdetox.models import NadoConfig
         from jaxdetox.models.nado import NadoModel
         from jaxdetox.models.registry import family_module
@@ -267,9 +267,7 @@ class Planner:
         self.lm_graph, self.lm_state, self.lm_params = _abstract_params(
             self.lm_config, lambda: cls(self.lm_config, rngs=nnx.Rngs(0))
         )
-        self.nado_config = NadoConfig.for_lm(
-            self.lm_config, config.nado.variant, num_layers=config.nado.num_layers
-        )
+        self.nado_config = NadoConfig.from_section(self.lm_config, config.nado)
         self.nado_graph, self.nado_state, self.nado_params = _abstract_params(
             self.nado_config.body, lambda: NadoModel(self.nado_config, rngs=nnx.Rngs(0))
         )
@@ -292,7 +290,7 @@ class Planner:
         finetune_opt = optimizer_config(config.finetune.optimizer)
         self.lm_opt = make_optimizer(finetune_opt, 1, trained_lm)
         self.nado_opt = make_optimizer(
-            optimizer_config(config.train_nado.optimizer), 1, self.nado_params
+            nado_optimizer_config(config.train_nado), 1, self.nado_params
         )
         self.lm_opt_state = jax.eval_shape(self.lm_opt[0].init, trained_lm)
         self.nado_opt_state = jax.eval_shape(self.nado_opt[0].init, self.nado_params)

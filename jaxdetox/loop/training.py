@@ -391,8 +391,10 @@ def train_nado_stage(
 
 def nado_optimizer_config(cfg: Any) -> OptimizerConfig:
     """The NADO's optimizer: `train_nado.optimizer`, the head in its own parameter group when
-    `head_learning_rate` / `head_weight_decay` are set."""
-    config = optimizer_config(cfg.optimizer)
+    `head_learning_rate` / `head_weight_decay` are set, the NADO's constants frozen."""
+    from jaxdetox.models.nado import FROZEN_PARAMS
+
+    config = dataclasses.replace(optimizer_config(cfg.optimizer), frozen=FROZEN_PARAMS)
     if cfg.head_learning_rate is None and cfg.head_weight_decay is None:
         return config
     lr = config.learning_rate if cfg.head_learning_rate is None else cfg.head_learning_rate

@@ -99,6 +99,15 @@ class NadoConfig:
         # Tied: the body's own vocabulary projection is never used, so store none.
         return cls("separate", lm_config.replace(num_layers=n, tie_word_embeddings=True), **kw)
 
+    @classmethod
+    def from_section(cls, lm_config: ModelConfig, section: Any) -> NadoConfig:
+        """The NADO of a run config's `nado:` section (variant, num_layers, head, head_rank,
+        head_init) for an LM: the one translation the run and the memory planner share."""
+        return cls.for_lm(
+            lm_config, section.variant, num_layers=section.num_layers,
+            head_init=section.head_init, head=section.head, head_rank=section.head_rank,
+        )  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable dict (inverse of `from_json`)."""
         body = dataclasses.asdict(self.body)
