@@ -46,3 +46,18 @@ def tiny_word_llama(words: tuple[str, ...], seed: int = 0, initializer_range: fl
         eos_token_id=0, pad_token_id=0, bos_token_id=None, initializer_range=initializer_range,
     )  # fmt: skip
     return random_init(config, seed=seed, tokenizer=tok)
+
+
+# The small Llama the NADO model and head tests share (GQA, 3 layers, vocabulary 48).
+NADO_TEST_LM = dict(
+    family="llama", vocab_size=48, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+    head_dim=8, intermediate_size=64, initializer_range=0.2,
+)  # fmt: skip
+
+
+def random_tokens(b: int = 2, t: int = 7, seed: int = 0, vocab: int = 48) -> Any:
+    """Random int32 token ids `[b, t]` (a jax array)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, t)), jnp.int32)

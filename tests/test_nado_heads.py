@@ -22,11 +22,9 @@ from jaxdetox.models.nado import (
 from jaxdetox.train.optimizer import OptimizerConfig
 from jaxdetox.train.setup import make_training
 from jaxdetox.train.state import split_params, to_nnx_state
+from tests._tiny import NADO_TEST_LM, random_tokens
 
-LM_CONFIG = ModelConfig(
-    family="llama", vocab_size=48, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
-    head_dim=8, intermediate_size=64, initializer_range=0.2,
-)  # fmt: skip
+LM_CONFIG = ModelConfig(**NADO_TEST_LM)
 HEADS = [("linear", 0), ("factored", 0), ("factored", 4)]
 
 
@@ -35,8 +33,7 @@ def lm():
     return random_init(LM_CONFIG, seed=1)
 
 
-def _tokens(b=2, t=7, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, 48, (b, t)), jnp.int32)
+_tokens = random_tokens
 
 
 def _nado(lm, variant, head, rank, seed=0):

@@ -11,18 +11,9 @@ from flax import nnx
 from jaxdetox import sharding
 from jaxdetox.models import CheckpointError, ModelConfig, random_init
 from jaxdetox.models.nado import NadoConfig, init_nado, load_nado, nado_logits, save_nado
+from tests._tiny import NADO_TEST_LM, random_tokens
 
-LM_CONFIG = ModelConfig(
-    family="llama",
-    vocab_size=48,
-    hidden_size=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    initializer_range=0.2,
-)
+LM_CONFIG = ModelConfig(**NADO_TEST_LM)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +21,7 @@ def lm():
     return random_init(LM_CONFIG, seed=1)
 
 
-def _tokens(b=2, t=7, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, 48, (b, t)), jnp.int32)
+_tokens = random_tokens
 
 
 @pytest.mark.parametrize("variant", ["separate", "shared"])
