@@ -441,6 +441,15 @@ class HeldOut:
             exp.labels(arrays.batch(rows[i : i + batch_size], batch_size), constraint)
             for i in range(0, len(rows), batch_size)
         ]
+        # Fixed for the stage: labels, BCE weights and labelled rows of the held-out batches.
+        self.labels_b = np.concatenate([b["labels_b"] for b in self.batches])
+        self.weight_bt = np.concatenate(
+            [
+                (b["loss_mask_bt"] * b["label_mask_b"][:, None]).astype(np.float64)
+                for b in self.batches
+            ]
+        )
+        self.labelled_b = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
         self.runner = StepRunner(
             functools.partial(nado_outputs, models=training.models), exp.mesh,
             training.shardings, name="nado_heldout", returns_state=False,
@@ -458,19 +467,13 @@ class HeldOut:
             outs.append({k: np.asarray(v) for k, v in out.items()})
         return outs
 
-    @staticmethod
-    def _weights(batch: dict[str, np.ndarray]) -> np.ndarray:
-        return (batch["loss_mask_bt"] * batch["label_mask_b"][:, None]).astype(np.float64)
-
     def bce(self, state: Any) -> float:
         """Token-weighted held-out BCE of the NADO in `state`."""
         from jaxdetox.evaluate.nado_quality import weighted_bce
 
-        outs = self._outputs(state)
-        logit = np.concatenate([o["token_logit_bt"] for o in outs])
-        weight = np.concatenate([self._weights(b) for b in self.batches])
-        labels = np.concatenate([b["labels_b"] for b in self.batches])
-        return weighted_bce(logit, np.broadcast_to(labels[:, None], logit.shape), weight)
+        logit = np.concatenate([o["token_logit_bt"] for o in self._outputs(state)])
+        labels_bt = np.broadcast_to(self.labels_b[:, None], logit.shape)
+        return weighted_bce(logit, labels_bt, self.weight_bt)
 
     def probe_logits(self, state: Any) -> np.ndarray:
         """Full-vocabulary NADO logits at each held-out row's last completion position."""
@@ -482,17 +485,12 @@ class HeldOut:
 
         outs = self._outputs(state)
         probe = np.concatenate([o["probe_logits_bv"] for o in outs])
-        valid = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
-        moved = np.any(
-            ~np.isclose(probe[valid], initial_probe[valid], rtol=1e-5, atol=1e-6), axis=0
-        )
+        rows = self.labelled_b
+        moved = np.any(~np.isclose(probe[rows], initial_probe[rows], rtol=1e-5, atol=1e-6), axis=0)
         return nado_quality(
             np.concatenate([o["token_logit_bt"] for o in outs]),
-            np.concatenate([b["labels_b"] for b in self.batches]),
-            np.concatenate([self._weights(b) for b in self.batches]),
-            label_mean,
-            moved,
-        ).to_json()
+            self.labels_b, self.weight_bt, label_mean, moved,
+        ).to_json()  # fmt: skip
 
 
 def with_all_nados(exp: Experiment, training: Training, nado_version: int) -> Training:
