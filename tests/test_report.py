@@ -353,3 +353,23 @@ def test_plots_have_integer_iteration_ticks_and_legends_beside_the_data(
         assert box.x1 <= width + 1, f"{name}: legend cut off"
         for ax in fig.axes:  # beside every axes, over none of them
             assert not box.overlaps(ax.get_window_extent()), name
+
+
+def test_row_names_tell_apart_runs_of_one_method_and_lambda():
+    """Rows of one method are named by λ; where λ is shared too, by their run directory."""
+    from jaxdetox.evaluate.runs import row_names
+
+    rows = [
+        {"method": "base", "kl_weight": None, "run": "runs/x/base"},
+        {"method": "pr_sequential", "kl_weight": 1.0, "run": "runs/x/ref_base"},
+        {"method": "pr_sequential", "kl_weight": 1.0, "run": "gs://b/x/ref_previous"},
+        {"method": "lambda_sweep", "kl_weight": 0.3, "run": "runs/x/sweep/l0.3"},
+        {"method": "lambda_sweep", "kl_weight": 3.0, "run": "runs/x/sweep/l3"},
+    ]
+    assert row_names(rows) == [
+        "base",
+        "pr_sequential (λ=1) [ref_base]",
+        "pr_sequential (λ=1) [ref_previous]",
+        "lambda_sweep (λ=0.3)",
+        "lambda_sweep (λ=3)",
+    ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -321,13 +321,18 @@ def iteration_time_markdown(summaries: list[dict[str, Any]]) -> str:
 
 def row_names(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's display name: its method, plus `(λ=…)` where several rows share the method
-    (a λ sweep's runs); the table and the plots name rows alike."""
+    (a λ sweep's runs), plus the run directory's name where that still leaves two rows alike
+    (the same method and λ under other settings); the table and the plots name rows alike."""
     methods = [r["method"] for r in rows]
-    return [
+    names = [
         f"{r['method']} (λ={r['kl_weight']:g})"
         if methods.count(r["method"]) > 1 and r.get("kl_weight") is not None
         else r["method"]
         for r in rows
+    ]
+    return [
+        f"{name} [{PurePosixPath(str(r.get('run', ''))).name}]" if names.count(name) > 1 else name
+        for name, r in zip(names, rows)
     ]
 
 
