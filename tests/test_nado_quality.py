@@ -109,3 +109,54 @@ def test_train_nado_records_its_quality_and_the_report_shows_it(tmp_path, varian
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## NADO quality (held-out samples)" in report
     assert f"{quality['heldout_bce']:.4f}" in report
+
+
+def test_bce_gain_stderr_is_the_standard_error_over_prompts():
+    """With one row per prompt and equal weights the ratio estimator's error is the plain
+    standard error of the per-prompt gains; with fewer than two prompts there is none."""
+    from jaxdetox.evaluate.nado_quality import bce_gain_stderr
+
+    rng = np.random.default_rng(3)
+    gain = rng.normal(size=(7, 5))
+    weight = np.ones((7, 5))
+    per_prompt = gain.mean(axis=1)
+    expected = per_prompt.std(ddof=1) / np.sqrt(7)
+    assert bce_gain_stderr(gain, weight, np.arange(7)) == pytest.approx(expected, rel=1e-12)
+    # Rows of one prompt are one unit: splitting a prompt's rows does not change the error.
+    doubled = np.repeat(gain, 2, axis=0)
+    assert bce_gain_stderr(doubled, np.ones((14, 5)), np.repeat(np.arange(7), 2)) == (
+        pytest.approx(expected / 1.0, rel=1e-12)
+    )
+    assert bce_gain_stderr(gain, weight, np.zeros(7)) is None
+
+
+def test_clearly_beats_constant_needs_a_gain_beyond_two_standard_errors():
+    labels, weight = _fixture(1)
+    groups = np.arange(12) // 3  # 4 prompts of 3 samples
+    exact = np.broadcast_to(np.log(labels / (1 - labels))[:, None], weight.shape)
+    q = nado_quality(exact, labels, weight, float(labels.mean()), np.zeros(2, bool), groups)
+    assert q.bce_gain == pytest.approx(q.constant_bce - q.heldout_bce)
+    assert q.bce_gain_stderr is not None and q.clearly_beats_constant
+    record = q.to_json()
+    assert record["clearly_beats_constant"] is True and "bce_gain_stderr" in record
+    mean = 0.7
+    const = np.full(weight.shape, np.log(mean / (1 - mean)))
+    q = nado_quality(const, labels, weight, mean, np.zeros(2, bool), groups)
+    assert q.bce_gain == 0.0 and q.clearly_beats_constant is False
+    q = nado_quality(const, labels, weight, mean, np.zeros(2, bool))
+    assert q.bce_gain_stderr is None and q.clearly_beats_constant is None
+
+
+def test_report_table_shows_the_gain_with_its_error_and_flags():
+    from jaxdetox.evaluate.runs import nado_quality_markdown
+
+    common = {"constraint": None, "auroc": None, "ece": 0.1, "vocab_coverage": 1.0}
+    table = nado_quality_markdown([{"method": "pr_sequential", "nado_quality": [
+        {**common, "iteration": 1, "heldout_bce": 0.50, "constant_bce": 0.52, "bce_gain": 0.02,
+         "bce_gain_stderr": 0.005, "clearly_beats_constant": True, "beats_constant": True},
+        {**common, "iteration": 2, "heldout_bce": 0.50, "constant_bce": 0.49, "bce_gain": -0.01,
+         "bce_gain_stderr": 0.02, "clearly_beats_constant": False, "beats_constant": False},
+    ]}])  # fmt: skip
+    rows = [line for line in table.splitlines() if line.startswith("| pr_sequential")]
+    assert "| 0.0200 ± 0.0050 * |" in rows[0] and "⚠" not in rows[0]
+    assert "| 0.5000 ⚠ |" in rows[1] and "| -0.0100 ± 0.0200 |" in rows[1]

@@ -11,7 +11,11 @@ labels `C(x, y)` on a held-out split of the iteration's samples (whole prompts h
   satisfying samples (label ≥ 0.5) from violating ones; None when one class is missing;
 - `ece`: expected calibration error of that `R` against the (soft) labels, 10 equal bins;
 - `vocab_coverage`: the share of vocabulary rows whose logit training moved at the held-out
-  prefixes (a free linear head moves only the rows of tokens it saw sampled).
+  prefixes (a free linear head moves only the rows of tokens it saw sampled);
+- `bce_gain` = `constant_bce − heldout_bce` and `bce_gain_stderr`, its standard error over
+  held-out prompts (a prompt's samples are one unit; the ratio-estimator error of a
+  token-weighted mean): a gain beyond two of them is one the held-out split can tell apart
+  from noise (`clearly_beats_constant`).
 """
 
 from __future__ import annotations
@@ -24,10 +28,16 @@ import numpy as np
 ECE_BINS = 10
 
 
+def bce_bt(logit: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Elementwise BCE-with-logits (numerically stable; same formula as optax's)."""
+    logit, label = np.asarray(logit, np.float64), np.asarray(label, np.float64)
+    return np.maximum(logit, 0) - logit * label + np.log1p(np.exp(-np.abs(logit)))
+
+
 def weighted_bce(logit: np.ndarray, label: np.ndarray, weight: np.ndarray) -> float:
-    """Weighted mean of BCE-with-logits (numerically stable; same formula as optax's)."""
-    logit, label, weight = (np.asarray(x, np.float64) for x in (logit, label, weight))
-    bce = np.maximum(logit, 0) - logit * label + np.log1p(np.exp(-np.abs(logit)))
+    """Weighted mean of BCE-with-logits."""
+    weight = np.asarray(weight, np.float64)
+    bce = bce_bt(logit, label)
     total = weight.sum()
     return float((bce * weight).sum() / total) if total > 0 else float("nan")
 
@@ -76,15 +86,47 @@ class NadoQuality:
     vocab_coverage: float
     heldout_samples: int
     label_mean: float
+    bce_gain: float
+    bce_gain_stderr: float | None = None
 
     @property
     def beats_constant(self) -> bool:
         """Whether the NADO's held-out BCE is below the constant predictor's."""
         return self.heldout_bce < self.constant_bce
 
+    @property
+    def clearly_beats_constant(self) -> bool | None:
+        """Whether the BCE gain exceeds two standard errors (None: no error, < 2 prompts)."""
+        if self.bce_gain_stderr is None:
+            return None
+        return self.bce_gain > 2 * self.bce_gain_stderr
+
     def to_json(self) -> dict[str, Any]:
         """The `outputs.nado_quality` record."""
-        return {**dataclasses.asdict(self), "beats_constant": self.beats_constant}
+        return {
+            **dataclasses.asdict(self),
+            "beats_constant": self.beats_constant,
+            "clearly_beats_constant": self.clearly_beats_constant,
+        }
+
+
+def bce_gain_stderr(
+    gain_bt: np.ndarray, weight_bt: np.ndarray, groups_b: np.ndarray
+) -> float | None:
+    """Standard error over groups of the token-weighted mean of `gain_bt` (ratio estimator:
+    √(Σ_g W_g² (d_g − D)² · G/(G−1)) / Σ_g W_g, W_g a group's weight, d_g its weighted mean,
+    D the overall one); None with fewer than two groups."""
+    unique, which = np.unique(np.asarray(groups_b), return_inverse=True)
+    w_g = np.bincount(which, weights=weight_bt.sum(axis=1), minlength=len(unique))
+    s_g = np.bincount(which, weights=(gain_bt * weight_bt).sum(axis=1), minlength=len(unique))
+    keep = w_g > 0
+    w_g, s_g = w_g[keep], s_g[keep]
+    n = len(w_g)
+    if n < 2:
+        return None
+    mean = s_g.sum() / w_g.sum()
+    # W_g·(d_g − D) = S_g − W_g·D
+    return float(np.sqrt(np.sum((s_g - w_g * mean) ** 2) * n / (n - 1)) / w_g.sum())
 
 
 def nado_quality(
@@ -93,13 +135,15 @@ def nado_quality(
     weight_bt: np.ndarray,
     train_label_mean: float,
     moved_v: np.ndarray,
+    groups_b: np.ndarray | None = None,
 ) -> NadoQuality:
     """Quality figures from the NADO's logits of the realised tokens on held-out samples.
 
     `token_logit_bt[b, t]` = h_φ(y_≤t)[y_t+1] (next-token aligned, as the BCE), `weight_bt`
     non-zero at labelled completion positions, `labels_b` the sequence labels,
     `train_label_mean` the token-weighted mean label of the training split (the constant
-    predictor), `moved_v` bool `[V]`: rows whose logit changed at some held-out prefix.
+    predictor), `moved_v` bool `[V]`: rows whose logit changed at some held-out prefix,
+    `groups_b` the rows' prompt ids (for the gain's standard error; None: no error).
     """
     token_logit_bt = np.asarray(token_logit_bt, np.float64)
     weight_bt = np.asarray(weight_bt, np.float64)
@@ -111,14 +155,23 @@ def nado_quality(
     # The last labelled position of each row predicts its last completion token: R = C there.
     last = np.array([np.flatnonzero(weight_bt[b])[-1] for b in rows], np.int64)
     r_last = 1.0 / (1.0 + np.exp(-token_logit_bt[rows, last]))
+    heldout, const = (
+        weighted_bce(logit, labels_bt, weight_bt) for logit in (token_logit_bt, constant)
+    )
+    gain_se = None
+    if groups_b is not None:
+        gain_bt = bce_bt(constant, labels_bt) - bce_bt(token_logit_bt, labels_bt)
+        gain_se = bce_gain_stderr(gain_bt, weight_bt, groups_b)
     return NadoQuality(
-        heldout_bce=weighted_bce(token_logit_bt, labels_bt, weight_bt),
-        constant_bce=weighted_bce(constant, labels_bt, weight_bt),
+        heldout_bce=heldout,
+        constant_bce=const,
         auroc=auroc(r_last, labels_b[rows] >= 0.5),
         ece=expected_calibration_error(r_last, labels_b[rows]),
         vocab_coverage=float(np.mean(np.asarray(moved_v, bool))),
         heldout_samples=len(rows),
         label_mean=float(train_label_mean),
+        bce_gain=const - heldout,
+        bce_gain_stderr=gain_se,
     )
 
 

@@ -169,10 +169,12 @@ def nado_quality_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
     """Each trained NADO's held-out quality; a NADO that does not beat the constant
-    predictor is flagged (its guidance is no better than none)."""
+    predictor is flagged (its guidance is no better than none), the BCE gain carries its
+    standard error over held-out prompts and `*` where it exceeds two of them."""
     lines = [
-        "| run | iteration | NADO | held-out BCE | constant BCE | AUROC | ECE | vocab coverage |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | iteration | NADO | held-out BCE | constant BCE | gain | AUROC | ECE "
+        "| vocab coverage |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     flagged = False
     for s in summaries:
@@ -183,15 +185,25 @@ def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
 
             flag = "" if q.get("beats_constant", True) else " ⚠"
             flagged |= bool(flag)
+            gain = f("bce_gain", 4)
+            if q.get("bce_gain_stderr") is not None:
+                gain += f" ± {q['bce_gain_stderr']:.4f}" + (
+                    " *" if q.get("clearly_beats_constant") else ""
+                )
             lines.append(
                 f"| {s['method']} | {q['iteration']} | {q['constraint'] or 'oracle'} "
-                f"| {f('heldout_bce', 4)}{flag} | {f('constant_bce', 4)} | {f('auroc')} "
-                f"| {f('ece')} | {f('vocab_coverage')} |"
+                f"| {f('heldout_bce', 4)}{flag} | {f('constant_bce', 4)} | {gain} "
+                f"| {f('auroc')} | {f('ece')} | {f('vocab_coverage')} |"
             )
     if len(lines) == 2:
         return ""
-    note = ("\n⚠ held-out BCE not below the constant predictor's: that NADO has learnt "
-            "nothing it can use.\n") if flagged else ""  # fmt: skip
+    note = (
+        "\ngain: constant BCE − held-out BCE ± its standard error over held-out prompts; "
+        "`*`: beyond two of them.\n"
+    )
+    if flagged:
+        note += ("\n⚠ held-out BCE not below the constant predictor's: that NADO has learnt "
+                 "nothing it can use.\n")  # fmt: skip
     return "\n".join(lines) + "\n" + note
 
 

@@ -450,6 +450,7 @@ class HeldOut:
             ]
         )
         self.labelled_b = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
+        self.prompt_ids_b = np.concatenate([b["prompt_ids_b"] for b in self.batches])
         self.runner = StepRunner(
             functools.partial(nado_outputs, models=training.models), exp.mesh,
             training.shardings, name="nado_heldout", returns_state=False,
@@ -490,6 +491,7 @@ class HeldOut:
         return nado_quality(
             np.concatenate([o["token_logit_bt"] for o in outs]),
             self.labels_b, self.weight_bt, label_mean, moved,
+            groups_b=self.prompt_ids_b,  # the gain's error is over prompts
         ).to_json()  # fmt: skip
 
 
