@@ -1,4 +1,5 @@
-"""Chunked regularised LM loss == naive full-logits form (values, gradients), and its memory."""
+"""Chunked regularised LM loss == naive full-logits form (values, gradients), and its memory
+(and the fused training loss's)."""
 
 import functools
 
@@ -223,6 +224,23 @@ def test_chunked_memory_is_close_to_plain_chunked_ce():
     # 4× the tokens: the chunked loss only grows by the [B, T, D]-sized terms
     reg_temp_4x = _temp_bytes(_reg_loss, *_memory_args(4 * b, t, d, v))
     assert reg_temp_4x - reg_temp <= 3 * (3 * b * t * d * 4), (reg_temp, reg_temp_4x)
+
+
+def _fused_loss(h, w, hr, wr, hn, wn, bn, tg, m):
+    teacher = losses.Teacher(h_ref=hr, ref_head=(wr, None), h_nado=hn, nado_head=(wn, bn))
+    return losses.fused_lm_loss(h, (w, None), tg, m, kl_weight_bt=0.1 * m, teacher=teacher).loss
+
+
+@pytest.mark.slow
+def test_fused_memory_is_at_most_plain_chunked_ce():
+    """The train steps' loss (NLL + KL, its gradient formed in the forward pass): compiled
+    temp memory ≤ 1.2× plain chunked CE, and 4× the tokens only add [B, T, D]-sized terms."""
+    b, t, d, v = 4, 256, 1024, 32_000  # default chunk 128 = D/8
+    args = _memory_args(b, t, d, v)
+    fused_temp, ce_temp = _temp_bytes(_fused_loss, *args), _temp_bytes(_ce_loss, *args)
+    assert fused_temp <= 1.2 * ce_temp, (fused_temp, ce_temp)
+    fused_temp_4x = _temp_bytes(_fused_loss, *_memory_args(4 * b, t, d, v))
+    assert fused_temp_4x - fused_temp <= 3 * (3 * b * t * d * 4), (fused_temp, fused_temp_4x)
 
 
 def test_batch_sharded_inputs_stay_sharded():
