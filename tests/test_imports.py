@@ -1,5 +1,7 @@
-"""Package layering: `jaxdetox.models` never imports the sampler (`jaxdetox.lm` sits above both)."""
+"""Package layering: `jaxdetox.models` never imports the sampler (`jaxdetox.lm` sits above both);
+library code never imports the full-logit loss references (`jaxdetox.losses.reference`)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -30,3 +32,30 @@ def test_models_do_not_import_sampling():
         [sys.executable, "-c", CHECK], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules a file imports (`from a import b` gives `a` and `a.b`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the file's package
+                package = path.relative_to(ROOT).parent.parts
+                base = ".".join([*package[: len(package) - node.level + 1], *filter(None, [base])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_library_never_imports_the_loss_references():
+    """`jaxdetox.losses.reference` (full-logit forms) is for tests and benchmarks only."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "jaxdetox").rglob("*.py"))
+        if path.name != "reference.py" or path.parent.name != "losses"
+        if "jaxdetox.losses.reference" in _imported_modules(path)
+    ]
+    assert not offenders, f"library modules import jaxdetox.losses.reference: {offenders}"

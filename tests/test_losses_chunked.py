@@ -1,4 +1,5 @@
-"""Chunked regularised LM loss == naive full-logits form (values, gradients), and its memory."""
+"""Chunked regularised LM loss == naive full-logits form (values, gradients), and its memory
+(and the fused training loss's)."""
 
 import functools
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdetox import losses
+from jaxdetox.losses import reference
 
 FLOAT_ARGS = ("h_btd", "head", "h_ref_btd", "ref_head", "h_nado_btd", "nado_head")
 
@@ -43,7 +45,7 @@ def vjp_all(inputs, cot_nll, cot_kl, chunk_size):
 
     def f(floats):
         if chunk_size == 0:
-            return losses.regularized_lm_loss_naive(**floats, **rest, alpha=0.8)
+            return reference.regularized_lm_loss_naive(**floats, **rest, alpha=0.8)
         return losses.regularized_lm_loss(**floats, **rest, alpha=0.8, chunk_size=chunk_size)
 
     out, pullback = jax.vjp(f, {k: inputs[k] for k in FLOAT_ARGS})
@@ -100,7 +102,7 @@ def explicit_composition(x):
 
 def test_naive_form_is_composition_of_token_losses():
     x = make_inputs(0, 2, 3, 4, 7)
-    out = jax.jit(losses.regularized_lm_loss_naive)(**x)
+    out = jax.jit(reference.regularized_lm_loss_naive)(**x)
     nll, kl = explicit_composition(x)
     np.testing.assert_allclose(out.kl_bt, kl, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.nll_bt, nll, rtol=1e-5)
@@ -110,7 +112,7 @@ def test_naive_form_is_composition_of_token_losses():
 def nll_value_and_grad(h, head, targets, mask, chunk_size):
     def f(h, head):
         if chunk_size == 0:
-            return losses.naive_nll(h, head, targets, mask).sum()
+            return reference.naive_nll(h, head, targets, mask).sum()
         return losses.chunked_nll(h, head, targets, mask, chunk_size=chunk_size).sum()
 
     return jax.value_and_grad(f, (0, 1))(h, head)
@@ -133,7 +135,7 @@ def test_bf16_inputs_compute_in_float32():
     x = make_inputs(2, 2, 6, 16, 23, dtype=jnp.bfloat16)
     out = jax.jit(functools.partial(losses.regularized_lm_loss, chunk_size=5))(**x)
     assert out.nll_bt.dtype == jnp.float32 and out.kl_bt.dtype == jnp.float32
-    ref = jax.jit(losses.regularized_lm_loss_naive)(**x)
+    ref = jax.jit(reference.regularized_lm_loss_naive)(**x)
     np.testing.assert_allclose(out.kl_bt, ref.kl_bt, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.nll_bt, ref.nll_bt, rtol=1e-5, atol=1e-5)
     # bf16 weights: the head gradient comes back in bf16 but is summed over chunks in
@@ -201,7 +203,7 @@ def _memory_args(b, t, d, v):
 
 def _reg_loss(h, w, hr, wr, hn, wn, bn, tg, m, naive=False):
     a = (h, (w, None), hr, (wr, None), hn, (wn, bn), tg, m)
-    out = (losses.regularized_lm_loss_naive if naive else losses.regularized_lm_loss)(*a)
+    out = (reference.regularized_lm_loss_naive if naive else losses.regularized_lm_loss)(*a)
     return out.nll_bt.sum() + 0.1 * out.kl_bt.sum()
 
 
@@ -222,6 +224,23 @@ def test_chunked_memory_is_close_to_plain_chunked_ce():
     # 4× the tokens: the chunked loss only grows by the [B, T, D]-sized terms
     reg_temp_4x = _temp_bytes(_reg_loss, *_memory_args(4 * b, t, d, v))
     assert reg_temp_4x - reg_temp <= 3 * (3 * b * t * d * 4), (reg_temp, reg_temp_4x)
+
+
+def _fused_loss(h, w, hr, wr, hn, wn, bn, tg, m):
+    teacher = losses.Teacher(h_ref=hr, ref_head=(wr, None), h_nado=hn, nado_head=(wn, bn))
+    return losses.fused_lm_loss(h, (w, None), tg, m, kl_weight_bt=0.1 * m, teacher=teacher).loss
+
+
+@pytest.mark.slow
+def test_fused_memory_is_at_most_plain_chunked_ce():
+    """The train steps' loss (NLL + KL, its gradient formed in the forward pass): compiled
+    temp memory ≤ 1.2× plain chunked CE, and 4× the tokens only add [B, T, D]-sized terms."""
+    b, t, d, v = 4, 256, 1024, 32_000  # default chunk 128 = D/8
+    args = _memory_args(b, t, d, v)
+    fused_temp, ce_temp = _temp_bytes(_fused_loss, *args), _temp_bytes(_ce_loss, *args)
+    assert fused_temp <= 1.2 * ce_temp, (fused_temp, ce_temp)
+    fused_temp_4x = _temp_bytes(_fused_loss, *_memory_args(4 * b, t, d, v))
+    assert fused_temp_4x - fused_temp <= 3 * (3 * b * t * d * 4), (fused_temp, fused_temp_4x)
 
 
 def test_batch_sharded_inputs_stay_sharded():
@@ -269,7 +288,7 @@ def nado_vjp(x, labels, cot_bce, cot_reg, chunk_size, consistency, reverse):
         args += (floats["base_head"], x["targets_bt"], labels, x["mask_bt"])
         kw = {"consistency": consistency, "reverse": reverse}
         if chunk_size == 0:
-            return losses.nado_losses_naive(*args, **kw)
+            return reference.nado_losses_naive(*args, **kw)
         return losses.nado_losses(*args, **kw, chunk_size=chunk_size)
 
     out, pullback = jax.vjp(f, floats)

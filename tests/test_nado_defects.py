@@ -141,9 +141,9 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
     import jax
     import jax.numpy as jnp
 
-    from jaxdetox import losses
     from jaxdetox.config import TrainNadoSection
     from jaxdetox.loop.training import nado_step_config
+    from jaxdetox.losses import reference
     from jaxdetox.train import nado_step
     from jaxdetox.train import steps as steps_lib
     from tests._train_fixtures import batch, runner
@@ -161,7 +161,7 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
         )
         config = nado_step_config(section)
         _, metrics = runner(nado_step, tr, mesh, config)(tr.state, b)
-        want = losses.nado_losses_naive(
+        want = reference.nado_losses_naive(
             teacher.h_nado, teacher.nado_head, teacher.h_ref, teacher.ref_head,
             s["targets_bt"], s["labels_b"], mask_bt, consistency=kind, reverse=reverse,
         )  # fmt: skip

@@ -2,9 +2,13 @@
 
 `from jaxdetox import losses` exposes everything below; the submodules group them:
 `token` (vocabulary-level NLL, guided teacher, closed-form KL), `nado` (the auxiliary
-model's BCE, consistency and importance weights) and `chunked` (the memory-lean LM and
-NADO losses computed from hidden states and head weights, for 128k vocabularies) and
-`policy` (the sequence-level REINFORCE and DPO losses of the baselines).
+model's BCE, consistency and importance weights), `teacher` (heads and the `Teacher` type:
+the guided teacher's hidden states and heads), `chunked` (the memory-lean LM and NADO
+losses computed from hidden states and head weights, for 128k vocabularies), `fused` (the
+train steps' LM loss, its gradient formed chunk by chunk in the forward pass) and `policy`
+(the sequence-level REINFORCE and DPO losses of the baselines). The full-logit reference
+forms the tests compare with live in `jaxdetox.losses.reference`, which is not imported
+here and which library code never imports.
 """
 
 from jaxdetox.losses.chunked import (
@@ -13,12 +17,9 @@ from jaxdetox.losses.chunked import (
     chunked_guided_nll,
     chunked_nll,
     default_chunk_size,
-    head_logits,
     nado_losses,
-    nado_losses_naive,
-    naive_nll,
     regularized_lm_loss,
-    regularized_lm_loss_naive,
+    regularized_lm_loss_terms,
     selected_head_logits,
 )
 from jaxdetox.losses.fused import FusedLoss, fused_lm_loss
@@ -41,6 +42,7 @@ from jaxdetox.losses.policy import (
     moving_average,
     reinforce_loss,
 )
+from jaxdetox.losses.teacher import Head, Teacher, head_logits
 from jaxdetox.losses.token import (
     apply_mask,
     guided_log_probs,
@@ -55,9 +57,11 @@ __all__ = [
     "CONSISTENCY_KINDS",
     "DpoTerms",
     "FusedLoss",
+    "Head",
     "NadoLoss",
     "RegularizedLoss",
     "ReinforceTerms",
+    "Teacher",
     "apply_mask",
     "bce_of_selected",
     "bernoulli_kl",
@@ -71,15 +75,13 @@ __all__ = [
     "head_logits",
     "log_softmax",
     "moving_average",
-    "naive_nll",
     "nado_bce",
     "nado_losses",
-    "nado_losses_naive",
     "nado_consistency",
     "one_step_expectation",
     "regularized_lm_loss",
+    "regularized_lm_loss_terms",
     "reinforce_loss",
-    "regularized_lm_loss_naive",
     "selected_head_logits",
     "select_logits",
     "self_normalized_weights",

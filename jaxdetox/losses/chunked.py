@@ -11,8 +11,9 @@ the chunk instead of keeping `[chunk, V]` residuals for every chunk. Only the st
 
 `nado_losses` does the same for the NADO objective (BCE via a row gather, the consistency
 regulariser's full-vocabulary expectation in chunks). A head is the pair `(w_vd, b_v | None)`
-that `model.unembed_weights()` returns. Each memory-lean function has a `*_naive` twin that
-builds full logits from the same per-token functions: the reference the tests compare with.
+that `model.unembed_weights()` returns (`losses/teacher.py`). Each memory-lean function here
+has a full-logit twin built from the same per-token functions in `losses/reference.py`: the
+reference the tests compare with (library code never imports it).
 """
 
 from __future__ import annotations
@@ -26,32 +27,21 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jaxdetox.losses.nado import (
-    bce_of_selected,
-    consistency_of,
-    nado_bce,
-    nado_consistency,
-    one_step_expectation,
-)
-from jaxdetox.losses.token import guided_log_probs, token_kl, token_nll, upcast
-from jaxdetox.models.layers import unembed
+from jaxdetox.losses.nado import bce_of_selected, consistency_of, one_step_expectation
+from jaxdetox.losses.teacher import Head, Teacher, head_logits
+from jaxdetox.losses.token import token_kl, token_nll, upcast
 
 __all__ = [
     "default_chunk_size",
     "RegularizedLoss",
     "chunked_guided_nll",
     "chunked_nll",
-    "head_logits",
     "NadoLoss",
-    "naive_nll",
     "nado_losses",
-    "nado_losses_naive",
     "regularized_lm_loss",
-    "regularized_lm_loss_naive",
+    "regularized_lm_loss_terms",
     "selected_head_logits",
 ]
-
-Head = tuple[Array, Array | None]
 
 # Bounds of the default chunk size (tokens); see `default_chunk_size`.
 MIN_CHUNK, MAX_CHUNK = 128, 1024
@@ -62,17 +52,6 @@ class RegularizedLoss(NamedTuple):
 
     nll_bt: Array  # −log p_θ(y_t+1 | y_≤t), 0 where mask_bt is 0
     kl_bt: Array  # KL(q(·|y_≤t) ‖ p_θ(·|y_≤t)), 0 where kl_mask_bt is 0
-
-
-def head_logits(h_nd: Array, head: Head) -> Array:
-    """Logits `h·Wᵀ + b` in (at least) float32 (`models.layers.unembed`), shapes checked."""
-    w_vd, b_v = head
-    if h_nd.shape[-1] != w_vd.shape[-1]:
-        raise ValueError(
-            f"head_logits: hidden size {h_nd.shape[-1]} does not match head weight "
-            f"w_vd {w_vd.shape} (expected [V, {h_nd.shape[-1]}])"
-        )
-    return unembed(h_nd, w_vd, b_v)
 
 
 def default_chunk_size(hidden_size: int) -> int:
@@ -151,12 +130,6 @@ def _map_token_chunks(
     return tuple(map(from_chunks, outs))
 
 
-def _masks(mask_bt: Array, kl_mask_bt: Array | None) -> tuple[Array, Array]:
-    mask = jnp.asarray(mask_bt) != 0
-    kl_mask = mask if kl_mask_bt is None else jnp.asarray(kl_mask_bt) != 0
-    return mask, kl_mask
-
-
 def _accumulating(head: Head) -> Head:
     """The student head in (at least) float32 before the scan: its gradient is summed over
     chunks in the scan carry, which has the weight's dtype; bf16 would round at every chunk.
@@ -170,26 +143,23 @@ def _frozen(head: Head) -> Head:
     return jax.lax.stop_gradient(w), None if b is None else jax.lax.stop_gradient(b)
 
 
-def _regularized_terms(
+def regularized_lm_loss_terms(
     h: Array,
     head: Head,
-    h_ref: Array,
-    ref_head: Head,
-    h_nado: Array,
-    nado_head: Head,
+    teacher: Teacher,
     targets: Array,
     mask: Array,
-    kl_mask: Array,
-    alpha: float | Array,
-) -> tuple[Array, Array]:
-    """NLL and KL(q ‖ p_θ) for a block of tokens (any leading shape); shared by both forms."""
+    kl_mask: Array | None = None,
+    alpha: float | Array = 1.0,
+) -> RegularizedLoss:
+    """NLL and KL(q ‖ p_θ) of a block of tokens (any leading shape) from full logits: the
+    body of each chunk of `regularized_lm_loss` (and of its full-logit reference). The
+    teacher is stop-gradient; `kl_mask` defaults to `mask`."""
+    mask = jnp.asarray(mask) != 0
+    kl_mask = mask if kl_mask is None else jnp.asarray(kl_mask) != 0
     student = head_logits(h, head)
-    teacher = guided_log_probs(
-        head_logits(jax.lax.stop_gradient(h_ref), _frozen(ref_head)),
-        head_logits(jax.lax.stop_gradient(h_nado), _frozen(nado_head)),
-        alpha,
-    )
-    return token_nll(student, targets, mask), token_kl(teacher, student, kl_mask)
+    log_q = jax.lax.stop_gradient(teacher).log_probs(alpha)
+    return RegularizedLoss(token_nll(student, targets, mask), token_kl(log_q, student, kl_mask))
 
 
 def regularized_lm_loss(
@@ -208,13 +178,16 @@ def regularized_lm_loss(
 ) -> RegularizedLoss:
     """Per-token NLL and KL(q ‖ p_θ), q = guided(ref, NADO), computed in token chunks.
 
-    Equals `regularized_lm_loss_naive` (values and gradients) without materialising any
-    `[B, T, V]` tensor. `mask_bt` selects NLL tokens, `kl_mask_bt` (default: `mask_bt`) KL
-    tokens. Loss = Σ mask·nll + λ·Σ kl_mask·kl, formed by the caller. About `chunk_size`
-    tokens per step (whole time steps of the batch; default `default_chunk_size(D)`); T need
-    not be divisible.
+    Equals its full-logit reference `losses/reference.py::regularized_lm_loss_naive` (values
+    and per-token gradients) without materialising any `[B, T, V]` tensor: each chunk is
+    `regularized_lm_loss_terms` under `jax.checkpoint`. `mask_bt` selects NLL tokens,
+    `kl_mask_bt` (default: `mask_bt`) KL tokens. Loss = Σ mask·nll + λ·Σ kl_mask·kl, formed
+    by the caller (the train steps use `fused_lm_loss`, which forms that sum's gradient in
+    the forward pass). About `chunk_size` tokens per step (whole time steps of the batch;
+    default `default_chunk_size(D)`); T need not be divisible.
     """
-    mask, kl_mask = _masks(mask_bt, kl_mask_bt)
+    mask = jnp.asarray(mask_bt) != 0
+    kl_mask = mask if kl_mask_bt is None else jnp.asarray(kl_mask_bt) != 0
     _check_tokens(
         "regularized_lm_loss",
         {"h_btd": h_btd, "h_ref_btd": h_ref_btd, "h_nado_btd": h_nado_btd},
@@ -226,31 +199,11 @@ def regularized_lm_loss(
     def chunk(
         h: Array, h_ref: Array, h_nado: Array, tgt: Array, m: Array, km: Array
     ) -> tuple[Array, Array]:
-        return _regularized_terms(h, head, h_ref, ref_head, h_nado, nado_head, tgt, m, km, alpha)
+        teacher = Teacher(h_ref, ref_head, h_nado, nado_head)
+        return tuple(regularized_lm_loss_terms(h, head, teacher, tgt, m, km, alpha))
 
     nll, kl = _map_token_chunks(
         chunk, (h_btd, h_ref_btd, h_nado_btd, targets_bt, mask, kl_mask), chunk_size
-    )
-    return RegularizedLoss(nll, kl)
-
-
-def regularized_lm_loss_naive(
-    h_btd: Array,
-    head: Head,
-    h_ref_btd: Array,
-    ref_head: Head,
-    h_nado_btd: Array,
-    nado_head: Head,
-    targets_bt: Array,
-    mask_bt: Array,
-    *,
-    kl_mask_bt: Array | None = None,
-    alpha: float | Array = 1.0,
-) -> RegularizedLoss:
-    """Reference form of `regularized_lm_loss` with full `[B, T, V]` logits (tests, small V)."""
-    mask, kl_mask = _masks(mask_bt, kl_mask_bt)
-    nll, kl = _regularized_terms(
-        h_btd, head, h_ref_btd, ref_head, h_nado_btd, nado_head, targets_bt, mask, kl_mask, alpha
     )
     return RegularizedLoss(nll, kl)
 
@@ -299,17 +252,10 @@ def chunked_guided_nll(
     )
 
     def chunk(h_ref: Array, h_nado: Array, tgt: Array, m: Array) -> tuple[Array]:
-        log_q = guided_log_probs(
-            head_logits(h_ref, ref_head), head_logits(h_nado, nado_head), alpha
-        )
+        log_q = Teacher(h_ref, ref_head, h_nado, nado_head).log_probs(alpha)
         return (token_nll(log_q, tgt, m),)
 
     return _map_token_chunks(chunk, (h_ref_btd, h_nado_btd, targets_bt, mask), chunk_size)[0]
-
-
-def naive_nll(h_btd: Array, head: Head, targets_bt: Array, mask_bt: Array) -> Array:
-    """Per-token cross-entropy with full `[B, T, V]` logits (reference for `chunked_nll`)."""
-    return token_nll(head_logits(h_btd, head), targets_bt, jnp.asarray(mask_bt) != 0)
 
 
 class NadoLoss(NamedTuple):
@@ -381,29 +327,5 @@ def nado_losses(
         chunk,
         (_shift_left(h_nado_btd), _shift_left(h_base_btd), r_logit, pair_mask),
         chunk_size,
-    )
-    return NadoLoss(bce, reg)
-
-
-def nado_losses_naive(
-    h_nado_btd: Array,
-    nado_head: Head,
-    h_base_btd: Array,
-    base_head: Head,
-    targets_bt: Array,
-    labels_b: Array,
-    mask_bt: Array,
-    *,
-    consistency: str | None = "kl",
-    reverse: bool = False,
-) -> NadoLoss:
-    """Reference form of `nado_losses` with full `[B, T, V]` logits (tests, small V)."""
-    nado_logits = head_logits(h_nado_btd, nado_head)
-    bce = nado_bce(nado_logits, targets_bt, labels_b, mask_bt)
-    if consistency is None:
-        return NadoLoss(bce, jnp.zeros_like(bce))
-    base_logits = head_logits(h_base_btd, base_head)
-    reg = nado_consistency(
-        nado_logits, base_logits, targets_bt, mask_bt, kind=consistency, reverse=reverse
     )
     return NadoLoss(bce, reg)

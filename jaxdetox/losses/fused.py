@@ -7,14 +7,19 @@ front, and its gradient with respect to the student logits is closed form:
 
     ∂/∂z [ w·NLL(z, y) + k·KL(q ‖ softmax z) ] = (w + k)·softmax(z) − w·onehot(y) − k·q
 
-so each chunk can emit `dh = g·W` and accumulate `dW += gᵀ·h` (and `db`) right away — the
-"fused linear cross-entropy" idea — and the backward only scales them by the incoming
-cotangent. That is 3 logits + 2 gradient matmuls per chunk (1 + 2 without a teacher), with
-the memory of the chunked form: residuals `[B, T, D]` and one `[V, D]` (+ `[V]`).
+(∂ token_nll / ∂z = softmax(z) − onehot(y); ∂ token_kl / ∂z = Σq·softmax(z) − q, which is
+softmax(z) − q except on a fully masked teacher row, where q = 0 and the KL is 0). So each
+chunk builds its logits, computes the per-token terms with the library's own `token_nll`,
+`token_kl` and `Teacher.log_probs` (= `guided_log_probs`, with their −inf and 0·log 0
+guards), emits `dh = g·W` and accumulates `dW += gᵀ·h` (and `db`) right away — the "fused
+linear cross-entropy" idea — and the backward only scales them by the incoming cotangent.
+That is 3 logits + 2 gradient matmuls per chunk (1 + 2 without a teacher), with the memory
+of the chunked form: residuals `[B, T, D]` and one `[V, D]` (+ `[V]`).
 
 Only the returned `loss` is differentiable (in `h` and the student head); the per-token
-`nll_bt` / `kl_bt` it also returns are for metrics. Tested against `regularized_lm_loss_naive`
-(values and gradients) in tests/test_losses_fused.py.
+`nll_bt` / `kl_bt` it also returns are for metrics. Tested against the full-logit
+`losses/reference.py::fused_lm_loss_naive` (values and gradients) in
+tests/test_losses_fused.py.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jaxdetox.losses.chunked import Head, chunk_layout, head_logits
-from jaxdetox.losses.token import guided_log_probs
+from jaxdetox.losses.chunked import chunk_layout
+from jaxdetox.losses.teacher import Head, Teacher, head_logits
+from jaxdetox.losses.token import log_softmax, token_kl, token_nll
 
 F32 = jnp.float32
 
@@ -47,7 +53,7 @@ def _forward(
     h: Array,
     w: Array,
     b: Array | None,
-    teacher: tuple[Array, Head, Array, Head] | None,
+    teacher: Teacher | None,
     targets: Array,
     nll_w: Array,
     kl_w: Array,
@@ -56,13 +62,7 @@ def _forward(
 ) -> tuple[FusedLoss, tuple[Array, Array, Array | None]]:
     batch, t, d = h.shape
     steps, n_chunks, pad = chunk_layout(batch, t, d, chunk_size)
-    per_token = [h, targets, nll_w, kl_w]
-    nado_hs = nado_heads = ()
-    if teacher is not None:  # one NADO, or a tuple of them (several constraints)
-        several = isinstance(teacher[2], tuple)
-        nado_hs = teacher[2] if several else (teacher[2],)
-        nado_heads = teacher[3] if several else (teacher[3],)
-        per_token += [teacher[0], *nado_hs]
+    per_token = [h, targets, nll_w, kl_w, *(() if teacher is None else teacher.hidden())]
     padded = [_pad_t(x, pad) for x in per_token]
     w32 = w.astype(F32)
 
@@ -71,18 +71,16 @@ def _forward(
         sl = [jax.lax.dynamic_slice_in_dim(x, i * steps, steps, axis=1) for x in padded]
         hc, tc, nw, kw = sl[:4]
         logits = head_logits(hc, (w, b))  # [B, c, V] float32
-        log_p = jax.nn.log_softmax(logits, axis=-1)
-        p = jnp.exp(log_p)
-        nll = -jnp.take_along_axis(log_p, tc[..., None], axis=-1)[..., 0]
+        nll = token_nll(logits, tc)
+        # softmax(z) as token_nll / token_kl compute it (XLA shares the one log_softmax).
+        p = jnp.exp(log_softmax(logits))
         g = nw[..., None] * (p - jax.nn.one_hot(tc, p.shape[-1], dtype=F32))
         kl = jnp.zeros_like(nll)
         if teacher is not None:
-            nado_logits = [head_logits(x, hd) for x, hd in zip(sl[5:], nado_heads)]
-            alphas = [alpha[i] for i in range(len(nado_hs))] if alpha.ndim else alpha
-            log_q = guided_log_probs(head_logits(sl[4], teacher[1]), nado_logits, alphas)
-            q = jnp.exp(log_q)
-            kl = jnp.sum(q * (log_q - log_p), axis=-1)
-            g = g + kw[..., None] * (p - q)
+            log_q = teacher.with_hidden(sl[4:]).log_probs(alpha)
+            kl = token_kl(log_q, logits)
+            q = jnp.exp(log_softmax(log_q))  # token_kl's q
+            g = g + kw[..., None] * (jnp.sum(q, axis=-1, keepdims=True) * p - q)
         dh = jnp.einsum("BCV,VD->BCD", g, w32)
         dw = dw + jnp.einsum("BCV,BCD->VD", g, hc.astype(F32))
         if db is not None:
@@ -137,20 +135,24 @@ def fused_lm_loss(
     nll_weight_bt: Array,
     *,
     kl_weight_bt: Array | None = None,
-    teacher: tuple[Array, Head, Array, Head] | None = None,
+    teacher: Teacher | None = None,
     alpha: float | Array | tuple[float, ...] = 1.0,
     chunk_size: int | None = None,
 ) -> FusedLoss:
     """Σ nll_weight·NLL + Σ kl_weight·KL(q ‖ p_θ) with q = guided(reference, NADO), in token
     chunks, its gradient (in `h_btd` and the student head) formed in the forward pass.
 
-    `teacher` = `(h_ref_btd, ref_head, h_nado_btd, nado_head)` (stop-gradient; None: NLL
-    only); several constraints: `h_nado_btd` and `nado_head` are tuples (one per NADO) and
-    `alpha` a sequence of the same length. Weights are float `[B, T]`, 0 where a token does
-    not count.
+    `teacher`: the reference's and NADO's hidden states `[B, T, D]` and heads
+    (stop-gradient; None: NLL only); several constraints: its `h_nado` and `nado_head` are
+    tuples (one per NADO) and `alpha` a sequence of the same length. Weights are float
+    `[B, T]`, 0 where a token does not count.
     """
     w, b = head
     if teacher is not None:
+        if not isinstance(teacher, Teacher):
+            raise TypeError(
+                f"fused_lm_loss: teacher must be a losses.Teacher, got {type(teacher).__name__}"
+            )
         teacher = jax.lax.stop_gradient(teacher)
     zeros = jnp.zeros(targets_bt.shape, F32)
     kl_w = zeros if kl_weight_bt is None or teacher is None else kl_weight_bt.astype(F32)

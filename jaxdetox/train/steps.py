@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxdetox import losses
+from jaxdetox.losses import Teacher
 from jaxdetox.train.state import Models, ModelState, Params, TrainState, bind
 
 F32 = jnp.float32
@@ -96,16 +97,6 @@ class StepConfig:
             )
 
 
-class Teacher(NamedTuple):
-    """What the guided teacher needs per token: reference and NADO hidden states + heads
-    (several constraints: `h_nado` and `nado_head` are tuples, one per NADO)."""
-
-    h_ref: jax.Array
-    ref_head: tuple[jax.Array, jax.Array | None]
-    h_nado: jax.Array
-    nado_head: tuple[jax.Array, jax.Array | None]
-
-
 # ----------------------------------------------------------------------------- forwards
 
 
@@ -125,7 +116,8 @@ def lm_hidden(
 def teacher_features(
     models: Models, ref_params: Params, nado_params: Params, stream: dict[str, jax.Array]
 ) -> Teacher:
-    """Reference hidden states (frozen) and NADO hidden states (differentiable in φ)."""
+    """The guided teacher's inputs on a stream: reference hidden states (frozen) and NADO
+    hidden states (differentiable in φ), with their heads."""
     ref_graph = models.lm if models.ref is None else models.ref  # LoRA: the base's graph
     h_ref, ref_head = lm_hidden(ref_graph, jax.lax.stop_gradient(ref_params), stream)
     h_ref = jax.lax.stop_gradient(h_ref)
@@ -141,14 +133,16 @@ def teacher_features(
         return h_nado, nado.unembed_weights()
 
     if models.nado_names is None:
-        return Teacher(h_ref, ref_head, *nado_features(nado_params))
+        h_nado, nado_head = nado_features(nado_params)
+        return Teacher(h_ref=h_ref, ref_head=ref_head, h_nado=h_nado, nado_head=nado_head)
     # Several constraints: one NADO each, `nado_params[name]` (log q sums their log σ terms).
     feats = [nado_features(nado_params[name]) for name in models.nado_names]
-    return Teacher(h_ref, ref_head, tuple(f[0] for f in feats), tuple(f[1] for f in feats))
-
-
-def _frozen(teacher: Teacher) -> Teacher:
-    return jax.lax.stop_gradient(teacher)
+    return Teacher(
+        h_ref=h_ref,
+        ref_head=ref_head,
+        h_nado=tuple(h for h, _ in feats),
+        nado_head=tuple(head for _, head in feats),
+    )
 
 
 def _sequence_weights(stream: dict[str, jax.Array]) -> jax.Array:
@@ -178,11 +172,10 @@ def lm_sums(
     """
     h_btd, head = lm_hidden(models.lm, lm_params, stream)
     w_bt = _sequence_weights(stream)
-    t = None if teacher is None else _frozen(teacher)
-    out = losses.fused_lm_loss(
+    out = losses.fused_lm_loss(  # stop-gradient on the teacher
         h_btd, head, stream["targets_bt"], nll_scale * w_bt,
-        kl_weight_bt=None if t is None else kl_scale * w_bt,
-        teacher=None if t is None else (t.h_ref, t.ref_head, t.h_nado, t.nado_head),
+        kl_weight_bt=None if teacher is None else kl_scale * w_bt,
+        teacher=teacher,
         alpha=config.alphas or config.alpha, chunk_size=config.chunk_size,
     )  # fmt: skip
     terms = jax.lax.stop_gradient((out.nll_bt, out.kl_bt))
