@@ -140,6 +140,11 @@ class ArtefactTable:
         """NADO_version (0 = initial) of the first constraint or of `constraint`."""
         return self.get(NADO, version, constraint)
 
+    def held_versions(self, kind: str, constraint: str | None = None) -> list[int]:
+        """The versions of `kind` (of `constraint`) held in memory, oldest first."""
+        slot = self._slot(kind, constraint)
+        return sorted(k[2] for k in self._held if k[:2] == slot)
+
     def held_nado(self) -> Params:
         """Some version of the first NADO held in memory (a module's structure needs one)."""
         return next(p for (k, c, _), p in self._held.items() if k == NADO and c is None)
