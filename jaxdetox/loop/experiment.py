@@ -26,21 +26,16 @@ from jaxdetox.data import SampleStore
 from jaxdetox.data.prompts import ChatTemplate, PromptSet, TokenizedPrompts
 from jaxdetox.loop.artefacts import ARTIFACT, ArtefactTable, Handover, slot_of
 from jaxdetox.loop.constraints import Constraint, Constraints
-from jaxdetox.loop.context import load_context, mesh_for
+from jaxdetox.loop.context import load_context
 from jaxdetox.loop.prompts import Prompts, builtin_prompt_set
 from jaxdetox.loop.rundir import RunDir
 from jaxdetox.loop.samplers import Samplers
 from jaxdetox.sampling import SamplingConfig
 from jaxdetox.train.state import Params
 
-__all__ = [
-    "ARTIFACT",
-    "Constraint",
-    "Experiment",
-    "Handover",
-    "builtin_prompt_set",
-    "mesh_for",
-]
+# `Handover` and `builtin_prompt_set` are imported from here by stage code (their homes:
+# loop/artefacts.py, loop/prompts.py).
+__all__ = ["Experiment", "Handover", "builtin_prompt_set"]
 
 
 class Experiment:
