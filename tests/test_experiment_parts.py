@@ -223,3 +223,32 @@ def test_labels_use_the_constraint_label_transform(tmp_path):
     np.testing.assert_allclose(soft["labels_b"][:2], [0.8, 0.1], rtol=1e-6)
     assert thresholded["labels_b"][:2].tolist() == [1.0, 0.0]
     assert soft["toxicity_b"] is batch["toxicity_b"]  # the batch's own columns pass through
+
+
+# ---------------------------------------------------------------------- context caches
+
+
+def test_the_fluency_model_is_loaded_once_into_the_context_model_cache(monkeypatch):
+    import jaxdetox.models
+    from jaxdetox.loop.context import Memo
+    from jaxdetox.loop.evaluation import fluency_lm
+
+    loads = []
+
+    def fake_load(path, **kw):
+        loads.append(path)
+        return SimpleNamespace(tokenizer=None if path == "bare" else object())
+
+    monkeypatch.setattr(jaxdetox.models, "load_pretrained", fake_load)
+    context = SimpleNamespace(mesh=None, models=Memo(), programs=Memo())
+    exp = SimpleNamespace(context=context, config=_config_section("big"))
+    assert fluency_lm(exp) is fluency_lm(exp) and loads == ["big"]
+    assert not context.programs  # compiled programs and loaded models are kept apart
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        fluency_lm(SimpleNamespace(context=context, config=_config_section("bare")))
+
+
+def _config_section(fluency_model: str):
+    return SimpleNamespace(
+        eval=SimpleNamespace(fluency_model=fluency_model), model=SimpleNamespace(dtype="float32")
+    )
