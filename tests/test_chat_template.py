@@ -99,17 +99,21 @@ def test_experiment_uses_the_template_its_stop_token_and_evaluates_both_forms(tm
     raw = config_from_dict(tiny_config(tmp_path / "model"))
     chat = config_from_dict(tiny_config(tmp_path / "model", prompts={"chat_template": True}))
     exp_raw, exp = Experiment(raw, RunDir(tmp_path / "a")), Experiment(chat, RunDir(tmp_path / "b"))
-    parts = exp.chat
+    parts = exp.prompts.chat
     end = parts.stop[0]
-    assert exp_raw.chat is None and end not in exp_raw.sampling_config(1).eos_token_ids
-    assert end in exp.sampling_config(1).eos_token_ids
-    prompts = exp.train_prompts(0)
+    assert (
+        exp_raw.prompts.chat is None and end not in exp_raw.prompts.sampling_config(1).eos_token_ids
+    )
+    assert end in exp.prompts.sampling_config(1).eos_token_ids
+    prompts = exp.prompts.train_prompts(0)
     assert all(t[: len(parts.prefix)].tolist() == list(parts.prefix) for t in prompts.tokens)
     assert all(t[-len(parts.suffix) :].tolist() == list(parts.suffix) for t in prompts.tokens)
-    assert exp.prompt_len >= max(map(len, prompts.tokens)) and exp.prompt_len % 8 == 0
+    assert exp.prompts.prompt_len >= max(map(len, prompts.tokens))
+    assert exp.prompts.prompt_len % 8 == 0
     # An instruct tokenizer: both forms are evaluated, the configured one first.
     assert prompt_modes(exp) == ["chat", "raw"] and prompt_modes(exp_raw) == ["raw", "chat"]
-    assert end in exp_raw.sampling_config(0, chat=True).eos_token_ids
+    assert end in exp_raw.prompts.sampling_config(0, chat=True).eos_token_ids
     assert (
-        exp_raw.eval_prompts(chat=True).tokens[0].tolist() == exp.eval_prompts().tokens[0].tolist()
+        exp_raw.prompts.eval_prompts(chat=True).tokens[0].tolist()
+        == exp.prompts.eval_prompts().tokens[0].tolist()
     )

@@ -195,7 +195,7 @@ def test_stage_commands_redo_one_stage_exactly(finished_run, tmp_path, capsys):
 
     exp = Experiment(resolve_run_config(None, run, []), RunDir(run), progress=False)
     final = load_file(finished_run / "final" / "model" / "model.safetensors")
-    exp.language_model(exp.lm_params(2)).save_pretrained(tmp_path / "redone")
+    exp.context.language_model(exp.artefacts.lm_params(2)).save_pretrained(tmp_path / "redone")
     redone_weights = load_file(tmp_path / "redone" / "model.safetensors")
     for name in final:
         np.testing.assert_array_equal(redone_weights[name], final[name], err_msg=name)
@@ -258,7 +258,8 @@ def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_p
     sequential.train_nado(exp, 2, nado_version=1, samples=2)  # the store says LLM_1 drew S_2
     record = RunDir(run).record(2, "train_nado")
     assert record["inputs"] == {"lm": 1, "nado": 1, "samples": 2}
-    llm_1, llm_0 = jax.device_get(exp.lm_params(1)), jax.device_get(exp.lm_params(0))
+    llm_1 = jax.device_get(exp.artefacts.lm_params(1))
+    llm_0 = jax.device_get(exp.artefacts.lm_params(0))
     flat = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
     assert all(np.array_equal(a, b) for a, b in zip(flat(seen["ref"]), flat(llm_1)))
     assert not all(np.array_equal(a, b) for a, b in zip(flat(seen["ref"]), flat(llm_0)))

@@ -42,32 +42,33 @@ def eval_store(exp: Experiment) -> SampleStore:
 
 def perplexity(exp: Experiment, params: Params, batches: list[dict], name: str) -> float:
     """exp(Σ NLL / Σ tokens) of LLM `params` over host batches (one compile per shape)."""
-    key = ("nll", name)
-    runner = exp.runners.get(key)
-    if runner is None:
-        fn = functools.partial(_nll, graphdef=exp.lm_graph)
-        runner = exp.runners[key] = StepRunner(
-            fn, exp.mesh, exp.lm_shardings, name=f"perplexity {name}", returns_state=False
-        )
+    c = exp.context
+    runner = c.programs.get_or_make(
+        ("nll", name),
+        lambda: StepRunner(
+            functools.partial(_nll, graphdef=c.lm_graph), c.mesh, c.lm_shardings,
+            name=f"perplexity {name}", returns_state=False,
+        ),
+    )  # fmt: skip
     return _perplexity(runner, params, batches)
 
 
 def guided_perplexity(exp: Experiment, nado_version: int, batches: list[dict]) -> float:
     """Perplexity under NADO-guided decoding: q ∝ p_base · R_φ^α with NADO_nado_version
     (α = `baseline.alpha`), the distribution the `nado_decoding` baseline samples from."""
-    key = ("guided_nll", exp.config.baseline.alpha)
-    runner = exp.runners.get(key)
-    if runner is None:
-        fn = functools.partial(
-            guided_nll_sums,
-            models=Models(lm=exp.lm_graph, nado=exp.nado_graph),
-            alpha=exp.config.baseline.alpha,
-        )
-        runner = exp.runners[key] = StepRunner(
-            fn, exp.mesh, (exp.lm_shardings, exp.nado_shardings), name="guided perplexity",
+    c, alpha = exp.context, exp.config.baseline.alpha
+    fn = functools.partial(
+        guided_nll_sums, models=Models(lm=c.lm_graph, nado=c.nado_graph), alpha=alpha
+    )
+    runner = c.programs.get_or_make(
+        ("guided_nll", alpha),
+        lambda: StepRunner(
+            fn, c.mesh, (c.lm_shardings, c.nado_shardings), name="guided perplexity",
             returns_state=False,
-        )  # fmt: skip
-    return _perplexity(runner, (exp.lm_params(0), exp.nado_params(nado_version)), batches)
+        ),
+    )  # fmt: skip
+    params = (exp.artefacts.lm_params(0), exp.artefacts.nado_params(nado_version))
+    return _perplexity(runner, params, batches)
 
 
 def _perplexity(runner: StepRunner, state: Any, batches: list[dict]) -> float:
@@ -88,7 +89,7 @@ def heldout_text_batches(exp: Experiment) -> list[dict[str, np.ndarray]]:
     from jaxdetox import assets
 
     docs = [d for d in assets.heldout_text().split("\n\n") if d.strip()]
-    tokens = [exp.tokenizer(d)["input_ids"] for d in docs]
+    tokens = [exp.context.tokenizer(d)["input_ids"] for d in docs]
     return text_windows(tokens, exp.config.eval.text_seq_len, batch_size=8)
 
 
@@ -96,7 +97,7 @@ def _prompt_groups(exp: Experiment) -> dict[int, tuple[str, ...]]:
     """Groups of each held-out prompt id: `eval.group_by`'s metadata value(s) (a list means
     several groups, e.g. ToxiGen's target groups), else the built-in kind or RTP's
     challenging flag (empty when the set has neither)."""
-    prompts = exp.eval_prompt_set()
+    prompts = exp.prompts.eval_prompt_set()
     column = exp.config.eval.group_by
     if column is not None:
         if column not in prompts.meta:
@@ -134,7 +135,7 @@ def detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
 
     d = exp.config.eval.detection
     result = evaluate_detection(
-        exp.language_model(params), d.path, config=DetectionConfig(num_shots=d.num_shots),
+        exp.context.language_model(params), d.path, config=DetectionConfig(num_shots=d.num_shots),
         shots=d.shots_path, text_field=d.text_field, label_field=d.label_field,
         label_threshold=d.label_threshold, limit=d.limit,
     )  # fmt: skip
@@ -148,7 +149,7 @@ def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
 
     cfg = exp.config.eval.lm_eval
     results = run_lm_eval(
-        exp.language_model(params), cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        exp.context.language_model(params), cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
         include_path=cfg.include_path, batch_size=cfg.batch_size,
     )  # fmt: skip
     out = {}
@@ -166,7 +167,7 @@ def prompt_modes(exp: Experiment) -> list[str]:
     if exp.config.eval.prompt_modes:
         return list(dict.fromkeys(exp.config.eval.prompt_modes))
     configured = "chat" if exp.config.prompts.chat_template else "raw"
-    instruct = bool(getattr(exp.tokenizer, "chat_template", None))
+    instruct = bool(getattr(exp.context.tokenizer, "chat_template", None))
     return [configured] + ([{"chat": "raw", "raw": "chat"}[configured]] if instruct else [])
 
 
@@ -177,8 +178,8 @@ def sample_and_label(
     `nado`, the base LLM's guided by NADO_nado instead (stored as `version`)."""
     from jaxdetox.stages import label_stage, sample_stage
 
-    cfg = exp.config.eval
-    prompts = exp.eval_prompts(chat=mode == "chat")
+    cfg, samplers = exp.config.eval, exp.samplers
+    prompts = exp.prompts.eval_prompts(chat=mode == "chat")
     if cfg.max_prompts:
         prompts = dataclasses.replace(
             prompts,
@@ -187,23 +188,25 @@ def sample_and_label(
             texts=prompts.texts[: cfg.max_prompts],
         )
     sampling = dataclasses.replace(
-        exp.sampling_config(0, chat=mode == "chat"),
+        exp.prompts.sampling_config(0, chat=mode == "chat"),
         num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
     )
     if nado is None:
-        sampler, sampler_params, nado_params = exp.sampler, exp.sampler_params(version), None
+        sampler, sampler_params, nado_params = samplers.plain, samplers.lm_state(version), None
     else:
         sampling = dataclasses.replace(sampling, alpha=exp.config.baseline.alpha)
-        sampler, sampler_params = exp.guided_sampler, exp.sampler_params(0)
-        nado_params = exp.nado_sampler_params(nado)
+        sampler, sampler_params = samplers.guided, samplers.lm_state(0)
+        nado_params = samplers.nado_state(nado)
     sample_stage(
-        sampler, sampler_params, prompts, store, version, sampling, tokenizer=exp.tokenizer,
-        nado_params=nado_params, batch_size=cfg.batch_size, progress=exp.progress,
+        sampler, sampler_params, prompts, store, version, sampling,
+        tokenizer=exp.context.tokenizer, nado_params=nado_params, batch_size=cfg.batch_size,
+        progress=exp.progress,
     )  # fmt: skip
-    label_stage(store, version, exp.oracle, exp.label_name, progress=exp.progress)
-    return store.read(version, exp.label_name)
+    label = exp.constraints.label_name
+    label_stage(store, version, exp.constraints.oracle(), label, progress=exp.progress)
+    return store.read(version, label)
 
 
 def satisfaction(score: np.ndarray, ok: np.ndarray, below: float) -> dict[str, float]:
@@ -226,7 +229,7 @@ def constraint_metrics(
     first, *rest = exp.constraints
     out = {first.name: satisfaction(score, ok, first.satisfied_below)}
     for c in rest:
-        label_stage(store, version, exp.constraint_oracle(c), c.label_name, progress=exp.progress)
+        label_stage(store, version, exp.constraints.oracle(c), c.label_name, progress=exp.progress)
         table = store.read(version, c.label_name)
         out[c.name] = satisfaction(
             table["toxicity"].to_numpy(zero_copy_only=False),
@@ -248,7 +251,7 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     from jaxdetox.evaluate import toxicity_summary
 
     cfg = exp.config.eval
-    params = exp.lm_params(0 if nado is not None else version)
+    params = exp.artefacts.lm_params(0 if nado is not None else version)
     modes = prompt_modes(exp)
     store = eval_store(exp)
     by_mode = {}
@@ -320,10 +323,10 @@ def fluency_perplexity(exp: Experiment, store: SampleStore, version: int) -> flo
         8,
         shuffle=False,
         num_epochs=1,
-        prompt_len=exp.prompt_len if prompt_modes(exp)[0] == configured else None,
+        prompt_len=exp.prompts.prompt_len if prompt_modes(exp)[0] == configured else None,
         completion_len=round_up(exp.config.eval.max_new_tokens, 8),
     )
-    return perplexity(exp, exp.lm_params(0), list(batches), "fluency")
+    return perplexity(exp, exp.artefacts.lm_params(0), list(batches), "fluency")
 
 
 def fluency_lm(exp: Experiment) -> Any:
@@ -331,10 +334,11 @@ def fluency_lm(exp: Experiment) -> Any:
     from jaxdetox.models import load_pretrained
 
     path = exp.config.eval.fluency_model
-    cached = exp.runners.get(("fluency_lm", path))
-    if cached is None:
-        cached = load_pretrained(path, mesh=exp.mesh, dtype=exp.config.model.dtype)
-        if cached.tokenizer is None:
+
+    def load() -> Any:
+        lm = load_pretrained(path, mesh=exp.context.mesh, dtype=exp.config.model.dtype)
+        if lm.tokenizer is None:
             raise ValueError(f"eval.fluency_model {path!r}: no tokenizer files found there")
-        exp.runners["fluency_lm", path] = cached
-    return cached
+        return lm
+
+    return exp.context.models.get_or_make(("fluency_lm", path), load)

@@ -186,7 +186,7 @@ def check_mesh(config: RunConfig, role: str | None = None) -> str:
     """The configured mesh (each role's, with `split`) fits the devices present."""
     import jax
 
-    from jaxdetox.loop.experiment import mesh_for
+    from jaxdetox.loop.context import mesh_for
 
     try:
         if config.loop.placement == "split":
@@ -229,19 +229,13 @@ def check_prompts(config: RunConfig, *, train: bool = True) -> str:
 
 
 def _check_prompts(config: RunConfig, train: bool) -> str:
-    from jaxdetox.data import load_prompts, split_blocks
-    from jaxdetox.loop.experiment import builtin_prompt_set
+    from jaxdetox.loop.prompts import prompt_blocks
 
     p = config.prompts
-    if p.source == "builtin":
-        if p.kind not in (None, "toxic", "neutral"):
-            raise ConfigError(f"prompts.kind: {p.kind!r}; expected toxic, neutral or null (all)")
-        train = builtin_prompt_set("train", p.kind)
-        blocks = split_blocks(train, seed=p.seed, block_size=p.block_size, eval_size=0)
-    else:  # `kind` selects among the built-in prompts only (the run ignores it here too)
-        blocks = split_blocks(
-            load_prompts(p.source), seed=p.seed, block_size=p.block_size, eval_size=p.eval_size
-        )
+    # `kind` selects among the built-in prompts only (the run ignores it for a file too)
+    if p.source == "builtin" and p.kind not in (None, "toxic", "neutral"):
+        raise ConfigError(f"prompts.kind: {p.kind!r}; expected toxic, neutral or null (all)")
+    blocks = prompt_blocks(p)[0]
     samples = train and config.method not in NO_SAMPLING_METHODS
     needed = config.loop.iterations if samples else 0
     if needed > blocks.num_train_blocks:
