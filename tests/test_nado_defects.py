@@ -143,7 +143,7 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
 
     from jaxdetox import losses
     from jaxdetox.config import TrainNadoSection
-    from jaxdetox.loop.training import nado_step_config
+    from jaxdetox.loop.recipe import nado_step_config
     from jaxdetox.train import nado_step
     from jaxdetox.train import steps as steps_lib
     from tests._train_fixtures import batch, runner
