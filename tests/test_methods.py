@@ -5,10 +5,7 @@ when the config loads, and a baseline runs through the placements like the metho
 and restarted, ending with the same weights."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +18,9 @@ from jaxdetox.config import ConfigError, config_from_dict, load_config
 from jaxdetox.loop import flow
 from jaxdetox.methods import REGISTRY, is_finished, method_of, names
 from tests._fake_gcs import fake_gcs
+from tests._run_cli import finish, start_run
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_baselines import LM_FLOW
 
 
 def _loaded(method: str, **sections) -> object:
@@ -55,25 +52,25 @@ def _flow(config) -> list[tuple[int, str, dict]]:
 
 
 def test_baseline_plans_are_the_flows_their_runs_record():
-    lm = [(1, "sample", {"lm": 0}), (1, "label", {"samples": 1}),
-          (1, "finetune", {"lm": 0, "samples": 1}), (1, "eval", {"lm": 1})]  # fmt: skip
+    # The flows `test_baselines` asserts on the manifests of the baselines' runs.
     for name in ("filter_sft", "reinforce", "dpo"):
-        assert _flow(_loaded(name, loop={"iterations": 1}, eval={"base": False})) == lm
+        assert _flow(_loaded(name, loop={"iterations": 1}, eval={"base": False})) == LM_FLOW
     assert _flow(_loaded("base", loop={"iterations": 1})) == [(0, "eval", {"lm": 0})]
     sft = _loaded("sft_only", loop={"iterations": 1}, eval={"base": False})
     assert _flow(sft) == [(1, "finetune", {"lm": 0}), (1, "eval", {"lm": 1})]
+    # nado_decoding: every sample from the frozen base, NADO_i from NADO_i−1 decomposing it,
+    # the last eval of base ⊕ NADO_2; the export writes LLM_0 and NADO_2.
     guided = _loaded("nado_decoding", loop={"iterations": 2})
-    assert _flow(guided) == [
+    flow_ = _flow(guided)
+    assert [s for s in flow_ if s[1] == "sample"] == [
+        (1, "sample", {"lm": 0}),
+        (2, "sample", {"lm": 0}),
+    ]
+    assert [s[2] for s in flow_ if s[1] == "train_nado"] == [
+        {"lm": 0, "nado": i - 1, "samples": i} for i in (1, 2)
+    ]
+    assert [s for s in flow_ if s[1] == "eval"] == [
         (0, "eval", {"lm": 0}),
-        *[
-            stage
-            for i in (1, 2)
-            for stage in (
-                (i, "sample", {"lm": 0}),
-                (i, "label", {"samples": i}),
-                (i, "train_nado", {"lm": 0, "nado": i - 1, "samples": i}),
-            )
-        ],
         (2, "eval", {"lm": 0, "nado": 2}),
     ]
     export = method_of("nado_decoding").plan(guided)[-1]
@@ -191,22 +188,6 @@ def test_a_baseline_runs_split_and_exports_to_gcs(split_run):
     assert (out / "manifest.json").read_text() == before
 
 
-def _cli(config: Path, out: Path, role: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
-    return subprocess.Popen(
-        [sys.executable, "-m", "jaxdetox.cli", "run", str(config), "--out", str(out),
-         "--no-progress", "--role", role],
-        cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
-
-
 def _finetune_steps(out: Path) -> int:
     path = out / "metrics.lm.jsonl"
     if not path.exists():
@@ -221,7 +202,7 @@ def test_a_baseline_under_jobs_resumes_a_killed_trainer(split_run, model_dir, tm
     config_dict = _config(model_dir, placement="jobs", poll_seconds=0.2)
     config = write_config(tmp_path / "jobs.yaml", config_dict)
     out = tmp_path / "run"
-    procs = {role: _cli(config, out, role) for role in ("sampler", "nado", "lm")}
+    procs = {role: start_run(config, out, "--role", role) for role in ("sampler", "nado", "lm")}
     deadline = time.time() + 600
     while _finetune_steps(out) < 5:  # the LLM trainer, mid-stage
         assert procs["lm"].poll() is None, procs["lm"].communicate()[0]
@@ -231,9 +212,9 @@ def test_a_baseline_under_jobs_resumes_a_killed_trainer(split_run, model_dir, tm
     procs["lm"].wait()
     assert RunDir(out).record(1, "finetune")["status"] == "running"  # killed mid-stage
     # The NADO trainer has no stage in this method: it finishes at once, the run not yet.
-    assert "the run completes when the other roles finish" in _finish(procs["nado"])
-    _finish(_cli(config, out, "lm"))
-    _finish(procs["sampler"])
+    assert "the run completes when the other roles finish" in finish(procs["nado"])
+    finish(start_run(config, out, "--role", "lm"))
+    finish(procs["sampler"])
 
     merged = json.loads((out / "manifest.json").read_text())  # written by the last role
     assert [(r["iteration"], r["stage"], r["inputs"]) for r in merged] == _flow(
