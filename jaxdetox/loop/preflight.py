@@ -235,8 +235,8 @@ def _check_prompts(config: RunConfig, train: bool) -> str:
     if p.source == "builtin":
         if p.kind not in (None, "toxic", "neutral"):
             raise ConfigError(f"prompts.kind: {p.kind!r}; expected toxic, neutral or null (all)")
-        train = builtin_prompt_set("train", p.kind)
-        blocks = split_blocks(train, seed=p.seed, block_size=p.block_size, eval_size=0)
+        train_set = builtin_prompt_set("train", p.kind)
+        blocks = split_blocks(train_set, seed=p.seed, block_size=p.block_size, eval_size=0)
     else:  # `kind` selects among the built-in prompts only (the run ignores it here too)
         blocks = split_blocks(
             load_prompts(p.source), seed=p.seed, block_size=p.block_size, eval_size=p.eval_size
