@@ -19,10 +19,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jaxdetox.errors import JaxdetoxError
 from jaxdetox.losses.nado import CONSISTENCY_KINDS
+from jaxdetox.models.nado import HEAD_INITS, HEADS, VARIANTS
+from jaxdetox.train.optimizer import SCHEDULES
+
+# The kinds of the enumerated options the code below the config dispatches on (those of
+# other modules are imported from them: CONSISTENCY_KINDS, HEADS, SCHEDULES, ...).
+TRAIN_DTYPES = ("float32", "bfloat16")  # of `models.config.DTYPES`, the ones to train in
+NADO_INITS = ("lm", "random")  # `loop.experiment.Experiment` (the NADO body's start)
+BIAS_INITS = ("zeros", "label_mean")  # `loop.training.train_nado_stage`
+KL_PREFIXES = ("samples", "corpus")  # `loop.recipe.finetune_step_config`
+REFERENCES = ("base", "previous")  # `loop.training.finetune_stage`
+PROMPT_MODES = ("raw", "chat")  # `loop.evaluation.prompt_modes`
+SCHEMES = ("sequential", "parallel")  # `loop.flow.plan_stages`
+PLACEMENTS = ("colocated", "split", "jobs")  # `loop.placement.run_placed`
+ROLES = ("sampler", "nado", "lm")  # `loop.flow.ROLE_OF`
 
 
 class ConfigError(JaxdetoxError, ValueError):
@@ -39,8 +61,8 @@ class ModelSection(Section):
     """The LLM to fine-tune."""
 
     path: str = Field("default", description="HF checkpoint dir, .gguf file, hub id or 'default'")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
-    param_dtype: Literal["float32", "bfloat16"] = Field(
+    dtype: Literal[TRAIN_DTYPES] = Field("float32", description="compute dtype")
+    param_dtype: Literal[TRAIN_DTYPES] = Field(
         "float32", description="master weights (keep float32 for training)"
     )
     remat: bool = Field(False, description="recompute each layer in the backward pass")
@@ -49,20 +71,20 @@ class ModelSection(Section):
 class NadoSection(Section):
     """The auxiliary model R_φ."""
 
-    variant: Literal["separate", "shared"] = "separate"
+    variant: Literal[VARIANTS] = "separate"
     num_layers: int = Field(2, ge=1, description="layers of a separate NADO body")
-    init: Literal["lm", "random"] = Field("lm", description="body from the LM's first layers")
-    head: Literal["linear", "factored"] = Field(
+    init: Literal[NADO_INITS] = Field("lm", description="body from the LM's first layers")
+    head: Literal[HEADS] = Field(
         "linear",
         description="linear: a free [V, D] head (the authors'); factored: a shared value term "
         "plus the LM's frozen output embedding E times a learned map W of the features "
         "(docs/method.md, NADO heads)",
     )
     head_rank: int = Field(0, ge=0, description="factored: rank of W (0 = full D×D)")
-    head_init: Literal["zeros", "normal"] = Field(
+    head_init: Literal[HEAD_INITS] = Field(
         "zeros", description="linear head's weight (zeros: R = σ(bias) everywhere at the start)"
     )
-    bias_init: Literal["zeros", "label_mean"] = Field(
+    bias_init: Literal[BIAS_INITS] = Field(
         "zeros",
         description="the head's bias when NADO_1 starts from the initial NADO: zeros (R = 0.5 "
         "for every token never sampled) or logit of the mean training label (the base rate)",
@@ -133,7 +155,7 @@ class OptimizerSection(Section):
 
     learning_rate: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    schedule: Literal[SCHEDULES] = "constant"
     end_learning_rate_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     b1: float = 0.9
@@ -250,7 +272,7 @@ class FinetuneSection(Section):
 
     kl_weight: float = Field(1.0, ge=0, description="λ")
     alpha: float = Field(1.0, ge=0, description="guidance strength α of the teacher")
-    kl_on: list[Literal["samples", "corpus"]] = Field(
+    kl_on: list[Literal[KL_PREFIXES]] = Field(
         default_factory=lambda: ["samples"], description="which prefixes get the KL term"
     )
     nll_weight: float = Field(1.0, ge=0, description="weight of the corpus NLL")
@@ -258,10 +280,10 @@ class FinetuneSection(Section):
     batch_size: int = Field(16, ge=1, description="global samples per step")
     micro_batches: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
-    reference: Literal["base", "previous"] = Field(
+    reference: Literal[REFERENCES] = Field(
         "base", description="teacher LM: the base model (authors' code) or LLM_{i-1}"
     )
-    reference_dtype: Literal["float32", "bfloat16"] | None = None
+    reference_dtype: Literal[TRAIN_DTYPES] | None = None
     chunk_size: int | None = Field(None, ge=1)
     lora: LoraSection | None = Field(
         None, description="train LoRA adapters only; the frozen base is also the reference"
@@ -318,7 +340,7 @@ class EvalSection(Section):
     )
     detection: DetectionEvalSection | None = None
     lm_eval: LmEvalSection | None = None
-    prompt_modes: list[Literal["raw", "chat"]] | None = Field(
+    prompt_modes: list[Literal[PROMPT_MODES]] | None = Field(
         None,
         description="prompt forms to evaluate (the first is the headline); default: the "
         "configured form, plus the other one when the tokenizer has a chat template",
@@ -326,46 +348,12 @@ class EvalSection(Section):
     seed: int = 1234
 
 
-METHODS = (
-    "base",
-    "nado_decoding",
-    "filter_sft",
-    "reinforce",
-    "dpo",
-    "sft_only",
-    "pr_sequential",
-    "pr_parallel",
-    "lambda_sweep",
-)
-"""Methods `jaxdetox run` executes (`method:`; docs/baselines.md)."""
-
-METHOD_VARIANTS = ("pr_lora", "pr_two_constraints", "pr_paper")
-"""Row labels that run the regularised fine-tuning loop like `pr_sequential` / `pr_parallel`
-(the scheme comes from `loop.scheme`) and name its row in a report: the method with LoRA
-adapters (`finetune.lora`), with further constraints (`constraints:`), with the authors'
-recipe (`pr_paper`: linear zero-initialised NADO head, α = 1). A new variant is
-listed here; no prefix rule, so a misspelt `pr_paralel` is an error, not a silent run of
-the sequential scheme. Other names are only row labels of evaluation-only directories
-(`jaxdetox eval --method NAME`)."""
-
-
-def is_method_variant(method: str) -> bool:
-    """Whether `method` runs the regularised fine-tuning loop (pr_sequential, pr_parallel and
-    the variants of `METHOD_VARIANTS`)."""
-    return method in ("pr_sequential", "pr_parallel", *METHOD_VARIANTS)
-
-
 def check_method(config: RunConfig) -> None:
-    """Raise `ConfigError` unless `config.method` is one `jaxdetox run` executes."""
-    import difflib
+    """Raise `ConfigError` unless `config.method` is a method of the registry
+    (`jaxdetox.methods`; a config loaded with `executes=False` may carry any row label)."""
+    from jaxdetox.methods import method_of
 
-    known = (*METHODS, *METHOD_VARIANTS)
-    if config.method not in known:
-        close = difflib.get_close_matches(config.method, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(
-            f"method: unknown method {config.method!r}; {hint}expected one of {', '.join(known)}"
-        )
+    method_of(config.method)
 
 
 class BaselineSection(Section):
@@ -413,20 +401,17 @@ class MeshSection(Section):
         return self
 
 
-ROLES = ("sampler", "nado", "lm")
-
-
 class LoopSection(Section):
     """The iteration scheme and where its roles (sampler, NADO trainer, LLM trainer) run."""
 
-    scheme: Literal["sequential", "parallel"] = "sequential"
-    placement: Literal["colocated", "split", "jobs"] = Field(
+    scheme: Literal[SCHEMES] = "sequential"
+    placement: Literal[PLACEMENTS] = Field(
         "colocated",
         description="colocated: the roles one after another on the whole mesh; split: "
         "concurrently on disjoint sub-meshes of this host (`roles`); jobs: one program per "
         "role (`jaxdetox run --role ...`), coordinating through the run directory",
     )
-    roles: dict[Literal["sampler", "nado", "lm"], int | list[int]] = Field(
+    roles: dict[Literal[ROLES], int | list[int]] = Field(
         default_factory=dict,
         description="split: each role's local devices, as indices into jax.devices() or a "
         "count (counted off in the order sampler, nado, lm); each role's mesh is `mesh` "
@@ -472,7 +457,9 @@ class RunConfig(Section):
 
     name: str = "run"
     method: str = Field(
-        "pr_sequential", description="the row this run fills in a report (e.g. pr_sequential)"
+        "pr_sequential",
+        description="what runs and the row it fills in a report: a method of the registry "
+        "(`jaxdetox.methods`, docs/baselines.md; e.g. pr_sequential, dpo)",
     )
     seed: int = 0
     model: ModelSection = ModelSection()
@@ -506,23 +493,30 @@ class RunConfig(Section):
             raise ValueError("constraints: several NADOs run with loop.scheme: sequential only")
         return self
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str, info: ValidationInfo) -> str:
+        # `executes=False` (`jaxdetox eval`): the method is only the row's label.
+        if _executes(info):
+            from jaxdetox.methods import REGISTRY, unknown_method
+
+            if method not in REGISTRY:
+                raise ValueError(unknown_method(method))
+        return method
+
     @model_validator(mode="after")
-    def _method_fits(self) -> RunConfig:
-        m = self.method
-        baselines = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo", "sft_only")
-        if m in baselines + ("lambda_sweep",) and self.loop.scheme != "sequential":
-            raise ValueError(f"method {m!r} runs the sequential scheme only (loop.scheme)")
-        if m in baselines and self.loop.placement != "colocated":
-            raise ValueError(f"method {m!r} runs on one mesh: loop.placement must be 'colocated'")
-        if m == "sft_only" and self.corpus is None:
-            raise ValueError("method 'sft_only' trains on the corpus NLL alone: set `corpus:`")
-        if m == "base" and not (self.eval.enabled and self.eval.base):
-            raise ValueError("method 'base' only evaluates: eval.enabled and eval.base must be on")
-        if m == "lambda_sweep" and len(self.baseline.lambdas) < 2:
-            raise ValueError("method 'lambda_sweep' needs at least two baseline.lambdas")
-        if m == "dpo" and self.sampling.num_samples < 2:
-            raise ValueError("method 'dpo' pairs samples of one prompt: sampling.num_samples >= 2")
+    def _method_fits(self, info: ValidationInfo) -> RunConfig:
+        from jaxdetox.methods import REGISTRY
+
+        method = REGISTRY.get(self.method)
+        if method is not None and _executes(info):
+            method.check(self)
         return self
+
+
+def _executes(info: ValidationInfo) -> bool:
+    """Whether the config being validated is for a run (not `executes=False`)."""
+    return (info.context or {}).get("executes", True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -598,10 +592,13 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a plain dict into a `RunConfig` (raises `ConfigError`)."""
+def config_from_dict(
+    data: dict[str, Any], source: str = "config", *, executes: bool = True
+) -> RunConfig:
+    """Validate a plain dict into a `RunConfig` (raises `ConfigError`). `executes=False`:
+    the config is not run (`jaxdetox eval`), its `method` is only a row label."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"executes": executes})
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
 
@@ -648,8 +645,11 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate."""
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str] = (), *, executes: bool = True
+) -> RunConfig:
+    """Read a YAML config (None: all defaults), apply `key=value` overrides, validate
+    (`executes=False`: see `config_from_dict`)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -657,7 +657,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, overrides), source)
+    return config_from_dict(apply_overrides(data, overrides), source, executes=executes)
 
 
 def dump_config(config: RunConfig) -> str:

@@ -163,7 +163,7 @@ def test_lambda_sweep_writes_one_run_per_lambda(model_dir, tmp_path):
         ("lambda_sweep", 0.0),
         ("lambda_sweep", 2.0),
     ]
-    from jaxdetox.loop.baselines import is_finished
+    from jaxdetox.methods import is_finished
 
     assert is_finished(config, out)
 

@@ -10,8 +10,6 @@ endpoint variables).
 from __future__ import annotations
 
 import json
-import logging
-import socket
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from jaxdetox import fileio
 from jaxdetox.data import SampleStore
 from jaxdetox.train.checkpoint import Checkpointer, CheckpointError
 from jaxdetox.train.state import abstract_like
+from tests._fake_gcs import fake_gcs
 
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 gcsfs = pytest.importorskip("gcsfs")
@@ -32,21 +31,8 @@ BUCKET = "jd-test-bucket"
 @pytest.fixture(scope="module")
 def gcs():
     """A fake GCS endpoint with one bucket; yields `gs://BUCKET`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    logging.getLogger("gcsfs").setLevel(logging.ERROR)  # "no default credentials" notices
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs
-        mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore (orbax's array writes)
-        mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "fake")  # tensorstore: no credentials
-        gcsfs.GCSFileSystem.clear_instance_cache()
-        yield f"gs://{BUCKET}"
-        gcsfs.GCSFileSystem.clear_instance_cache()
-    server.stop()
+    with fake_gcs(BUCKET) as root:
+        yield root
 
 
 def _files(root) -> list[str]:

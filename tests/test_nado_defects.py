@@ -142,7 +142,7 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
     import jax.numpy as jnp
 
     from jaxdetox.config import TrainNadoSection
-    from jaxdetox.loop.training import nado_step_config
+    from jaxdetox.loop.recipe import nado_step_config
     from jaxdetox.losses import reference
     from jaxdetox.train import nado_step
     from jaxdetox.train import steps as steps_lib

@@ -9,11 +9,8 @@ the same.
 """
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +22,9 @@ from jaxdetox.config import config_from_dict
 from jaxdetox.loop.flow import VersionError, plan_stages
 from jaxdetox.loop.placement import role_devices, run_role
 from jaxdetox.loop.rundir import RunDir, read_manifest
+from tests._run_cli import finish, start_run
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 3
 
 
@@ -45,25 +42,6 @@ def _config(model_dir: Path, **loop) -> dict:
         finetune={"epochs": 6},
         eval={"enabled": False},
     )
-
-
-def _cli(config: Path, out: Path, *extra: str, devices: int = 2) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "jaxdetox.cli", "run", str(config), "--out", str(out),
-         "--no-progress", *extra],
-        cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
 
 
 def _weights(out: Path) -> dict[str, np.ndarray]:
@@ -85,7 +63,7 @@ def colocated_run(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("colocated")
     config = write_config(root / "colocated.yaml", _config(model_dir))
     out = root / "run"
-    _finish(_cli(config, out))
+    finish(start_run(config, out))
     return out
 
 
@@ -142,7 +120,7 @@ def test_jobs_one_process_per_role_survives_a_killed_role(colocated_run, model_d
         tmp_path / "jobs.yaml", _config(model_dir, placement="jobs", poll_seconds=0.2)
     )
     out = tmp_path / "run"
-    procs = {role: _cli(config, out, "--role", role) for role in ("sampler", "nado", "lm")}
+    procs = {role: start_run(config, out, "--role", role) for role in ("sampler", "nado", "lm")}
     deadline = time.time() + 600
     while _finetune_steps(out, iteration=2) < 5:  # the LLM trainer, mid-iteration 2
         assert procs["lm"].poll() is None, procs["lm"].communicate()[0]
@@ -152,10 +130,10 @@ def test_jobs_one_process_per_role_survives_a_killed_role(colocated_run, model_d
     procs["lm"].wait()
     record = RunDir(out).record(2, "finetune")
     assert record["status"] == "running"  # killed mid-stage
-    assert "the run completes when the other roles finish" in _finish(procs["nado"])
-    restarted = _cli(config, out, "--role", "lm")
-    _finish(restarted)
-    _finish(procs["sampler"])
+    assert "the run completes when the other roles finish" in finish(procs["nado"])
+    restarted = start_run(config, out, "--role", "lm")
+    finish(restarted)
+    finish(procs["sampler"])
 
     _assert_same_weights(colocated_run, out)
     merged = json.loads((out / "manifest.json").read_text())  # written by the last role

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"model.path={model}", f"method={method}", "name=eval", *args.overrides]
     check_out(args.out, overwrite=args.overwrite)
     if (args.out / "config.yaml").exists():
-        config = resolve_run_config(None, args.out, overrides)
+        config = resolve_run_config(None, args.out, overrides, executes=False)
     else:
-        config = load_config(None, overrides)
+        config = load_config(None, overrides, executes=False)
     check_run(config, executes=False)  # before anything is written into --out
     setup_logging()
     with undo_failed_start(args.out):

@@ -6,11 +6,12 @@
     jaxdetox run CONFIG --out gs://bucket/run --role lm    # one role (loop.placement=jobs)
     jaxdetox run experiments/tiny/dpo.yaml --out runs/tiny_dpo       # a baseline
 
-`method:` picks what runs (docs/baselines.md): base, nado_decoding, filter_sft, reinforce,
-dpo, sft_only, pr_sequential, pr_parallel, lambda_sweep (pr_sequential per λ in
-RUN/lambda_<λ>/), or a named variant of the method (pr_lora, pr_two_constraints: the
-regularised loop with the scheme of `loop.scheme`, under its own row name). Any other name
-is an error.
+`method:` picks what runs: a method of the registry (`jaxdetox.methods`, docs/baselines.md),
+the method (pr_sequential, pr_parallel and its named variants, which run the scheme of
+`loop.scheme` under their own row name), a baseline, or lambda_sweep (pr_sequential per λ in
+RUN/lambda_<λ>/). Any other name is an error when the config loads. Every method runs
+through the same executor, so `loop.placement` (colocated, split, jobs), resuming and a
+gs:// `--out` work the same for all of them.
 
 Before anything is written, the run checks what it would fail on: the model (file format,
 weights, tokenizer), the mesh against the devices here, the prompts and corpus, every
@@ -31,7 +32,7 @@ import argparse
 import time
 from pathlib import Path
 
-from jaxdetox.config import ROLES, check_method, is_method_variant
+from jaxdetox.config import ROLES, check_method
 from jaxdetox.fileio import as_path
 from jaxdetox.launch.distributed import add_distributed_args
 
@@ -94,11 +95,11 @@ def run(args: argparse.Namespace) -> int:
         notes = check_run(config, args.out, overwrite=args.overwrite, role=args.role)
         from jaxdetox.loop.flow import describe_flow
         from jaxdetox.loop.plan import plan
+        from jaxdetox.methods import method_of
 
         print(plan(config))
-        if is_method_variant(config.method) or config.method == "lambda_sweep":
-            print()
-            print(describe_flow(config))
+        print()
+        print(describe_flow(config, method_of(config.method).plan(config)))
         print("\nchecked (a run would start):\n  " + "\n  ".join(notes))
         return 0
     if args.out is None:
@@ -124,16 +125,17 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
     """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
     sweep: one run per λ under `out`). A start that fails before its first stage leaves no
     `config.yaml` behind (`undo_failed_start`)."""
-    from jaxdetox.loop.baselines import sweep_configs, write_sweep_index
     from jaxdetox.loop.session import open_run, setup_logging, undo_failed_start
+    from jaxdetox.methods import method_of, write_sweep_index
 
     setup_logging()
     start = time.perf_counter()
+    method = method_of(config.method)
     with undo_failed_start(out, role=role):
-        if config.method == "lambda_sweep":
-            runs = sweep_configs(config, out)
+        if method.sweep is not None:
+            runs = method.sweep(config, out)
             open_run(config, out, role=role).close()
-            write_sweep_index(out, runs)
+            write_sweep_index(out, config.method, runs)
             complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
         else:
             complete = _execute_one(config, out, progress, role)
@@ -146,21 +148,13 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
 
 
 def _execute_one(config: object, out: Path, progress: bool, role: str | None) -> bool:
-    """One run directory: a baseline's loop, or the method through its placement."""
-    from jaxdetox.loop.baselines import LOOPS
+    """One run directory: the method's plan through its placement."""
+    from jaxdetox.loop.placement import run_placed
     from jaxdetox.loop.session import open_run, undo_failed_start
 
     with undo_failed_start(out, role=role):
         run_dir = open_run(config, out, role=role)
-        if config.method in LOOPS:
-            from jaxdetox.loop.experiment import Experiment
-
-            LOOPS[config.method](Experiment(config, run_dir, progress=progress))
-            complete = True
-        else:
-            from jaxdetox.loop.placement import run_placed
-
-            complete = run_placed(config, run_dir, role=role, progress=progress)
+        complete = run_placed(config, run_dir, role=role, progress=progress)
         run_dir.close()
     metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
     print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")

@@ -41,8 +41,16 @@ ROW_KEYS = (
     "utility",
 )
 TRAIN_STAGES = ("sample", "label", "train_nado", "finetune")
-# Baselines without the KL regulariser: their rows carry no λ.
-NO_LAMBDA = ("base", "nado_decoding", "filter_sft", "reinforce", "dpo")
+
+
+def _row_kl_weight(method: str, config: dict[str, Any]) -> float | None:
+    """The λ a row shows: the method's (`Method.row_kl_weight`; a row label of an
+    evaluation-only directory: its saved `finetune.kl_weight`)."""
+    from jaxdetox.methods import REGISTRY
+    from jaxdetox.methods.method import finetune_kl_weight
+
+    entry = REGISTRY.get(method)
+    return (finetune_kl_weight if entry is None else entry.row_kl_weight)(config)
 
 
 def _manifest(run: Path) -> list[dict[str, Any]]:
@@ -137,8 +145,7 @@ def run_summary(run: str | os.PathLike[str]) -> dict[str, Any]:
         rows.append(_row("base" if times else method, evals[0], run, seconds=0.0,
                          train_samples=0, oracle_calls=first))  # fmt: skip
     if evals and evals[-1]["iteration"] > 0:
-        kl = config.get("finetune", {}).get("kl_weight")
-        kl = 0.0 if method == "sft_only" else None if method in NO_LAMBDA else kl
+        kl = _row_kl_weight(method, config)
         # the oracle scored every training sample and the completions of each eval after the base
         scored = sum(r["outputs"].get("completions") or 0 for r in evals if r["iteration"] > 0)
         rows.append(_row(method, evals[-1], run, seconds=train_seconds, kl_weight=kl,

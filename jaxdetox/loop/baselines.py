@@ -1,103 +1,54 @@
-"""The baselines as loops of the same stages (docs/baselines.md): every method samples with
-the run's sampler, labels with its oracle, trains with `fit` and is evaluated by the eval
-stage, so a report compares them on the same held-out prompts by construction.
-
-    base            eval of LLM_0 only
-    nado_decoding   per iteration: S_i from the frozen base → label → NADO_i (from NADO_i−1);
-                    eval = base ⊕ NADO_i guided sampling (the authors' pure_nado.sh)
-    filter_sft      per iteration: S_i from LLM_i−1 → label → LLM_i = SFT on the samples
-                    whose toxicity ≤ the `baseline.keep_quantile` quantile of S_i (+ corpus NLL)
-    reinforce       per iteration: S_i → label → LLM_i by REINFORCE with reward 1 − toxicity,
-                    a moving-average baseline, optional sampled KL to the base (+ corpus NLL)
-    dpo             per iteration: S_i → label → LLM_i by DPO on pairs of samples of one
-                    prompt ranked by the oracle; reference = the base model (+ corpus NLL)
-    sft_only        per iteration: LLM_i = LLM_i−1 trained on the corpus NLL alone (λ = 0)
-    lambda_sweep    pr_sequential once per λ in `baseline.lambdas`, in RUN/lambda_<λ>/
-
-Every LLM update is a `finetune` stage record (the artefact `lm_params(i)` restores) whose
-budget is the method's: the `finetune:` section's optimizer, batch size, epochs and
-`max_steps` over S_i. Rerunning resumes exactly as the method's loop does.
+"""The trainers of the baselines' LLM updates (docs/baselines.md; their plans and registry
+entries: `jaxdetox.methods.baselines`): each `train_*` makes LLM_i from LLM_i−1 on S_i with
+`fit`, on the method's budget (the `finetune:` section's optimizer, batch size, epochs and
+`max_steps`), and `baseline_finetune` runs one as the iteration's `finetune` stage (the
+artefact `lm_params(i)` restores). Rerunning resumes exactly as the method's stages do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxdetox.config import RunConfig
 from jaxdetox.data.sample_batches import row_batches
+from jaxdetox.loop import recipe
 from jaxdetox.loop.experiment import Experiment
-from jaxdetox.loop.flow import eval_due
-from jaxdetox.loop.sequential import (
-    _barrier,
-    _training_outputs,
-    evaluate,
-    run_stage,
-    sample_and_label,
-    train_nado,
-)
+from jaxdetox.loop.flow import Stage
+from jaxdetox.loop.sequential import run_stage, training_outputs
 from jaxdetox.loop.training import (
     StageResult,
     Streams,
-    _corpus_batches,
-    _sample_batches,
+    corpus_stream,
     fit,
     host_batch_size,
-    optimizer_config,
+    sample_stream,
     stage_steps,
 )
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.setup import Training, make_training
-from jaxdetox.train.steps import StepConfig, StreamLoss, lm_step
-
-SWEEP_FILE = "sweep.json"
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def export_models(exp: Experiment, lm_version: int, nado_version: int | None = None) -> None:
-    """Write LLM_lm_version as an HF checkpoint in RUN/final/model (+ NADO_nado_version)."""
-    from jaxdetox.models import save_nado
-
-    if exp.run.writer:
-        exp.language_model(exp.lm_params(lm_version)).save_pretrained(exp.run.final / "model")
-        if nado_version is not None:
-            save_nado(exp.nado_module(exp.nado_params(nado_version)), exp.run.final / "nado")
-    _barrier("export")
-
-
-def evaluate_guided(exp: Experiment, iteration: int) -> None:
-    """The eval stage of base ⊕ NADO_iteration guided decoding (recorded under iteration)."""
-    from jaxdetox.loop.evaluation import evaluate_version
-
-    run_stage(
-        exp, iteration, "eval", {"lm": 0, "nado": iteration},
-        lambda: evaluate_version(exp, iteration, nado=iteration),
-    )  # fmt: skip
-
+from jaxdetox.train.steps import lm_step
 
 TrainFn = Callable[[Experiment, int, int], tuple[StageResult, dict[str, Any]]]
+"""`(exp, iteration, lm_version) -> (result, extra outputs)`: LLM_lm_version trained on
+S_iteration (the iteration's samples)."""
 
 
-def update_lm(exp: Experiment, iteration: int, train: TrainFn, samples: int | None) -> None:
-    """The `finetune` stage of a baseline: LLM_iteration from LLM_iteration−1 by `train`."""
+def baseline_finetune(exp: Experiment, stage: Stage, train: TrainFn) -> None:
+    """The `finetune` stage of a baseline: LLM_iteration from its `lm` input by `train`."""
+    iteration, inputs = stage.iteration, stage.input_versions
 
     def body() -> dict[str, Any]:
-        result, extra = train(exp, iteration, iteration - 1)
+        result, extra = train(exp, iteration, inputs["lm"])
         artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
         exp.keep("lm", iteration, result.params)
         kept = {k: v for k, v in result.last_metrics.items() if k.startswith(_REPORTED)}
-        return {**_training_outputs(result, artifact), **kept, **extra,
+        return {**training_outputs(result, artifact), **kept, **extra,
                 "method": exp.config.method}  # fmt: skip
 
-    inputs = {"lm": iteration - 1} | ({} if samples is None else {"samples": samples})
     run_stage(exp, iteration, "finetune", inputs, body)
 
 
@@ -116,7 +67,7 @@ def _lm_training(exp: Experiment, iteration: int, lm_version: int, total: int, *
         exp.lm_module(exp.lm_params(lm_version)),
         None,
         exp.mesh,
-        lm_optimizer=optimizer_config(cfg.optimizer),
+        lm_optimizer=recipe.optimizer_config(cfg.optimizer),
         nado_optimizer=None,
         lm_steps=total,
         reference=exp.lm_params(0),
@@ -142,7 +93,7 @@ def _with_corpus(exp: Experiment, iterators: dict[str, Any]) -> tuple[dict[str, 
     c = exp.config.corpus
     if c is None:
         return iterators, 0
-    return {**iterators, "corpus": iter(_corpus_batches(exp))}, c.batch_size * c.seq_len
+    return {**iterators, "corpus": iter(corpus_stream(exp))}, c.batch_size * c.seq_len
 
 
 def _fit_lm(exp: Experiment, iteration: int, training: Training, step_fn: Any, step_config: Any,
@@ -187,21 +138,11 @@ def train_filter_sft(
     threshold = keep_threshold(toxicity, ok, exp.config.baseline.keep_quantile)
     total = _samples_steps(exp, table.num_rows)
     cfg = exp.config.finetune
-    batches = _sample_batches(
-        exp, iteration, cfg.batch_size, cfg.epochs, exp.config.seed + iteration
-    )
+    batches = sample_stream(exp, iteration, cfg.batch_size, cfg.epochs, exp.config.seed + iteration)
     iterators, corpus_tokens = _with_corpus(exp, {"samples": iter(batches)})
     weigh = functools.partial(_filter_weights, threshold=threshold)
     streams = Streams(iterators, lambda b: {**b, "samples": weigh(b["samples"])})
-    step_config = StepConfig(
-        kl_weight=0.0,
-        streams=(
-            ("samples", StreamLoss(nll_weight=1.0)),
-            ("corpus", StreamLoss(nll_weight=cfg.nll_weight)),
-        ),
-        micro_batches=cfg.micro_batches,
-        chunk_size=cfg.chunk_size,
-    )
+    step_config = recipe.sft_step_config(cfg, samples=True)
     training = _lm_training(exp, iteration, lm_version, total, reference=False)
     tokens = _sample_tokens(exp, cfg.batch_size) + corpus_tokens
     result = _fit_lm(exp, iteration, training, lm_step, step_config, streams, total, tokens, 0)
@@ -218,12 +159,7 @@ def train_sft_only(
     rows = exp.config.prompts.block_size * exp.config.sampling.num_samples
     total = _samples_steps(exp, rows)
     iterators, corpus_tokens = _with_corpus(exp, {})
-    step_config = StepConfig(
-        kl_weight=0.0,
-        streams=(("corpus", StreamLoss(nll_weight=cfg.nll_weight)),),
-        micro_batches=cfg.micro_batches,
-        chunk_size=cfg.chunk_size,
-    )
+    step_config = recipe.sft_step_config(cfg, samples=False)
     training = _lm_training(exp, iteration, lm_version, total, reference=False)
     streams = Streams(iterators, lambda b: b)
     result = _fit_lm(exp, iteration, training, lm_step, step_config, streams, total,
@@ -272,16 +208,6 @@ class RewardStream:
         self.baseline = state["baseline"]
 
 
-def _policy_config(exp: Experiment) -> Any:
-    from jaxdetox.train.policy import PolicyConfig
-
-    cfg, b = exp.config.finetune, exp.config.baseline
-    return PolicyConfig(
-        kl_coef=b.kl_coef, beta=b.dpo_beta, corpus_nll_weight=cfg.nll_weight,
-        micro_batches=cfg.micro_batches, chunk_size=cfg.chunk_size,
-    )  # fmt: skip
-
-
 def train_reinforce(
     exp: Experiment, iteration: int, lm_version: int
 ) -> tuple[StageResult, dict[str, Any]]:
@@ -290,15 +216,14 @@ def train_reinforce(
 
     cfg, b = exp.config.finetune, exp.config.baseline
     total = _samples_steps(exp, exp.store.read(iteration, exp.label_name).num_rows)
-    batches = _sample_batches(
-        exp, iteration, cfg.batch_size, cfg.epochs, exp.config.seed + iteration
-    )
+    batches = sample_stream(exp, iteration, cfg.batch_size, cfg.epochs, exp.config.seed + iteration)
     rewards = RewardStream(iter(batches), b.baseline_momentum)
     iterators, corpus_tokens = _with_corpus(exp, {"samples": rewards})
     training = _lm_training(exp, iteration, lm_version, total, reference=b.kl_coef > 0)
     tokens = _sample_tokens(exp, cfg.batch_size)
+    policy = recipe.policy_config(cfg, b)
     result = _fit_lm(
-        exp, iteration, training, reinforce_step, _policy_config(exp), Streams(iterators, lambda x: x),
+        exp, iteration, training, reinforce_step, policy, Streams(iterators, lambda x: x),
         total, tokens + corpus_tokens, tokens if b.kl_coef > 0 else 0,
     )  # fmt: skip
     return result, {}
@@ -377,102 +302,11 @@ def train_dpo(
     streams = Streams(iterators, _flatten_pairs)
     training = _lm_training(exp, iteration, lm_version, total, reference=True)
     tokens = 2 * _sample_tokens(exp, cfg.batch_size)
-    result = _fit_lm(exp, iteration, training, dpo_step, _policy_config(exp), streams, total,
+    policy = recipe.policy_config(cfg, exp.config.baseline)
+    result = _fit_lm(exp, iteration, training, dpo_step, policy, streams, total,
                      tokens + corpus_tokens, tokens)  # fmt: skip
     return result, {"pairs": num_pairs}
 
 
 def _flatten_pairs(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch["pairs"], **{k: v for k, v in batch.items() if k != "pairs"}}
-
-
-# ----------------------------------------------------------------------------- loops
-
-
-def run_base(exp: Experiment) -> None:
-    """`base`: evaluate the model as loaded."""
-    evaluate(exp, 0)
-
-
-def run_nado_decoding(exp: Experiment) -> None:
-    """`nado_decoding`: NADO_i on samples of the frozen base; eval base ⊕ NADO_i sampling."""
-    n = exp.config.loop.iterations
-    if eval_due(exp.config, 0):
-        evaluate(exp, 0)
-    for i in range(1, n + 1):
-        sample_and_label(exp, i, lm_version=0, samples=i, block=i - 1)
-        train_nado(exp, i, nado_version=i - 1, samples=i, lm_version=0)
-        if eval_due(exp.config, i):
-            evaluate_guided(exp, i)
-    export_models(exp, 0, n)
-
-
-def run_lm_baseline(exp: Experiment, train: TrainFn, *, sampled: bool = True) -> None:
-    """A fine-tuning baseline: per iteration (sample → label →) update the LLM → eval."""
-    n = exp.config.loop.iterations
-    if eval_due(exp.config, 0):
-        evaluate(exp, 0)
-    for i in range(1, n + 1):
-        if sampled:
-            sample_and_label(exp, i, lm_version=i - 1, samples=i, block=i - 1)
-        update_lm(exp, i, train, samples=i if sampled else None)
-        if eval_due(exp.config, i):
-            evaluate(exp, i)
-    export_models(exp, n)
-
-
-LOOPS: dict[str, Callable[[Experiment], None]] = {
-    "base": run_base,
-    "nado_decoding": run_nado_decoding,
-    "filter_sft": functools.partial(run_lm_baseline, train=train_filter_sft),
-    "reinforce": functools.partial(run_lm_baseline, train=train_reinforce),
-    "dpo": functools.partial(run_lm_baseline, train=train_dpo),
-    "sft_only": functools.partial(run_lm_baseline, train=train_sft_only, sampled=False),
-}
-
-
-# ----------------------------------------------------------------------------- λ sweep
-
-
-def sweep_configs(config: RunConfig, out: Path) -> list[tuple[RunConfig, Path]]:
-    """`lambda_sweep`: one pr_sequential config per λ and its run directory OUT/lambda_<λ>.
-    Only the first evaluates the base model (all share it)."""
-    runs = []
-    for j, lam in enumerate(config.baseline.lambdas):
-        sub = config.model_copy(
-            update={
-                "name": f"{config.name}_lambda{lam:g}",
-                "finetune": config.finetune.model_copy(update={"kl_weight": lam}),
-                "eval": config.eval.model_copy(update={"base": config.eval.base and j == 0}),
-            }
-        )
-        runs.append((sub, out / f"lambda_{lam:g}"))
-    return runs
-
-
-def write_sweep_index(out: Path, runs: list[tuple[RunConfig, Path]]) -> None:
-    """OUT/sweep.json: the sub-run directories (what `report` reads in their place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    index = {"method": "lambda_sweep", "runs": [p.name for _, p in runs]}
-    (out / SWEEP_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def is_finished(config: RunConfig, out: Path) -> bool:
-    """Whether a run's manifest (each sub-run's, for a sweep) shows its last stage done."""
-    if config.method == "lambda_sweep":
-        return all(_finished_run(c, p) for c, p in sweep_configs(config, out))
-    return _finished_run(config, out)
-
-
-def _finished_run(config: RunConfig, out: Path) -> bool:
-    from jaxdetox.loop.rundir import read_manifest
-
-    if not out.is_dir():
-        return False
-    done = {(r["iteration"], r["stage"]) for r in read_manifest(out) if r["status"] == "done"}
-    if config.method == "base":
-        return (0, "eval") in done
-    n = config.loop.iterations
-    last = "train_nado" if config.method == "nado_decoding" else "finetune"
-    exported = any((out / "final" / "model").glob("*.safetensors"))
-    return (n, "eval" if config.eval.enabled else last) in done and exported

@@ -92,24 +92,46 @@ def describe(inputs: dict[str, int]) -> str:
     return ", ".join(version_name(k, v) for k, v in inputs.items()) or "nothing"
 
 
-def _stage(iteration: int, name: str, output: tuple[str, int] | None, **inputs: int) -> Stage:
+def make_stage(iteration: int, name: str, output: tuple[str, int] | None, **inputs: int) -> Stage:
+    """A `Stage` whose inputs are the keyword arguments, in their order (the manifest's)."""
     return Stage(iteration, name, tuple(inputs.items()), output)
 
 
-def _sample(iteration: int, lm: int, samples: int, block: int) -> list[Stage]:
+def sample_stages(iteration: int, lm: int, samples: int, block: int) -> list[Stage]:
+    """S_samples drawn from LLM_lm on prompt block `block` (0-based), then labelled."""
     drawn = dataclasses.replace(
-        _stage(iteration, "sample", ("samples", samples), lm=lm), block=block
+        make_stage(iteration, "sample", ("samples", samples), lm=lm), block=block
     )
-    return [drawn, _stage(iteration, "label", ("labels", samples), samples=samples)]
+    return [drawn, make_stage(iteration, "label", ("labels", samples), samples=samples)]
 
 
-def _train_nado(iteration: int, lm: int, nado: int, samples: int) -> Stage:
-    # `lm`: the LLM that drew the samples, the model the NADO decomposes (its reference).
-    return _stage(iteration, "train_nado", ("nado", iteration), lm=lm, nado=nado, samples=samples)
+def nado_stage(iteration: int, lm: int, nado: int, samples: int) -> Stage:
+    """NADO_iteration from NADO_nado on S_samples; `lm`: the LLM that drew the samples, the
+    model the NADO decomposes (its reference)."""
+    return make_stage(
+        iteration, "train_nado", ("nado", iteration), lm=lm, nado=nado, samples=samples
+    )
 
 
-def _finetune(iteration: int, lm: int, nado: int, samples: int) -> Stage:
-    return _stage(iteration, "finetune", ("lm", iteration), lm=lm, nado=nado, samples=samples)
+def lm_stage(
+    iteration: int, lm: int, *, nado: int | None = None, samples: int | None = None
+) -> Stage:
+    """LLM_iteration from LLM_lm (with teacher NADO_nado, on S_samples, when given)."""
+    inputs = {"lm": lm} | ({} if nado is None else {"nado": nado})
+    inputs |= {} if samples is None else {"samples": samples}
+    return make_stage(iteration, "finetune", ("lm", iteration), **inputs)
+
+
+def eval_stage(version: int, *, lm: int | None = None, nado: int | None = None) -> Stage:
+    """The eval of LLM_version (recorded under iteration `version`), or with `nado` of the
+    LLM_lm ⊕ NADO_nado guided sampler."""
+    inputs = {"lm": version if lm is None else lm} | ({} if nado is None else {"nado": nado})
+    return make_stage(version, "eval", ("eval", version), **inputs)
+
+
+def export_stage(iteration: int, lm: int, nado: int | None = None) -> Stage:
+    """Writing LLM_lm (and NADO_nado) into the run's `final/` (not a manifest record)."""
+    return make_stage(iteration, "export", None, lm=lm, **({} if nado is None else {"nado": nado}))
 
 
 def eval_due(config: RunConfig, iteration: int) -> bool:
@@ -130,28 +152,37 @@ def plan_stages(config: RunConfig) -> list[Stage]:
 
     def evaluate(version: int) -> None:
         if eval_due(config, version):
-            stages.append(_stage(version, "eval", ("eval", version), lm=version))
+            stages.append(eval_stage(version))
 
     evaluate(0)
     drawn_by: dict[int, int] = {}  # S_s -> the LLM its sample stage draws it from
 
     def sample(i: int, lm: int, samples: int) -> None:
-        stages.extend(_sample(i, lm=lm, samples=samples, block=i - 1))
+        stages.extend(sample_stages(i, lm=lm, samples=samples, block=i - 1))
         drawn_by[samples] = lm
 
     for i in range(1, n + 1):
         if config.loop.scheme == "sequential" or i == 1:
             s = i if config.loop.scheme == "sequential" else 0
             sample(i, lm=i - 1, samples=s)
-            stages.append(_train_nado(i, lm=drawn_by[s], nado=i - 1, samples=s))
-            stages.append(_finetune(i, lm=i - 1, nado=i, samples=s))
+            stages.append(nado_stage(i, lm=drawn_by[s], nado=i - 1, samples=s))
+            stages.append(lm_stage(i, lm=i - 1, nado=i, samples=s))
         else:  # (C), (A), (B): nothing consumes an artefact of its own iteration
             sample(i, lm=i - 1, samples=i - 1)
-            stages.append(_train_nado(i, lm=drawn_by[i - 2], nado=i - 1, samples=i - 2))
-            stages.append(_finetune(i, lm=i - 1, nado=i - 1, samples=i - 2))
+            stages.append(nado_stage(i, lm=drawn_by[i - 2], nado=i - 1, samples=i - 2))
+            stages.append(lm_stage(i, lm=i - 1, nado=i - 1, samples=i - 2))
         evaluate(i)
-    stages.append(_stage(n, "export", None, lm=n, nado=n))
+    stages.append(export_stage(n, lm=n, nado=n))
     return stages
+
+
+def not_done(stages: list[Stage], records: dict[tuple[int, str], dict[str, Any]]) -> list[Stage]:
+    """The stages whose manifest record is not `done` (export writes files, no record: the
+    caller checks its output)."""
+    return [
+        s for s in stages
+        if s.name != "export" and records.get((s.iteration, s.name), {}).get("status") != "done"
+    ]  # fmt: skip
 
 
 def producers(stages: list[Stage]) -> dict[tuple[str, int], Stage]:
@@ -191,8 +222,9 @@ def check_inputs(
     return pending
 
 
-def describe_flow(config: RunConfig) -> str:
-    """The data flow as text, one line per iteration and role (for `--dry-run`)."""
+def describe_flow(config: RunConfig, stages: list[Stage] | None = None) -> str:
+    """The data flow of `stages` (default: the scheme's, `plan_stages`) as text, one line
+    per iteration and role (for `--dry-run`)."""
     loop = config.loop
     where = {
         "colocated": "every role on the whole mesh, one after another",
@@ -201,12 +233,12 @@ def describe_flow(config: RunConfig) -> str:
     }[loop.placement]
     lines = [f"data flow ({loop.scheme} scheme; placement {loop.placement}: {where}):"]
     by_iteration: dict[int, list[Stage]] = {}
-    for stage in plan_stages(config):
+    for stage in plan_stages(config) if stages is None else stages:
         if stage.name not in ("label", "export"):
             by_iteration.setdefault(stage.iteration, []).append(stage)
-    for iteration, stages in sorted(by_iteration.items()):
+    for iteration, group in sorted(by_iteration.items()):
         parts = []
-        for s in stages:
+        for s in group:
             made = version_name(*s.output) if s.name != "eval" else f"eval of LLM_{s.iteration}"
             parts.append(f"{s.role}: {made} <- {describe(s.input_versions)}")
         lines.append(f"  iteration {iteration}: " + "; ".join(parts))

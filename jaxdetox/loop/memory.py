@@ -254,7 +254,7 @@ class Planner:
     def __init__(self, config: RunConfig, lm_config: ModelConfig, *, prefix_tokens: int = 1):
         """Build the abstract LLM, NADO, optimizer states and batch shapes of `config`."""
         from jaxdetox.data.packing import round_up
-        from jaxdetox.loop.training import nado_optimizer_config, optimizer_config
+        from jaxdetox.loop.recipe import nado_optimizer_config, optimizer_config
         from jaxdetox.models import NadoConfig
         from jaxdetox.models.nado import NadoModel
         from jaxdetox.models.registry import family_module
@@ -319,20 +319,12 @@ class Planner:
     # ------------------------------------------------------------------ traced activations
 
     def step_config(self, stage: str) -> Any:
-        """The `StepConfig` the loop builds for a training stage."""
-        from jaxdetox.train.steps import StepConfig, StreamLoss
+        """The `StepConfig` the loop builds for a training stage (`loop.recipe`)."""
+        from jaxdetox.loop import recipe
 
-        cfg = self.config
         if stage == "train_nado":
-            from jaxdetox.loop.training import nado_step_config
-
-            return nado_step_config(cfg.train_nado)
-        f = cfg.finetune
-        streams = (("samples", StreamLoss(nll_weight=0.0, kl="samples" in f.kl_on)),)
-        if cfg.corpus is not None:
-            streams += (("corpus", StreamLoss(nll_weight=f.nll_weight, kl="corpus" in f.kl_on)),)
-        return StepConfig(kl_weight=f.kl_weight, alpha=f.alpha, streams=streams,
-                          micro_batches=f.micro_batches, chunk_size=f.chunk_size)  # fmt: skip
+            return recipe.nado_step_config(self.config.train_nado)
+        return recipe.finetune_step_config(self.config)
 
     def residuals(self, stage: str, remat: bool) -> list[jax.ShapeDtypeStruct]:
         """Global shapes of the activations one micro-batch of `stage` keeps for backward."""
@@ -362,13 +354,18 @@ class Planner:
         if stage == "finetune":
             batch = {s: _stream(max(b // k, 1), t) for s, (b, t) in self.finetune_streams().items()}
             denominators = {s: jnp.float32(1.0) for s in batch}
+            nado_params = self.nado_params
+            if config.alphas is not None:  # one NADO per constraint in the teacher
+                names = tuple(f"nado{i}" for i in range(len(config.alphas)))
+                models = dataclasses.replace(models, nado_names=names)
+                nado_params = dict.fromkeys(names, self.nado_params)
 
             def loss(params: Any, batch: Any, ref: Any, nado: Any) -> Any:
                 return steps.lm_loss(params, batch, models=models, ref_params=ref,
                                      nado_params=nado, config=config,
                                      denominators=denominators)[0]  # fmt: skip
 
-            return saved_activations(loss, self.lm_params, batch, self.ref_params, self.nado_params)
+            return saved_activations(loss, self.lm_params, batch, self.ref_params, nado_params)
         b, t = self.nado_stream()
         batch = {"samples": _stream(max(b // k, 1), t, labels=True)}
 

@@ -11,9 +11,10 @@
                its inputs are done (their outputs were complete before the record said so),
                then restores them from their checkpoints and sample store.
 
-Every placement runs the same `Stage`s with the same inputs (`flow.plan_stages`), so they
-end with the same weights; a stage waits only for the artefacts it consumes, and checks that
-they were made from the versions the flow prescribes.
+Every placement runs the same `Stage`s with the same inputs — the plan of the run's method
+(`jaxdetox.methods`: the method's schemes and every baseline) — so they end with the same
+weights; a stage waits only for the artefacts it consumes, and checks that they were made
+from the versions the flow prescribes. The run is complete when every planned stage is.
 """
 
 from __future__ import annotations
@@ -30,15 +31,8 @@ from jaxdetox.config import ROLES, RunConfig
 from jaxdetox.loop import flow
 from jaxdetox.loop.experiment import Experiment, Handover
 from jaxdetox.loop.rundir import RunDir
-from jaxdetox.loop.sequential import (
-    evaluate,
-    export_final,
-    finetune,
-    label,
-    sample,
-    sampled_by,
-    train_nado,
-)
+from jaxdetox.loop.sequential import sampled_by
+from jaxdetox.methods import method_of, run_finished
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +55,6 @@ def check_sample_store(
             f"{stage} (role {stage.role}) consumes S_{s}, which the flow draws from LLM_{expected}, "
             f"but {exp.store.root}'s S_{s} was drawn from LLM_{drawn_by}"
         )
-
-
-def execute(exp: Experiment, stage: flow.Stage) -> None:
-    """Run one stage of the flow (skipped when its record is done)."""
-    v = stage.input_versions
-    if stage.name == "sample":
-        sample(exp, stage.iteration, v["lm"], stage.output[1], stage.block)
-    elif stage.name == "label":
-        label(exp, stage.iteration, v["samples"])
-    elif stage.name == "train_nado":
-        train_nado(
-            exp, stage.iteration, nado_version=v["nado"], samples=v["samples"], lm_version=v["lm"]
-        )
-    elif stage.name == "finetune":
-        finetune(exp, stage.iteration, v["lm"], nado_version=v["nado"], samples=v["samples"])
-    elif stage.name == "eval":
-        evaluate(exp, v["lm"])
-    elif stage.name == "export":
-        export_final(exp, stage.iteration)
-    else:
-        raise ValueError(f"unknown stage {stage.name!r}")
 
 
 def _records(run: RunDir) -> dict[tuple[int, str], dict[str, Any]]:
@@ -119,14 +92,16 @@ def wait_for_inputs(
 
 
 def run_stages(exp: Experiment, role: str | None, cancelled: threading.Event | None = None) -> None:
-    """The stages of `role` (None: all) in flow order, each once its inputs are done."""
-    stages = flow.plan_stages(exp.config)
+    """The stages of `role` (None: all) of the run's method, in plan order, each once its
+    inputs are done."""
+    method = method_of(exp.config.method)
+    stages = method.plan(exp.config)
     made_by = flow.producers(stages)
     for stage in stages:
         if role is None or stage.role == role:
             wait_for_inputs(exp, stage, made_by, cancelled)
             check_sample_store(exp, stage, made_by)
-            execute(exp, stage)
+            method.run(exp, stage)
 
 
 def run_colocated(exp: Experiment) -> None:
@@ -185,13 +160,7 @@ def run_role(config: RunConfig, run: RunDir, role: str, *, progress: bool = True
     (then this role, the last to finish, has written the merged `manifest.json`)."""
     exp = Experiment(config, run, progress=progress)
     run_stages(exp, role)
-    records = _records(run)
-    stages = flow.plan_stages(config)
-    complete = all(
-        records.get((s.iteration, s.name), {}).get("status") == "done"
-        for s in stages
-        if s.name != "export"
-    )
+    complete = run_finished(config, run.root)
     if complete:
         run.write_merged_manifest()
     return complete

@@ -83,6 +83,7 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
     (`jaxdetox.loop.memory`); `device` (a `DEVICE_KINDS` name, default: this machine's
     accelerator when known) adds whether the peak fits."""
     from jaxdetox.loop import memory
+    from jaxdetox.methods import method_of
 
     p = planner(config)
     lm_config = p.lm_config
@@ -104,7 +105,7 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         ),
         f"mesh: {sizes} ({math.prod(sizes.values())} devices)",
         "",
-        *_iteration_lines(config),
+        *method_of(config.method).describe(config),
         "",
         f"memory per device (stages run one after another; remat "
         f"{'on' if config.model.remat else 'off'}, params {config.model.param_dtype}, "
@@ -112,52 +113,6 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         memory.format_plan(p.plan(sizes), kind),
     ]
     return "\n".join(lines)
-
-
-def _iteration_lines(config: RunConfig) -> list[str]:
-    """What one iteration of the configured method does (docs/baselines.md)."""
-    m, f, b = config.method, config.finetune, config.baseline
-    if m == "base":
-        return ["evaluation only: the base model on the held-out prompts"]
-    src = "LLM_0 (frozen base)" if m == "nado_decoding" else "LLM_(i-1)"
-    sample = [
-        f"  sample     S_i: {config.prompts.block_size} prompts x {config.sampling.num_samples} "
-        f"samples x {config.sampling.max_new_tokens} tokens from {src}",
-        f"  label      S_i with oracle {config.oracle.name!r}",
-    ]
-    nado = [
-        f"  train_nado NADO_i from NADO_(i-1): {config.train_nado.epochs} epochs, batch "
-        f"{config.train_nado.batch_size}"
-    ]
-    budget = f"{f.epochs} epochs, batch {f.batch_size}, max_steps {f.max_steps}"
-    corpus = ", + corpus NLL" if config.corpus else ""
-    lm = {
-        "nado_decoding": [f"  eval       base ⊕ NADO_i guided sampling, α={b.alpha}"],
-        "filter_sft": [f"  finetune   NLL on S_i with toxicity <= its {b.keep_quantile} quantile: "
-                       f"{budget}{corpus}"],
-        "reinforce": [f"  finetune   REINFORCE, r = 1 - toxicity, moving-average baseline "
-                      f"(m={b.baseline_momentum}), KL coef {b.kl_coef}: {budget}{corpus}"],
-        "dpo": [f"  finetune   DPO on pairs of S_i (β={b.dpo_beta}, reference = base): "
-                f"{budget}{corpus}"],
-        "sft_only": [f"  finetune   corpus NLL alone (λ = 0): {budget}"],
-    }  # fmt: skip
-    head = ["per iteration i:"]
-    if m == "sft_only":
-        return head + lm[m]
-    if m in lm:
-        return head + sample + (nado if m == "nado_decoding" else []) + lm[m]
-    sweep = [f"once per λ in {b.lambdas} (RUN/lambda_<λ>/):"] if m == "lambda_sweep" else []
-    kl = f"λ={f.kl_weight}" if m != "lambda_sweep" else "λ"
-    return (
-        sweep
-        + head
-        + sample
-        + nado
-        + [
-            f"  finetune   LLM_i from LLM_(i-1): {kl}, α={f.alpha}, KL on {f.kl_on}, {f.epochs} "
-            f"epochs, batch {f.batch_size}{corpus}"
-        ]
-    )
 
 
 def describe_environment() -> dict[str, Any]:

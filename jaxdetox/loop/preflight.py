@@ -29,7 +29,6 @@ from jaxdetox.models.hf import CheckpointError
 
 # A hub id: `name` or `owner/name` (what `resolve_checkpoint` would download).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-NO_SAMPLING_METHODS = ("base", "sft_only")  # methods that never sample training prompts
 
 
 def check_run(
@@ -236,7 +235,7 @@ def _check_prompts(config: RunConfig, train: bool) -> str:
     if p.source == "builtin" and p.kind not in (None, "toxic", "neutral"):
         raise ConfigError(f"prompts.kind: {p.kind!r}; expected toxic, neutral or null (all)")
     blocks = prompt_blocks(p)[0]
-    samples = train and config.method not in NO_SAMPLING_METHODS
+    samples = train and _samples(config.method)
     needed = config.loop.iterations if samples else 0
     if needed > blocks.num_train_blocks:
         blocks.train_block(needed - 1)  # raises, naming the numbers and the fix
@@ -295,3 +294,10 @@ def check_eval(config: RunConfig) -> list[str]:
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{field}: {path}: no such file or folder")
     return notes
+
+
+def _samples(method: str) -> bool:
+    """Whether `method` samples training prompts (the registry's `samples`)."""
+    from jaxdetox.methods import method_of
+
+    return method_of(method).samples

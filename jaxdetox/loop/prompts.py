@@ -105,21 +105,13 @@ class Prompts:
     def sampling_config(self, samples: int, chat: bool | None = None) -> SamplingConfig:
         """Sampling settings of sample version `samples` (its own seed); with a chat template
         its end-of-turn token also stops a completion."""
-        s = self.sampling
+        from jaxdetox.loop.recipe import sampling_config
+
         eos, pad = special_tokens(self.lm_config)
         template = self.chat_for(chat)
         if template is not None:
             eos = eos + tuple(t for t in template.stop if t not in eos)
-        return SamplingConfig(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            num_samples=s.num_samples,
-            eos_token_ids=eos,
-            pad_token_id=pad,
-            seed=s.seed + 1000 * samples,
-        )
+        return sampling_config(self.sampling, eos_token_ids=eos, pad_token_id=pad, samples=samples)
 
     @property
     def prompt_len(self) -> int:

@@ -26,7 +26,8 @@ from jaxdetox.loop.training import finetune_stage, train_nado_stage
 logger = logging.getLogger(__name__)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Wait for every process (multi-host runs; a no-op on one host)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -73,7 +74,7 @@ def run_stage(
             outputs={"error": f"{type(e).__name__}: {e}"}, **where,
         )  # fmt: skip
         raise
-    _barrier(f"{stage}-{iteration}")
+    barrier(f"{stage}-{iteration}")
     run.update_record(
         iteration, stage, status="done", inputs=inputs, outputs=outputs,
         seconds=time.perf_counter() - start, **where,
@@ -126,15 +127,8 @@ def label(exp: Experiment, iteration: int, samples: int) -> None:
     run_stage(exp, iteration, "label", {"samples": samples}, body)
 
 
-def sample_and_label(
-    exp: Experiment, iteration: int, lm_version: int, samples: int, block: int
-) -> None:
-    """Stages 1–2 run in `iteration`: S_{samples} from LLM_{lm_version}, then its labels."""
-    sample(exp, iteration, lm_version, samples, block)
-    label(exp, iteration, samples)
-
-
-def _training_outputs(result: Any, artifact: str) -> dict[str, Any]:
+def training_outputs(result: Any, artifact: str) -> dict[str, Any]:
+    """The manifest outputs of a training stage: steps, resume point, artefact, last metrics."""
     keep = ("nado/bce", "nado/consistency", "lm/samples/kl", "lm/corpus/nll", "mfu")
     return {
         "steps": result.steps,
@@ -176,7 +170,7 @@ def train_nado(
         result = train_nado_stage(exp, iteration, **kw)
         artifact = exp.save_artifact(iteration, "train_nado", result.params, inputs)
         exp.keep("nado", iteration, result.params)
-        outputs = _training_outputs(result, artifact)
+        outputs = training_outputs(result, artifact)
         for c in exp.constraints[1:]:  # one NADO per further constraint, on its own labels
             result = train_nado_stage(exp, iteration, **kw, constraint=c)
             name = f"artifact_{c.name}"
@@ -202,37 +196,43 @@ def finetune(
         )
         artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
         exp.keep("lm", iteration, result.params)
-        return _training_outputs(result, artifact)
+        return training_outputs(result, artifact)
 
     inputs = {"lm": lm_version, "nado": nado_version, "samples": samples}
     run_stage(exp, iteration, "finetune", inputs, body)
 
 
-def export_final(exp: Experiment, iteration: int) -> None:
-    """Write LLM_iteration as an HF checkpoint (+ tokenizer) and NADO_iteration."""
+def export_final(exp: Experiment, lm_version: int, nado_version: int | None = None) -> None:
+    """Write LLM_lm_version as an HF checkpoint (+ tokenizer; LoRA: + its adapters) and, with
+    `nado_version`, NADO_nado_version of every constraint into the run's `final/` (staged
+    locally, then uploaded when the run directory is on gs://)."""
     from jaxdetox.models import save_nado
 
-    lm_params, nado_params = exp.lm_params(iteration), exp.nado_params(iteration)
+    lm_params = exp.lm_params(lm_version)
+    nado_params = None if nado_version is None else exp.nado_params(nado_version)
     if exp.run.writer:  # safetensors write local files: staged, then uploaded if gs://...
         with fileio.local_dir(exp.run.final / "model") as model_dir:
             exp.language_model(lm_params).save_pretrained(model_dir)
-        if exp.lora is not None:  # the adapters alone, with a pointer to their base model
+        if exp.lora is not None and lm_version > 0:  # the adapters, with their base model
             from jaxdetox.models.lora import save_adapters
 
             with fileio.local_dir(exp.run.final / "adapters") as adapter_dir:
                 base = exp.config.model.path
-                save_adapters(adapter_dir, exp.adapters(iteration), exp.lora, base)
-        with fileio.local_dir(exp.run.final / "nado") as nado_dir:
-            save_nado(exp.nado_module(nado_params), nado_dir)
-        for c in exp.constraints[1:]:
-            params = exp.nado_params(iteration, c.name)
-            with fileio.local_dir(exp.run.final / f"nado_{c.name}") as nado_dir:
-                save_nado(exp.nado_module(params), nado_dir)
-    _barrier("export")
+                save_adapters(adapter_dir, exp.adapters(lm_version), exp.lora, base)
+        if nado_version is not None:
+            with fileio.local_dir(exp.run.final / "nado") as nado_dir:
+                save_nado(exp.nado_module(nado_params), nado_dir)
+            for c in exp.constraints[1:]:
+                params = exp.nado_params(nado_version, c.name)
+                with fileio.local_dir(exp.run.final / f"nado_{c.name}") as nado_dir:
+                    save_nado(exp.nado_module(params), nado_dir)
+    barrier("export")
 
 
-def evaluate(exp: Experiment, version: int) -> None:
-    """The eval stage of LLM_version (recorded under iteration = version; 0 = base)."""
+def evaluate(exp: Experiment, version: int, nado: int | None = None) -> None:
+    """The eval stage of LLM_version (recorded under iteration = version; 0 = base), or with
+    `nado` of base ⊕ NADO_nado guided decoding (recorded under iteration = version)."""
     from jaxdetox.loop.evaluation import evaluate_version
 
-    run_stage(exp, version, "eval", {"lm": version}, lambda: evaluate_version(exp, version))
+    inputs = {"lm": version} if nado is None else {"lm": 0, "nado": nado}
+    run_stage(exp, version, "eval", inputs, lambda: evaluate_version(exp, version, nado=nado))

@@ -38,7 +38,9 @@ def _diff(a: object, b: object, prefix: str = "") -> list[str]:
 def config_diff(saved: dict, config: RunConfig, out: Path) -> str:
     """Why `config` may not resume the run in `out` that saved `saved` ("" if it may): the
     differing keys, both through the current schema (defaults added since compare equal)."""
-    before = config_from_dict(saved, str(out / CONFIG_FILE)).model_dump(mode="json")
+    # Only compared: the saved method's rules are not checked again (a new one differs).
+    saved_config = config_from_dict(saved, str(out / CONFIG_FILE), executes=False)
+    before = saved_config.model_dump(mode="json")
     diff = _diff(before, config.model_dump(mode="json"))
     if not diff:
         return ""
@@ -48,8 +50,11 @@ def config_diff(saved: dict, config: RunConfig, out: Path) -> str:
     )
 
 
-def resolve_run_config(config_path: str | None, out: Path, overrides: list[str]) -> RunConfig:
-    """The run's config: from CONFIG (+ overrides), or the one saved in `out` when resuming.
+def resolve_run_config(
+    config_path: str | None, out: Path, overrides: list[str], *, executes: bool = True
+) -> RunConfig:
+    """The run's config: from CONFIG (+ overrides), or the one saved in `out` when resuming
+    (`executes=False`: its method is only a row label, `config.config_from_dict`).
 
     A rerun with a config that resolves differently from the saved one is refused, naming
     the keys that differ (a resumed run must not silently change its recipe).
@@ -59,9 +64,10 @@ def resolve_run_config(config_path: str | None, out: Path, overrides: list[str])
     if config_path is None and saved is None:
         raise ConfigError(f"{out}: no {CONFIG_FILE} there; pass a CONFIG.yaml to start a run")
     if config_path is None:
-        config = config_from_dict(apply_overrides(saved, overrides), str(saved_path))
+        data = apply_overrides(saved, overrides)
+        config = config_from_dict(data, str(saved_path), executes=executes)
     else:
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides, executes=executes)
     if saved is not None:
         differences = config_diff(saved, config, out)
         if differences:

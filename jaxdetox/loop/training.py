@@ -22,15 +22,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdetox.data.sample_batches import batches_per_epoch
+from jaxdetox.loop import recipe
 from jaxdetox.loop.experiment import Experiment
 from jaxdetox.loop.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.checkpoint import Checkpointer
-from jaxdetox.train.optimizer import OptimizerConfig
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.setup import Training, make_training
 from jaxdetox.train.state import abstract_like
-from jaxdetox.train.steps import StepConfig, StreamLoss, lm_step, nado_step
+from jaxdetox.train.steps import StepConfig, lm_step, nado_step
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,6 @@ class Streams:
         """Continue every stream from `get_state()` output."""
         for name, it in self.iterators.items():
             it.set_state(state[name])
-
-
-def optimizer_config(section: Any) -> OptimizerConfig:
-    """`OptimizerConfig` from a config's optimizer section."""
-    data = section.model_dump()
-    data["trainable"] = tuple(data["trainable"])
-    return OptimizerConfig(**data)
 
 
 def fit(
@@ -263,7 +256,7 @@ def stage_steps(
     return min(steps, max_steps) if max_steps else steps
 
 
-def _sample_batches(
+def sample_stream(
     exp: Experiment,
     iteration: int,
     batch_size: int,
@@ -271,7 +264,9 @@ def _sample_batches(
     seed: int,
     label_name: str | None = None,
     rows: np.ndarray | None = None,
-):
+) -> Any:
+    """This host's batches of S_iteration (`rows` of it; labels of `label_name`, default the
+    oracle's): a resumable grain dataset of `epochs` shuffled passes."""
     return exp.store.batches(
         iteration,
         host_batch_size(batch_size),
@@ -281,17 +276,6 @@ def _sample_batches(
         prompt_len=exp.prompt_len,
         completion_len=exp.completion_len,
         rows=rows,
-    )
-
-
-def nado_step_config(section: Any) -> StepConfig:
-    """The `StepConfig` of a NADO training stage from the config's `train_nado` section."""
-    return StepConfig(
-        consistency=section.consistency,
-        consistency_weight=section.consistency_weight,
-        consistency_reverse=section.consistency_reverse,
-        importance_weights=section.importance_weights,
-        micro_batches=section.micro_batches,
     )
 
 
@@ -340,14 +324,14 @@ def train_nado_stage(
         exp.nado_module(start_params),
         exp.mesh,
         lm_optimizer=None,
-        nado_optimizer=nado_optimizer_config(cfg),
+        nado_optimizer=recipe.nado_optimizer_config(cfg),
         nado_steps=total,
         seed=conf.seed + iteration,
     )
     training = dataclasses.replace(training, state=training.state.replace(lm=None))
     training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
-    step_config = nado_step_config(cfg)
-    batches = _sample_batches(
+    step_config = recipe.nado_step_config(cfg)
+    batches = sample_stream(
         exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration,
         constraint.label_name, rows=train_rows,
     )  # fmt: skip
@@ -387,19 +371,6 @@ def train_nado_stage(
                 result.quality["heldout_bce"], result.quality["constant_bce"],
             )  # fmt: skip
     return result
-
-
-def nado_optimizer_config(cfg: Any) -> OptimizerConfig:
-    """The NADO's optimizer: `train_nado.optimizer`, the head in its own parameter group when
-    `head_learning_rate` / `head_weight_decay` are set, the NADO's constants frozen."""
-    from jaxdetox.models.nado import FROZEN_PARAMS
-
-    config = dataclasses.replace(optimizer_config(cfg.optimizer), frozen=FROZEN_PARAMS)
-    if cfg.head_learning_rate is None and cfg.head_weight_decay is None:
-        return config
-    lr = config.learning_rate if cfg.head_learning_rate is None else cfg.head_learning_rate
-    wd = config.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
-    return dataclasses.replace(config, groups=((r"^head\.", lr, wd),))
 
 
 def _with_bias(params: Any, rate: float) -> Any:
@@ -528,7 +499,7 @@ def finetune_stage(
         lm_module,
         exp.nado_module(exp.nado_params(nado_version)),
         exp.mesh,
-        lm_optimizer=optimizer_config(cfg.optimizer),
+        lm_optimizer=recipe.optimizer_config(cfg.optimizer),
         nado_optimizer=None,
         lm_steps=total,
         reference=reference,
@@ -536,27 +507,16 @@ def finetune_stage(
         seed=conf.seed + iteration,
     )
     training = with_all_nados(exp, training, nado_version)
-    streams_cfg = (("samples", StreamLoss(nll_weight=0.0, kl="samples" in cfg.kl_on)),)
-    batches = _sample_batches(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
+    batches = sample_stream(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
     iterators = {"samples": iter(batches)}
     seq = exp.prompt_len + exp.completion_len
     tokens, kl_tokens = cfg.batch_size * seq, cfg.batch_size * seq
     if conf.corpus is not None:
-        streams_cfg += (
-            ("corpus", StreamLoss(nll_weight=cfg.nll_weight, kl="corpus" in cfg.kl_on)),
-        )
-        iterators["corpus"] = iter(_corpus_batches(exp))
+        iterators["corpus"] = iter(corpus_stream(exp))
         corpus_tokens = conf.corpus.batch_size * conf.corpus.seq_len
         tokens += corpus_tokens
         kl_tokens += corpus_tokens if "corpus" in cfg.kl_on else 0
-    step_config = StepConfig(
-        kl_weight=cfg.kl_weight,
-        alpha=cfg.alpha,
-        alphas=tuple(c.alpha for c in exp.constraints) if len(exp.constraints) > 1 else None,
-        streams=streams_cfg,
-        micro_batches=cfg.micro_batches,
-        chunk_size=cfg.chunk_size,
-    )
+    step_config = recipe.finetune_step_config(conf)
     streams = Streams(iterators, lambda b: b)
     body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
     fl = flops_lib.lm_step_flops(
@@ -569,17 +529,13 @@ def finetune_stage(
     )  # fmt: skip
 
 
-def _corpus_batches(exp: Experiment) -> Any:
-    from jaxdetox.data.corpora import CorpusConfig, corpus_dataset
+def corpus_stream(exp: Experiment) -> Any:
+    """This host's batches of the `corpus:` section's corpus (endless, resumable)."""
+    from jaxdetox.data.corpora import corpus_dataset
 
     c = exp.config.corpus
     source = builtin_corpus(exp) if c.source == "builtin" else c.source
-    config = CorpusConfig(
-        source=source, split=c.split, data_dir=c.data_dir, text_field=c.text_field,
-        prompt_field=c.prompt_field, seq_len=c.seq_len, global_batch_size=c.batch_size,
-        seed=c.seed, num_epochs=None,
-    )  # fmt: skip
-    return corpus_dataset(config, exp.tokenizer)
+    return corpus_dataset(recipe.corpus_config(c, source), exp.tokenizer)
 
 
 def builtin_corpus(exp: Experiment) -> str:

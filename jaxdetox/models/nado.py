@@ -53,6 +53,7 @@ from jaxdetox.models.registry import abstract_model, build_model, family_module
 
 VARIANTS = ("separate", "shared")
 HEADS = ("linear", "factored")
+HEAD_INITS = ("zeros", "normal")  # the linear head's weight
 # Parameters no optimizer may train (the factored head's copy of the LM's output embedding).
 FROZEN_PARAMS = (r"^head\.embedding$",)
 CONFIG_FILE = "nado_config.json"
@@ -72,8 +73,10 @@ class NadoConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"NadoConfig.variant = {self.variant!r}; expected one of {VARIANTS}")
-        if self.head_init not in ("zeros", "normal"):
-            raise ValueError(f"NadoConfig.head_init = {self.head_init!r}; expected zeros|normal")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(
+                f"NadoConfig.head_init = {self.head_init!r}; expected one of {HEAD_INITS}"
+            )
         if self.head not in HEADS:
             raise ValueError(f"NadoConfig.head = {self.head!r}; expected one of {HEADS}")
         if not 0 <= self.head_rank <= self.body.hidden_size:

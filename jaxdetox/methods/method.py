@@ -1,0 +1,143 @@
+"""What a method is: its stage plan in the vocabulary of `loop.flow`, what runs each of its
+stages, its rules over the config, and the lines that describe it (`--dry-run`, report).
+
+Every method runs through the one executor (`loop.placement`): it walks `plan(config)`,
+waits for each stage's inputs, checks their versions and calls `stages[stage.name]`. So the
+placements (`colocated`, `split`, `jobs`), resume, version checks and the export (staged
+locally, uploaded to gs://) are the same for the method and every baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from jaxdetox.config import RunConfig
+from jaxdetox.loop import flow
+from jaxdetox.loop.experiment import Experiment
+
+StageFn = Callable[[Experiment, flow.Stage], None]
+"""Runs one stage of a plan (recording it in the manifest; a done one is skipped)."""
+
+
+def _no_rules(config: RunConfig) -> None:
+    """A method without rules of its own."""
+
+
+def finetune_kl_weight(config: dict[str, Any]) -> float | None:
+    """The λ of a saved config (`finetune.kl_weight`; None when not saved)."""
+    return config.get("finetune", {}).get("kl_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One `method:` of a run config."""
+
+    name: str
+    summary: str  # one line: what the method is (its row in a report)
+    plan: Callable[[RunConfig], list[flow.Stage]]  # every stage, in the colocated order
+    stages: Mapping[str, StageFn]  # what runs each stage name of the plan (trainers included)
+    describe: Callable[[RunConfig], list[str]]  # what an iteration does (`--dry-run`)
+    check: Callable[[RunConfig], None] = _no_rules  # rules over sections (raise ValueError)
+    samples: bool = True  # draws training samples from the prompt blocks
+    # The λ (finetune.kl_weight) its report row shows, from the run's saved config dict.
+    row_kl_weight: Callable[[dict[str, Any]], float | None] = finetune_kl_weight
+    # A method that runs as several runs (`lambda_sweep`): their configs and directories.
+    sweep: Callable[[RunConfig, Path], list[tuple[RunConfig, Path]]] | None = None
+
+    def run(self, exp: Experiment, stage: flow.Stage) -> None:
+        """Run one stage of this method's plan."""
+        fn = self.stages.get(stage.name)
+        if fn is None:
+            raise ValueError(f"method {self.name!r} has no stage {stage.name!r}")
+        fn(exp, stage)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_sample(exp: Experiment, stage: flow.Stage) -> None:
+    """Stage 1: the stage's sample version drawn from its LLM on its prompt block."""
+    from jaxdetox.loop.sequential import sample
+
+    sample(exp, stage.iteration, stage.input_versions["lm"], stage.output[1], stage.block)
+
+
+def run_label(exp: Experiment, stage: flow.Stage) -> None:
+    """Stage 2: every constraint's oracle labels the stage's samples."""
+    from jaxdetox.loop.sequential import label
+
+    label(exp, stage.iteration, stage.input_versions["samples"])
+
+
+def run_train_nado(exp: Experiment, stage: flow.Stage) -> None:
+    """Stage 3: NADO_iteration trained on the stage's samples (decomposing its LLM)."""
+    from jaxdetox.loop.sequential import train_nado
+
+    v = stage.input_versions
+    train_nado(
+        exp, stage.iteration, nado_version=v["nado"], samples=v["samples"], lm_version=v["lm"]
+    )
+
+
+def run_finetune(exp: Experiment, stage: flow.Stage) -> None:
+    """Stage 4 of the method: LLM_iteration by NLL + λ·KL to the guided teacher."""
+    from jaxdetox.loop.sequential import finetune
+
+    v = stage.input_versions
+    finetune(exp, stage.iteration, v["lm"], nado_version=v["nado"], samples=v["samples"])
+
+
+def run_eval(exp: Experiment, stage: flow.Stage) -> None:
+    """The eval of an LLM version (with a `nado` input: of base ⊕ that NADO's sampling)."""
+    from jaxdetox.loop.sequential import evaluate
+
+    evaluate(exp, stage.iteration, nado=stage.input_versions.get("nado"))
+
+
+def run_export(exp: Experiment, stage: flow.Stage) -> None:
+    """The run's final models: its LLM (and NADO) version into `final/`."""
+    from jaxdetox.loop.sequential import export_final
+
+    v = stage.input_versions
+    export_final(exp, v["lm"], v.get("nado"))
+
+
+COMMON_STAGES: dict[str, StageFn] = {
+    "sample": run_sample,
+    "label": run_label,
+    "eval": run_eval,
+    "export": run_export,
+}
+"""The stages every method runs the same way."""
+
+
+# ----------------------------------------------------------------------------- describe
+
+
+def sample_lines(config: RunConfig, source: str) -> list[str]:
+    """`--dry-run` lines of the sample and label stages (`source`: the LLM sampled)."""
+    return [
+        f"  sample     S_i: {config.prompts.block_size} prompts x {config.sampling.num_samples} "
+        f"samples x {config.sampling.max_new_tokens} tokens from {source}",
+        f"  label      S_i with oracle {config.oracle.name!r}",
+    ]
+
+
+def nado_lines(config: RunConfig) -> list[str]:
+    """`--dry-run` line of the train_nado stage."""
+    cfg = config.train_nado
+    return [f"  train_nado NADO_i from NADO_(i-1): {cfg.epochs} epochs, batch {cfg.batch_size}"]
+
+
+def budget(config: RunConfig) -> str:
+    """The fine-tuning budget every LLM update shares (`finetune:`)."""
+    f = config.finetune
+    return f"{f.epochs} epochs, batch {f.batch_size}, max_steps {f.max_steps}"
+
+
+def corpus_note(config: RunConfig) -> str:
+    """`, + corpus NLL` when a corpus term rides along."""
+    return ", + corpus NLL" if config.corpus else ""
