@@ -90,14 +90,9 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         resolve_run_config(None, tmp_path / "new", [])
 
 
-def test_shipped_experiment_configs_validate(capsys):
-    # `plan` checks the config alone: the gpt2 / llama2-7b data and weights are not here
-    # (`run --dry-run` of those refuses, naming the missing prompt file).
-    configs = sorted((REPO / "experiments").rglob("*.yaml"))
-    assert configs, "no experiment configs found"
-    for path in configs:
-        assert main(["plan", str(path)]) == 0, path
-    assert "tiny_pr_sequential" in capsys.readouterr().out
+def test_dry_run_of_a_shipped_config_names_what_is_missing_here(capsys):
+    # Every shipped config plans (`plan`) or dry-runs: tests/test_experiments.py. The gpt2 /
+    # llama2-7b data and weights are not here: `run --dry-run` refuses, naming what is missing.
     gpt2 = REPO / "experiments" / "gpt2" / "small" / "pr_sequential.yaml"
     assert main(["run", str(gpt2), "--dry-run"]) == 2  # no gpt2 in the offline HF cache
     assert "model.path: cannot load: 'gpt2'" in capsys.readouterr().err

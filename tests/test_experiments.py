@@ -19,6 +19,7 @@ CONFIGS = sorted((REPO / "experiments").rglob("*.yaml"))
 def test_every_method_has_a_tiny_config():
     from jaxdetox.methods import names
 
+    assert CONFIGS, "no experiment configs found"
     methods = {yaml.safe_load(p.read_text()).get("method", "pr_sequential") for p in CONFIGS
                if p.parent.name == "tiny"}  # fmt: skip
     assert methods == set(names())  # every method of the registry, and only those
@@ -34,6 +35,7 @@ def test_config_plans(path, capsys):
     assert f"method {method}" in out and "memory per device" in out
     if tiny:
         assert "checked (a run would start):" in out
+    assert f"run '{yaml.safe_load(path.read_text())['name']}'" in out
 
 
 @pytest.mark.slow

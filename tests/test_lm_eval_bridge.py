@@ -107,9 +107,11 @@ def test_scorer_matches_full_logits_and_compiles_once_per_bucket(lm):
     # Buckets: inputs rounded to 16 and continuations to 4 tokens; one executable each.
     first = scorer.compile_count
     assert 1 <= first <= 4
-    again = scorer.score(list(reversed(requests)))
+    again = scorer.score(list(reversed(requests)))[::-1]
     assert scorer.compile_count == first
-    assert [r for r in reversed(again)] == out
+    # Another batch order: other rows share each batch, so the sums may differ in the last bits.
+    np.testing.assert_allclose([x for x, _ in again], [x for x, _ in out], rtol=0, atol=1e-4)
+    assert [g for _, g in again] == [g for _, g in out]
 
 
 def test_scorer_on_mesh_equals_single_device(lm):
