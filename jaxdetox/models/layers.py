@@ -207,8 +207,10 @@ class Attention(nnx.Module):
             q_btnh = apply_rope(q_btnh, ctx.cos_bth, ctx.sin_bth)
             k_bskh = apply_rope(k_bskh, ctx.cos_bth, ctx.sin_bth)
         if kv is not None:  # keys/values: the whole cache (S slots) instead of the T new ones
+            # Read as stored: the cache is in the compute dtype by default; a wider cache is
+            # met by promoting the (small) queries and probabilities, never by casting the
+            # whole cache in every layer at every step.
             kv, k_bskh, v_bskh = ctx.write_kv(kv, k_bskh, v_bskh, ctx.write_index)
-            k_bskh, v_bskh = k_bskh.astype(dt), v_bskh.astype(dt)
         b, t, n, h = q_btnh.shape
         # Query head j uses KV head j // G (HF's repeat_kv order).
         q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
@@ -217,7 +219,7 @@ class Attention(nnx.Module):
         ) * (1.0 / math.sqrt(h))
         scores_bkgts = jnp.where(ctx.mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
+        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh).astype(dt)
         y_btd = out_btkgh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
         if cfg.attention_bias:
             y_btd = y_btd + self.bo[...].astype(dt)
