@@ -44,6 +44,11 @@ class ModelSection(Section):
         "float32", description="master weights (keep float32 for training)"
     )
     remat: bool = Field(False, description="recompute each layer in the backward pass")
+    attention: Literal["auto", "einsum", "xla", "cudnn"] = Field(
+        "auto",
+        description="attention kernel: auto = cuDNN flash on CUDA GPUs where it applies, the "
+        "einsum reference on CPU, jax.nn.dot_product_attention (XLA) elsewhere",
+    )
 
 
 class NadoSection(Section):

@@ -131,7 +131,9 @@ class Experiment:
         if base.tokenizer is None:
             raise ValueError(f"model.path {config.model.path!r}: no tokenizer files found")
         self.tokenizer = base.tokenizer
-        self.lm_config: ModelConfig = dataclasses.replace(base.config, remat=config.model.remat)
+        self.lm_config: ModelConfig = dataclasses.replace(
+            base.config, remat=config.model.remat, attention=config.model.attention
+        )
         # The graph of the configured model (remat as configured); the loaded weights fit it.
         self.lm_graph = nnx.split(abstract_model(self.lm_config), nnx.Param)[0]
         _, self.lm_abstract, base_params = split_params(base.model)

@@ -26,6 +26,9 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention kernels (jaxdetox/models/attention.py): auto = cuDNN on CUDA GPUs where it
+# applies, the einsum reference on CPU, XLA's jax.nn.dot_product_attention elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
 class UnsupportedConfigError(JaxdetoxError, ValueError):
@@ -67,6 +70,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; logits are always float32
     remat: bool = False  # jax.checkpoint each scanned block (activation memory for training)
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS (jaxdetox/models/attention.py)
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -75,6 +79,12 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _require(self.family in ("llama", "gpt2"), "family", self.family, "'llama' or 'gpt2'")
         _require(self.rope_type in ROPE_TYPES, "rope_type", self.rope_type, f"one of {ROPE_TYPES}")
+        _require(
+            self.attention in ATTENTION_IMPLEMENTATIONS,
+            "attention",
+            self.attention,
+            f"one of {ATTENTION_IMPLEMENTATIONS}",
+        )
         for name in ("param_dtype", "dtype"):
             _require(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {DTYPES}")
         _require(

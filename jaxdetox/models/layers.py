@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdetox.models.attention import attend, current_platform, select_attention
 from jaxdetox.models.cache import KVCache
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.lora import merge_layer
 from jaxdetox.sharding import constrain
 
 F32 = jnp.float32
-# Finite "minus infinity": a query with no visible key (padding) gets a uniform row, not NaN.
-MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def param(
@@ -212,15 +211,17 @@ class Attention(nnx.Module):
             # whole cache in every layer at every step.
             kv, k_bskh, v_bskh = ctx.write_kv(kv, k_bskh, v_bskh, ctx.write_index)
         b, t, n, h = q_btnh.shape
-        # Query head j uses KV head j // G (HF's repeat_kv order).
-        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
-        scores_bkgts = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32
-        ) * (1.0 / math.sqrt(h))
-        scores_bkgts = jnp.where(ctx.mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh).astype(dt)
-        y_btd = out_btkgh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
+        implementation = select_attention(
+            cfg.attention,
+            platform=current_platform(),
+            dtype=jnp.promote_types(dt, k_bskh.dtype),
+            head_dim=h,
+            q_len=t,
+            kv_len=k_bskh.shape[1],
+            cached=kv is not None,
+        )
+        out_btnh = attend(q_btnh, k_bskh, v_bskh, ctx.mask_bts, implementation)
+        y_btd = out_btnh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
         if cfg.attention_bias:
             y_btd = y_btd + self.bo[...].astype(dt)
         return y_btd, kv
