@@ -132,7 +132,7 @@ class Experiment:
             raise ValueError(f"model.path {config.model.path!r}: no tokenizer files found")
         self.tokenizer = base.tokenizer
         self.lm_config: ModelConfig = dataclasses.replace(
-            base.config, remat=config.model.remat, attention=config.model.attention
+            base.config, remat=config.model.remat_policy, attention=config.model.attention
         )
         # The graph of the configured model (remat as configured); the loaded weights fit it.
         self.lm_graph = nnx.split(abstract_model(self.lm_config), nnx.Param)[0]

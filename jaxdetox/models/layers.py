@@ -248,6 +248,14 @@ RECOMPUTED_ACTIVATIONS = {
 }
 
 
+# `ModelConfig.remat` -> the `jax.checkpoint` policy of each scanned block (None: save
+# nothing but the block's inputs, recompute everything).
+REMAT: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
 class GatedMLP(nnx.Module):
     """SwiGLU feed-forward: `down(act(gate(x)) * up(x))` (Llama)."""
 
@@ -460,8 +468,9 @@ class CausalLM(nnx.Module):
                 )  # fmt: skip
             return (constrain(x, ("batch", "length", "embed")), kv_all), None
 
-        if self.config.remat:
-            run_layer = jax.checkpoint(run_layer, prevent_cse=False)
+        if self.config.remat != "none":
+            policy = REMAT[self.config.remat]
+            run_layer = jax.checkpoint(run_layer, prevent_cse=False, policy=policy)
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x_btd, kv_stacked), _ = jax.lax.scan(
             run_layer, (x_btd, kv_stacked), (layer_state, layer_ids)
