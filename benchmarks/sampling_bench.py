@@ -149,11 +149,12 @@ def rtp(
     max_prompt: int = 30,
     batch_size: int = 8,
     reps: int = 3,
+    vocab: int = 50257,
 ) -> dict:
     """RTP-style sampling: end-to-end new tokens/s, `sample_prompts` vs per-prompt `generate`."""
     rng = np.random.default_rng(1)
-    lengths = rng.integers(5, max_prompt + 1, prompts)
-    prompt_list = [rng.integers(0, 50257, n).tolist() for n in lengths]
+    lengths = rng.integers(min(5, max_prompt), max_prompt + 1, prompts)
+    prompt_list = [rng.integers(0, vocab, n).tolist() for n in lengths]
     sampler, params, _ = lm_sampler(lm)
     batch_size = min(batch_size, prompts)  # no filler prompts in a short run
     config = SamplingConfig(
@@ -192,7 +193,7 @@ def rtp(
 
 
 def nado_overhead(
-    lm: Any, *, batch: int = 32, prompt: int = 30, new: int = 20, reps: int = 3
+    lm: Any, *, batch: int = 32, prompt: int = 30, new: int = 20, reps: int = 3, vocab: int = 50257
 ) -> dict:
     """NADO-guided vs plain decoding (top-k 50), same batch: time ratio guided / plain."""
     nado_config = NadoConfig.for_lm(
@@ -203,7 +204,7 @@ def nado_overhead(
     guided, g_params, nado_params = lm_sampler(lm, nado)
     params, _ = plain.prepare(params)
     g_params, nado_params = guided.prepare(g_params, nado_params)
-    prompts = np.random.default_rng(2).integers(0, 50257, (batch, prompt)).tolist()
+    prompts = np.random.default_rng(2).integers(0, vocab, (batch, prompt)).tolist()
     before = plain.compile_seconds + guided.compile_seconds
     ours_sample(plain, params, prompts, new, "top_k50")
     ours_sample(guided, g_params, prompts, new, "top_k50", nado=nado_params)

@@ -65,7 +65,33 @@ class ModelSection(Section):
     param_dtype: Literal[TRAIN_DTYPES] = Field(
         "float32", description="master weights (keep float32 for training)"
     )
-    remat: bool = Field(False, description="recompute each layer in the backward pass")
+    remat: bool = Field(
+        False, description="recompute each layer in the backward pass (remat_policy full)"
+    )
+    remat_policy: Literal["none", "dots_saveable", "full"] | None = Field(
+        None,
+        description="what each layer keeps for the backward pass: none (no remat), "
+        "dots_saveable (matmul outputs; elementwise ops recomputed) or full (its input only); "
+        "default: full if remat else none. Sets remat to (remat_policy != none)",
+    )
+    attention: Literal["auto", "einsum", "xla", "cudnn"] = Field(
+        "auto",
+        description="attention kernel: auto = cuDNN flash on CUDA GPUs where it applies, the "
+        "einsum reference on CPU, jax.nn.dot_product_attention (XLA) elsewhere",
+    )
+
+    @model_validator(mode="after")
+    def _remat_policy(self) -> ModelSection:
+        policy = self.remat_policy
+        if policy is None:  # the on/off switch alone
+            object.__setattr__(self, "remat_policy", "full" if self.remat else "none")
+        elif "remat" in self.model_fields_set and self.remat != (policy != "none"):
+            raise ValueError(
+                f"model.remat={self.remat} contradicts model.remat_policy={policy!r}; "
+                "set model.remat_policy alone"
+            )
+        object.__setattr__(self, "remat", self.remat_policy != "none")
+        return self
 
 
 class NadoSection(Section):

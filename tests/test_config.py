@@ -100,3 +100,18 @@ def test_dry_run_of_a_shipped_config_names_what_is_missing_here(capsys):
     assert "prompts.source: data source not found: data/realtoxicityprompts/" in (
         capsys.readouterr().err
     )
+
+
+def test_remat_policy_by_name_and_the_former_switch():
+    policy = lambda *o: (load_config(None, list(o)).model.remat_policy,  # noqa: E731
+                         load_config(None, list(o)).model.remat)  # fmt: skip
+    assert policy() == ("none", False)
+    assert policy("model.remat=true") == ("full", True)  # the on/off key still works
+    assert policy("model.remat_policy=dots_saveable") == ("dots_saveable", True)
+    assert policy("model.remat=false", "model.remat_policy=none") == ("none", False)
+    with pytest.raises(ConfigError, match="set model.remat_policy alone"):
+        load_config(None, ["model.remat=false", "model.remat_policy=full"])
+    with pytest.raises(ConfigError, match="remat_policy"):
+        load_config(None, ["model.remat_policy=dots"])
+    config = load_config(None, ["model.remat_policy=dots_saveable", "model.attention=xla"])
+    assert RunConfig.model_validate(yaml.safe_load(dump_config(config))) == config  # both keys

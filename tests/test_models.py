@@ -11,6 +11,7 @@ from flax import nnx
 from test_models_helpers import CONFIGS, hf_logits, left_padded_batch, make_hf_model
 
 from jaxdetox.models import LanguageModel, ModelConfig, init_cache, load_pretrained, random_init
+from jaxdetox.models.config import REMAT_POLICIES, UnsupportedConfigError
 from jaxdetox.models.registry import abstract_model
 
 TOL = 1e-4
@@ -180,12 +181,20 @@ def test_remat_gradients_equal_and_compile_once(loaded):
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
     graphdef, params = nnx.split(lm.model, nnx.Param)
-    remat_def, _ = _with_config(lm.model, lm.config.replace(remat=True))
-    g_plain = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef)
-    g_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, remat_def)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l_plain, g_plain = value_and_grad(params, graphdef)
+    # Every named policy (and the former switch, True = "full"): same loss and gradients.
+    assert lm.config.replace(remat=True).remat == "full"
+    assert lm.config.replace(remat=False).remat == "none"
+    for policy in (True, *REMAT_POLICIES):
+        remat_def, _ = _with_config(lm.model, lm.config.replace(remat=policy))
+        l_remat, g_remat = value_and_grad(params, remat_def)
+        np.testing.assert_allclose(float(l_remat), float(l_plain), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert float(jnp.abs(g_plain["layers"]["attn"]["wq"][...]).max()) > 0
+    with pytest.raises(UnsupportedConfigError, match="'remat'"):
+        lm.config.replace(remat="dots")
 
     from jaxdetox.lm import _logits
 

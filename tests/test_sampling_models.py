@@ -4,6 +4,8 @@ Tiny random HF models (GPT-2, Llama with GQA) are built locally, saved with
 `save_pretrained` and loaded with `jaxdetox.models.load_pretrained`.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,17 +43,21 @@ def models(tmp_path_factory):
     """name -> (HF torch model, our LanguageModel loaded from its save_pretrained dir)."""
     built = {}
 
-    def get(name, seed=0):
-        if (name, seed) not in built:
-            torch.manual_seed(seed)
-            hf = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name]()).eval()
-            with torch.no_grad():  # larger weights than HF's init: sharper, less tied logits
-                for p in hf.parameters():
-                    p.mul_(4.0) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
-            directory = tmp_path_factory.mktemp(f"{name}_{seed}")
-            hf.save_pretrained(str(directory))
-            built[(name, seed)] = (hf, load_pretrained(directory))
-        return built[(name, seed)]
+    def get(name, seed=0, dtype="float32"):
+        """`dtype`: our model's compute dtype (float32 master weights either way)."""
+        if (name, seed, dtype) not in built:
+            if (name, seed, "float32") not in built:
+                torch.manual_seed(seed)
+                hf = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name]()).eval()
+                with torch.no_grad():  # larger weights than HF's init: sharper, less tied logits
+                    for p in hf.parameters():
+                        p.mul_(4.0) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
+                directory = tmp_path_factory.mktemp(f"{name}_{seed}")
+                hf.save_pretrained(str(directory))
+                built[(name, seed, "float32")] = (hf, load_pretrained(directory), directory)
+            hf, _, directory = built[(name, seed, "float32")]
+            built[(name, seed, dtype)] = (hf, load_pretrained(directory, dtype=dtype), directory)
+        return built[(name, seed, dtype)][:2]
 
     return get
 
@@ -132,9 +138,20 @@ def _take(logp, tokens):
     return np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
 
 
+# Sampler vs teacher forcing, per compute dtype: float32 agrees to rounding; in bfloat16 the
+# decode (one token at a time against the cache) and the teacher-forced forward (every
+# position at once) round differently: log-probs differed by at most 0.018 nat here (0.002
+# to 0.018 across these tests), so 0.05 (log-probs are O(1)-O(10); a wrong cache slot or
+# mask is off by far more).
+TEACHER_FORCING_ATOL = {"float32": 1e-4, "bfloat16": 0.05}
+DTYPES = sorted(TEACHER_FORCING_ATOL)
+
+
 @pytest.mark.slow
-def test_logprobs_equal_teacher_forced_forward(models):
-    _, lm = models("llama_gqa")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_equal_teacher_forced_forward(models, dtype):
+    _, lm = models("llama_gqa", dtype=dtype)
+    atol = TEACHER_FORCING_ATOL[dtype]
     sampler, params, _ = lm_sampler(lm)
     config = SamplingConfig(
         max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, num_samples=2, seed=4,
@@ -146,17 +163,19 @@ def test_logprobs_equal_teacher_forced_forward(models):
     model_lp = _take(jax.nn.log_softmax(logits), out.tokens)
     warped = warp_logits(jnp.asarray(logits), temperature=0.9, top_k=20, top_p=0.95)
     sample_lp = _take(jax.nn.log_softmax(warped), out.tokens)
-    np.testing.assert_allclose(out.model_logprobs[mask], model_lp[mask], atol=1e-4)
-    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=1e-4)
+    np.testing.assert_allclose(out.model_logprobs[mask], model_lp[mask], atol=atol)
+    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=atol)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head", ["linear", "factored"])
 @pytest.mark.parametrize("variant", ["separate", "shared"])
-def test_guided_decoding_with_nado_model(models, variant, head):
+def test_guided_decoding_with_nado_model(models, variant, head, dtype):
     """The real NADO: own body + cache (separate) or a head on the LM's hidden states; a
     free linear head or the factored head through the LM's output embedding."""
-    _, lm = models("llama_gqa")
+    _, lm = models("llama_gqa", dtype=dtype)
+    atol = TEACHER_FORCING_ATOL[dtype]
     nado_config = NadoConfig.for_lm(
         lm.config, variant, num_layers=1, head_init="normal", head=head, head_rank=4 * (
             variant == "shared")
@@ -187,12 +206,32 @@ def test_guided_decoding_with_nado_model(models, variant, head):
     assert np.abs(h_nado).mean() > 0.3
     log_q = losses.guided_log_probs(jnp.asarray(base), jnp.asarray(h_nado), alpha=2.0)
     mask = np.asarray(out.mask)
-    np.testing.assert_allclose(out.model_logprobs[mask], _take(log_q, out.tokens)[mask], atol=1e-4)
+    np.testing.assert_allclose(out.model_logprobs[mask], _take(log_q, out.tokens)[mask], atol=atol)
     warped = warp_logits(log_q, temperature=0.8, top_k=40)
     sample_lp = _take(jax.nn.log_softmax(warped), out.tokens)
-    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=1e-4)
+    np.testing.assert_allclose(out.logprobs[mask], sample_lp[mask], atol=atol)
     base_lp = _take(jax.nn.log_softmax(base), out.tokens)
-    np.testing.assert_allclose(out.base_logprobs[mask], base_lp[mask], atol=1e-4)
+    np.testing.assert_allclose(out.base_logprobs[mask], base_lp[mask], atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_and_decode_weights_follow_the_compute_dtype(models, dtype):
+    """By default the KV cache and the decode-form kernels are in the compute dtype (norms
+    keep the master dtype); `cache_dtype` still overrides the cache."""
+    _, lm = models("llama_gqa", dtype=dtype)
+    model, params = decode_model_for(lm.model)
+    cache = model.init_cache(params, 2, 8, SamplingConfig().static_spec().cache_jnp_dtype)
+    assert cache.k.dtype == jnp.dtype(dtype)
+    prepared, per_layer = model.prepare_decode(params, cache)
+    assert {x.dtype for x in per_layer.k + per_layer.v} == {jnp.dtype(dtype)}
+    leaves = jax.tree.leaves(prepared.layer_states)
+    assert {x.dtype for x in leaves if x.ndim == 2} == {jnp.dtype(dtype)}  # kernels
+    assert {x.dtype for x in leaves if x.ndim == 1} == {jnp.dtype("float32")}  # norms
+    sampler, params, _ = lm_sampler(lm)
+    config = SamplingConfig(max_new_tokens=4, temperature=0.0, cache_dtype="float32")
+    wide = sampler.sample(params, PROMPTS, config)
+    narrow = sampler.sample(params, PROMPTS, dataclasses.replace(config, cache_dtype=None))
+    np.testing.assert_array_equal(np.asarray(wide.tokens), np.asarray(narrow.tokens))
 
 
 @pytest.mark.slow

@@ -152,7 +152,9 @@ def load_context(config: RunConfig, devices: list[Any] | None = None) -> tuple[R
     )
     if base.tokenizer is None:
         raise ValueError(f"model.path {config.model.path!r}: no tokenizer files found")
-    lm_config = dataclasses.replace(base.config, remat=config.model.remat)
+    lm_config = dataclasses.replace(
+        base.config, remat=config.model.remat_policy, attention=config.model.attention
+    )
     # The graph of the configured model (remat as configured); the loaded weights fit it.
     lm_graph = nnx.split(abstract_model(lm_config), nnx.Param)[0]
     _, lm_abstract, base_params = split_params(base.model)

@@ -26,6 +26,13 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention kernels (jaxdetox/models/attention.py): auto = cuDNN on CUDA GPUs where it
+# applies, the einsum reference on CPU, XLA's jax.nn.dot_product_attention elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+# Rematerialisation of each scanned block in the backward pass (models/layers.py, REMAT):
+# none = keep every intermediate; dots_saveable = keep the matmul outputs, recompute the
+# elementwise ops (norms, activations, softmax); full = keep only the block's input.
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 class UnsupportedConfigError(JaxdetoxError, ValueError):
@@ -66,7 +73,9 @@ class ModelConfig:
     # Runtime policy, not part of the HF architecture.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations; logits are always float32
-    remat: bool = False  # jax.checkpoint each scanned block (activation memory for training)
+    # One of REMAT_POLICIES; a bool is accepted and stored as a name (True = full).
+    remat: str = "none"
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS (jaxdetox/models/attention.py)
 
     def __post_init__(self) -> None:
         if not self.model_type:
@@ -75,6 +84,15 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _require(self.family in ("llama", "gpt2"), "family", self.family, "'llama' or 'gpt2'")
         _require(self.rope_type in ROPE_TYPES, "rope_type", self.rope_type, f"one of {ROPE_TYPES}")
+        if isinstance(self.remat, bool):  # the former on/off switch
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
+        _require(
+            self.attention in ATTENTION_IMPLEMENTATIONS,
+            "attention",
+            self.attention,
+            f"one of {ATTENTION_IMPLEMENTATIONS}",
+        )
         for name in ("param_dtype", "dtype"):
             _require(getattr(self, name) in DTYPES, name, getattr(self, name), f"one of {DTYPES}")
         _require(

@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdetox.models.attention import attend, current_platform, select_attention
 from jaxdetox.models.cache import KVCache
 from jaxdetox.models.config import ModelConfig
 from jaxdetox.models.lora import merge_layer
 from jaxdetox.sharding import constrain
 
 F32 = jnp.float32
-# Finite "minus infinity": a query with no visible key (padding) gets a uniform row, not NaN.
-MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def param(
@@ -207,18 +206,22 @@ class Attention(nnx.Module):
             q_btnh = apply_rope(q_btnh, ctx.cos_bth, ctx.sin_bth)
             k_bskh = apply_rope(k_bskh, ctx.cos_bth, ctx.sin_bth)
         if kv is not None:  # keys/values: the whole cache (S slots) instead of the T new ones
+            # Read as stored: the cache is in the compute dtype by default; a wider cache is
+            # met by promoting the (small) queries and probabilities, never by casting the
+            # whole cache in every layer at every step.
             kv, k_bskh, v_bskh = ctx.write_kv(kv, k_bskh, v_bskh, ctx.write_index)
-            k_bskh, v_bskh = k_bskh.astype(dt), v_bskh.astype(dt)
         b, t, n, h = q_btnh.shape
-        # Query head j uses KV head j // G (HF's repeat_kv order).
-        q_btkgh = q_btnh.reshape(b, t, cfg.num_kv_heads, n // cfg.num_kv_heads, h)
-        scores_bkgts = jnp.einsum(
-            "BTKGH,BSKH->BKGTS", q_btkgh, k_bskh, preferred_element_type=F32
-        ) * (1.0 / math.sqrt(h))
-        scores_bkgts = jnp.where(ctx.mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-        out_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs_bkgts, v_bskh)
-        y_btd = out_btkgh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
+        implementation = select_attention(
+            cfg.attention,
+            platform=current_platform(),
+            dtype=jnp.promote_types(dt, k_bskh.dtype),
+            head_dim=h,
+            q_len=t,
+            kv_len=k_bskh.shape[1],
+            cached=kv is not None,
+        )
+        out_btnh = attend(q_btnh, k_bskh, v_bskh, ctx.mask_bts, implementation)
+        y_btd = out_btnh.reshape(b, t, n * h) @ self.wo[...].astype(dt).reshape(n * h, -1)
         if cfg.attention_bias:
             y_btd = y_btd + self.bo[...].astype(dt)
         return y_btd, kv
@@ -242,6 +245,14 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # (tests/test_memory_plan.py, 2×2×2 mesh: 1.73 -> 2.30 MB, the planner's margin exceeded).
 RECOMPUTED_ACTIVATIONS = {
     name: jax.checkpoint(fn, prevent_cse=False) for name, fn in ACTIVATIONS.items()
+}
+
+
+# `ModelConfig.remat` -> the `jax.checkpoint` policy of each scanned block (None: save
+# nothing but the block's inputs, recompute everything).
+REMAT: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
 
 
@@ -457,8 +468,9 @@ class CausalLM(nnx.Module):
                 )  # fmt: skip
             return (constrain(x, ("batch", "length", "embed")), kv_all), None
 
-        if self.config.remat:
-            run_layer = jax.checkpoint(run_layer, prevent_cse=False)
+        if self.config.remat != "none":
+            policy = REMAT[self.config.remat]
+            run_layer = jax.checkpoint(run_layer, prevent_cse=False, policy=policy)
         layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x_btd, kv_stacked), _ = jax.lax.scan(
             run_layer, (x_btd, kv_stacked), (layer_state, layer_ids)

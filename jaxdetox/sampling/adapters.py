@@ -25,6 +25,7 @@ from jaxdetox.models.layers import CausalLM, unembed
 from jaxdetox.sampling.decode import Cache, Params, repeat_kv_cache
 from jaxdetox.sampling.decode_form import (
     DecodeParams,
+    constrain_heads_major,
     decode_hidden_states,
     decode_params,
     heads_major_cache,
@@ -32,9 +33,12 @@ from jaxdetox.sampling.decode_form import (
 
 
 def _constrain_cache(cache: Any) -> Any:
-    """Batch-shard a `KVCache` by its logical axes when a mesh is set (no-op otherwise)."""
+    """Batch-shard a `KVCache` (stacked or heads-major) by its logical axes when a mesh is
+    set (no-op otherwise)."""
     if cache is None:
         return None
+    if isinstance(cache.k, tuple):
+        return constrain_heads_major(cache)
     return jax.tree.map(
         sharding.constrain,
         cache,
@@ -107,8 +111,9 @@ class NnxLM:
         return decode_params(module, params)
 
     def prepare_decode(self, params: Params, cache: Cache) -> tuple[Params, Cache]:
-        """Decode-form weights (`prepare_params`) and the per-layer heads-major cache for the
-        decode loop, after the prefill."""
+        """Decode-form weights (`prepare_params`) and the per-layer heads-major cache. The
+        sampler calls it on the empty cache, before the prefill (which then runs the decode
+        form too), so the cache is never held in both layouts."""
         params = self.prepare_params(params)
         if not isinstance(params, DecodeParams) or cache is None:
             return params, cache

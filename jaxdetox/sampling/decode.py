@@ -6,12 +6,14 @@ alpha, seed) are arguments, so fresh parameters each training iteration reuse th
 executable. Compilation caching and bucketing live in `jaxdetox/sampling/sampler.py`.
 
 Layout of one call (`B` prompts, bucket length `P`, `k` samples each, `T` new tokens):
-1. prefill the left-padded prompts once, keeping only the last position's logits;
+1. prefill the left-padded prompts once, keeping only the last position's logits (a model
+   with a decode form, `prepare_decode`, re-lays its weights and the empty cache first);
 2. repeat logits and cache `k` times along the batch (`N = B*k` rows, row `i` continues
    prompt `i // k`), so the prompt is never re-encoded per sample;
 3. draw token 0 from the prefill logits, then a `lax.while_loop` feeds the previous token
    and draws the next one, until `T` tokens or every row has emitted a stop token.
-The cache holds `P + T - 1` slots: the last drawn token is never fed back.
+The cache holds `P + T - 1` slots (the last drawn token is never fed back), in the model's
+compute dtype unless `SamplingConfig.cache_dtype` says otherwise.
 
 Randomness: row `r` (global id `row_base * k + sample`) at step `t` uses
 `fold_in(fold_in(key(seed), r), t)`, so draws depend neither on the batch layout nor on
@@ -57,7 +59,7 @@ class DecodeModel(Protocol):
         ...
 
     def init_cache(self, params: Params, batch: int, max_len: int, dtype: Any) -> Cache:
-        """An empty cache for `batch` rows and `max_len` slots."""
+        """An empty cache for `batch` rows and `max_len` slots (`dtype` None: compute dtype)."""
         ...
 
     def repeat_cache(self, cache: Cache, repeats: int) -> Cache:
@@ -69,12 +71,15 @@ def repeat_kv_cache(cache: Cache, repeats: int) -> Cache:
     """`repeat_cache` for caches following the KVCache contract (docs/interfaces.md).
 
     Leaves named `k` / `v` are `[L, B, S, KVH, Dh]` (batch axis 1), scalars (`index`) are
-    shared, every other leaf (`segment_ids`, `positions`) is `[B, S]`.
+    shared, every other leaf (`segment_ids`, `positions`, per-layer `k[i]` / `v[i]` tuples
+    of the decode form) has the batch first.
     """
 
     def repeat_leaf(path: tuple, leaf: jax.Array) -> jax.Array:
-        if leaf.ndim == 0:
+        if leaf.ndim == 0 or repeats == 1:
             return leaf
+        # A stacked `k` / `v` leaf is named by the last path entry; a per-layer one (the
+        # decode form's tuples of `[B, KVH, S, Dh]`) by an index into the tuple: batch axis 0.
         name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
         axis = 1 if name in ("k", "v") else 0
         return jnp.repeat(leaf, repeats, axis=axis)
@@ -204,6 +209,13 @@ def sample_loop(
     nado_cache = (
         nado.init_cache(nado_params, batch, cache_len, cache_dtype) if nado is not None else None
     )
+    # Models may re-lay their weights and cache once for the loop (per-layer, NnxLM); with
+    # one new token there is no decode step to pay it back. The empty cache is re-laid
+    # before the prefill, which then fills it in that layout: no second copy of the cache.
+    if num_new > 1 and hasattr(model, "prepare_decode"):
+        params, lm_cache = model.prepare_decode(params, lm_cache)
+    if num_new > 1 and nado is not None and hasattr(nado, "prepare_decode"):
+        nado_params, nado_cache = nado.prepare_decode(nado_params, nado_cache)
     base_logits_bv, nado_logits_bv, lm_cache, nado_cache = _forward(
         model, nado, params, nado_params,
         prompt_bp, positions_bp, segment_ids_bp, lm_cache, nado_cache, last_only=True,
@@ -213,15 +225,6 @@ def sample_loop(
     nado_logits_nv = None if nado is None else jnp.repeat(nado_logits_bv, k, axis=0)
     lm_cache = model.repeat_cache(lm_cache, k)
     nado_cache = nado.repeat_cache(nado_cache, k) if nado is not None else None
-
-    # Models may re-lay their weights and cache once for the loop (per-layer, NnxLM);
-    # with one new token there is no decode step to pay it back.
-    decode_params = params
-    if num_new > 1 and hasattr(model, "prepare_decode"):
-        decode_params, lm_cache = model.prepare_decode(params, lm_cache)
-    decode_nado_params = nado_params
-    if num_new > 1 and nado is not None and hasattr(nado, "prepare_decode"):
-        decode_nado_params, nado_cache = nado.prepare_decode(nado_params, nado_cache)
 
     prompt_lens_n = jnp.repeat(prompt_lens_b, k)
     row_ids_n = (
@@ -275,7 +278,7 @@ def sample_loop(
         positions_n1 = (prompt_lens_n + step - 1)[:, None]
         segments_n1 = jnp.ones_like(tokens_n1)
         base_logits_nv, nado_logits_nv, lm_cache, nado_cache = _forward(
-            model, nado, decode_params, decode_nado_params,
+            model, nado, params, nado_params,
             tokens_n1, positions_n1, segments_n1, state["lm_cache"], state["nado_cache"],
             last_only=False,
         )  # fmt: skip

@@ -9,9 +9,13 @@ loop on XLA:CPU that costs about as much again as the matmuls (GPT-2 small, batc
   step. Kernels are stored as `[out, in]` matrices (contracted axis innermost), which
   XLA:CPU's dots at decode shapes (`[32, 768] x W`) run ~25 % faster, and read through a
   transposed view that XLA folds into the dot;
+  The copies are in the compute dtype (the dots read the weights cast to it anyway), so a
+  bfloat16 model holds half-size copies of its float32 masters; norms keep their dtype;
 - a per-layer, heads-major cache (`heads_major_cache`: `k` / `v` tuples of `[B, KVH, S, Dh]`):
   the attention dots read it without copying (from `[B, S, KVH, Dh]` XLA transposed the
-  whole cache for every layer and step: ~20 ms of a ~100 ms step);
+  whole cache for every layer and step: ~20 ms of a ~100 ms step). The sampler lays out the
+  *empty* cache this way before the prefill, which then writes into it, so the cache
+  never exists in both layouts at once;
 - the layers unrolled (`decode_hidden_states`), using the model's own hooks
   (`attention_context`, `embed_tokens`, the blocks, `final_norm`), so the math is the
   model's: only where the weights and cache live differs.
@@ -58,15 +62,15 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _decode_copy(variable: nnx.Variable, i: int) -> nnx.Variable:
-    """Layer `i` of a stacked variable; a kernel becomes an `[out, in]` matrix that keeps
-    its logical shape in the metadata (`_logical_view` undoes it)."""
+def _decode_copy(variable: nnx.Variable, i: int, dtype: Any) -> nnx.Variable:
+    """Layer `i` of a stacked variable; a kernel becomes an `[out, in]` matrix in `dtype` (the
+    compute dtype) that keeps its logical shape in the metadata (`_logical_view` undoes it)."""
     value = variable[...][i]
     k = contracted_axes(variable.get_metadata()["out_sharding"][1:])
     if k is None:
         return variable.replace(value)
     shape = value.shape
-    matrix = value.reshape(math.prod(shape[:k]), math.prod(shape[k:])).T
+    matrix = value.reshape(math.prod(shape[:k]), math.prod(shape[k:])).T.astype(dtype)
     return variable.replace(matrix, logical_shape=shape)
 
 
@@ -80,23 +84,43 @@ def _logical_view(variable: nnx.Variable) -> nnx.Variable:
 
 
 def decode_params(model: CausalLM, params: Any) -> DecodeParams:
-    """`params` plus one decode copy of each layer's weights (`[out, in]` kernels)."""
+    """`params` plus one decode copy of each layer's weights (`[out, in]` kernels in the
+    model's compute dtype)."""
     _, state = nnx.split(model.layers)
+    dtype = model.config.jnp_dtype
     layer_states = tuple(
-        jax.tree.map(lambda v, i=i: _decode_copy(v, i), state, is_leaf=_is_variable)
+        jax.tree.map(lambda v, i=i: _decode_copy(v, i, dtype), state, is_leaf=_is_variable)
         for i in range(model.config.num_layers)
     )
     return DecodeParams(params, layer_states)
 
 
+HEADS_MAJOR_AXES = ("batch", "kv_heads", "length", "head_dim")  # one layer's k or v
+
+
 def heads_major_cache(cache: KVCache) -> KVCache:
-    """The cache with `k` / `v` as tuples of per-layer `[B, KVH, S, Dh]` copies, batch-sharded
-    under a mesh: the form `decode_hidden_states` reads and writes in place."""
-    axes = ("batch", "kv_heads", "length", "head_dim")
+    """The cache with `k` / `v` as tuples of per-layer `[B, KVH, S, Dh]` arrays, batch-sharded
+    under a mesh: the form `decode_hidden_states` reads and writes in place. On a filled
+    cache this is a copy; the sampler calls it on the empty cache (free: a transpose of
+    zeros is zeros) before the prefill."""
+    return constrain_heads_major(
+        dataclasses.replace(
+            cache,
+            k=tuple(cache.k[i].transpose(0, 2, 1, 3) for i in range(len(cache.k))),
+            v=tuple(cache.v[i].transpose(0, 2, 1, 3) for i in range(len(cache.v))),
+        )
+    )
+
+
+def constrain_heads_major(cache: KVCache) -> KVCache:
+    """Shard a `heads_major_cache` by its logical axes (batch-sharded; no-op without a mesh)."""
+    per_layer = lambda kv: tuple(constrain(x, HEADS_MAJOR_AXES) for x in kv)  # noqa: E731
     return dataclasses.replace(
         cache,
-        k=tuple(constrain(cache.k[i].transpose(0, 2, 1, 3), axes) for i in range(len(cache.k))),
-        v=tuple(constrain(cache.v[i].transpose(0, 2, 1, 3), axes) for i in range(len(cache.v))),
+        k=per_layer(cache.k),
+        v=per_layer(cache.v),
+        segment_ids=constrain(cache.segment_ids, ("batch", "length")),
+        positions=constrain(cache.positions, ("batch", "length")),
     )
 
 

@@ -33,7 +33,10 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = ()  # any of these ends a row (it is kept in the output)
     pad_token_id: int = 0  # emitted after a row has ended, and used for left padding
     alpha: float = 1.0  # NADO guidance strength (docs/method.md), guided decoding only
-    cache_dtype: str = "float32"  # KV cache storage: float32 | bfloat16 | float16
+    # KV cache storage: None (default) = the model's compute dtype, or float32 | bfloat16 |
+    # float16. Keys and values are computed in the compute dtype, so a wider cache holds
+    # the same values at twice the memory: float32 pays off only with a float32 model.
+    cache_dtype: str | None = None
     prompt_bucket: int = 16  # prompts are left-padded to a multiple of this
     seed: int = 0
 
@@ -47,8 +50,8 @@ class SamplingConfig:
             (self.num_samples >= 1, "num_samples must be >= 1"),
             (self.prompt_bucket >= 1, "prompt_bucket must be >= 1"),
             (
-                self.cache_dtype in _CACHE_DTYPES,
-                f"cache_dtype must be one of {list(_CACHE_DTYPES)}",
+                self.cache_dtype is None or self.cache_dtype in _CACHE_DTYPES,
+                f"cache_dtype must be None (the compute dtype) or one of {list(_CACHE_DTYPES)}",
             ),
         ]
         for ok, message in checks:
@@ -96,12 +99,12 @@ class StaticSpec:
     top_k: int
     greedy: bool
     use_top_p: bool
-    cache_dtype: str
+    cache_dtype: str | None
 
     @property
     def cache_jnp_dtype(self) -> Any:
-        """The KV cache dtype as a jnp dtype."""
-        return _CACHE_DTYPES[self.cache_dtype]
+        """The KV cache dtype as a jnp dtype (None: the model's compute dtype)."""
+        return None if self.cache_dtype is None else _CACHE_DTYPES[self.cache_dtype]
 
 
 @struct.dataclass
