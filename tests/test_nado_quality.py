@@ -160,3 +160,9 @@ def test_report_table_shows_the_gain_with_its_error_and_flags():
     rows = [line for line in table.splitlines() if line.startswith("| pr_sequential")]
     assert "| 0.0200 ± 0.0050 * |" in rows[0] and "⚠" not in rows[0]
     assert "| 0.5000 ⚠ |" in rows[1] and "| -0.0100 ± 0.0200 |" in rows[1]
+    # Two runs of one method are told apart by their run directory's name.
+    runs = [{"method": "pr_sequential", "run": f"runs/{d}", "nado_quality": [
+        {**common, "iteration": 1, "heldout_bce": 0.5, "constant_bce": 0.5, "bce_gain": 0.0}]}
+        for d in ("a", "b")]  # fmt: skip
+    table = nado_quality_markdown(runs)
+    assert "| pr_sequential [a] | 1 |" in table and "| pr_sequential [b] | 1 |" in table

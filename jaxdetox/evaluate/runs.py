@@ -184,7 +184,11 @@ def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     flagged = False
+    methods = [s["method"] for s in summaries]
     for s in summaries:
+        name = s["method"]
+        if methods.count(name) > 1:  # several runs of one method: tell them apart
+            name += f" [{PurePosixPath(str(s.get('run', ''))).name}]"
         for q in s.get("nado_quality", []):
 
             def f(key: str, digits: int = 3, q: dict = q) -> str:
@@ -198,7 +202,7 @@ def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
                     " *" if q.get("clearly_beats_constant") else ""
                 )
             lines.append(
-                f"| {s['method']} | {q['iteration']} | {q['constraint'] or 'oracle'} "
+                f"| {name} | {q['iteration']} | {q['constraint'] or 'oracle'} "
                 f"| {f('heldout_bce', 4)}{flag} | {f('constant_bce', 4)} | {gain} "
                 f"| {f('auroc')} | {f('ece')} | {f('vocab_coverage')} |"
             )
