@@ -69,7 +69,7 @@ def run_variant(name: str, root: Path, model_dir: Path, iterations: int) -> dict
     """Run one variant into `root/name`; its figures from the manifest."""
     from benchmarks import schedule
     from jaxdetox.evaluate.runs import iteration_walls, steady_iteration_time
-    from jaxdetox.loop.rundir import read_manifest
+    from jaxdetox.pipeline.rundir import read_manifest
     from tests._tiny_run import write_config
 
     loop, per_role_devices = VARIANTS[name]

@@ -16,8 +16,8 @@ import argparse
 import math
 
 from jaxdetox.config import load_config
-from jaxdetox.loop.plan import model_config_of
 from jaxdetox.models import NadoConfig
+from jaxdetox.planning.plan import model_config_of
 from jaxdetox.train import flops as fl
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jaxdetox import sharding
-from jaxdetox.data.sample_batches import per_prompt_importance_weights
+from jaxdetox.data.store_batches import per_prompt_importance_weights
 from jaxdetox.models import ModelConfig, NadoConfig, build_model, init_nado
 from jaxdetox.train import (
     OptimizerConfig,

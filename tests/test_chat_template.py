@@ -89,9 +89,9 @@ def test_chat_batch_masks_cover_exactly_the_assistant_tokens(tmp_path):
 
 def test_experiment_uses_the_template_its_stop_token_and_evaluates_both_forms(tmp_path):
     from jaxdetox.config import config_from_dict
-    from jaxdetox.loop.evaluation import prompt_modes
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.pipeline.evaluation import prompt_modes
+    from jaxdetox.pipeline.experiment import Experiment
+    from jaxdetox.pipeline.rundir import RunDir
     from tests._tiny import tiny_chat_llama
     from tests._tiny_run import tiny_config
 

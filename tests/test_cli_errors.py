@@ -270,12 +270,12 @@ def test_every_project_error_class_is_on_the_one_surface():
     from jaxdetox.config import ConfigError
     from jaxdetox.data import DataError
     from jaxdetox.errors import JaxdetoxError
-    from jaxdetox.loop.flow import VersionError
-    from jaxdetox.loop.rundir import RunDirError
     from jaxdetox.models.config import UnsupportedConfigError
     from jaxdetox.models.gguf import GGUFError, UnsupportedGGUFError
     from jaxdetox.models.hf import CheckpointError
     from jaxdetox.oracles import OracleArgumentError, OracleError
+    from jaxdetox.pipeline.flow import VersionError
+    from jaxdetox.pipeline.rundir import RunDirError
     from jaxdetox.train.checkpoint import CheckpointError as TrainCheckpointError
 
     classes = [ConfigError, DataError, VersionError, RunDirError, UnsupportedConfigError,
@@ -300,8 +300,8 @@ def test_an_os_error_on_a_path_the_user_did_not_name_is_a_bug():
 
 
 def test_a_failed_start_removes_the_config_it_wrote(tmp_path):
+    from jaxdetox.commands.session import open_run, resolve_run_config, undo_failed_start
     from jaxdetox.config import load_config
-    from jaxdetox.loop.session import open_run, resolve_run_config, undo_failed_start
 
     config, out = load_config(None), tmp_path / "run"
     with pytest.raises(RuntimeError, match="model did not load"):
@@ -335,7 +335,7 @@ def test_score_outputs_of_different_inputs_never_share_a_name(tmp_path, capsys):
 
 
 def test_an_output_folder_of_the_user_is_accepted_with_overwrite(files, tmp_path):
-    from jaxdetox.loop.rundir import RunDirError, check_out
+    from jaxdetox.pipeline.rundir import RunDirError, check_out
 
     user = tmp_path / "mine"
     shutil.copytree(files / "foreign", user)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from jaxdetox.cli import main
+from jaxdetox.commands.session import resolve_run_config
 from jaxdetox.config import ConfigError, RunConfig, dump_config, load_config
-from jaxdetox.loop.session import resolve_run_config
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdetox.config import config_from_dict
-from jaxdetox.loop.artefacts import (
+from jaxdetox.pipeline.artefacts import (
     ARTIFACT,
     LM,
     NADO,
@@ -20,8 +20,8 @@ from jaxdetox.loop.artefacts import (
     slot_of,
     stale,
 )
-from jaxdetox.loop.context import Initial
-from jaxdetox.loop.rundir import RunDir
+from jaxdetox.pipeline.context import Initial
+from jaxdetox.pipeline.rundir import RunDir
 from jaxdetox.train.checkpoint import CheckpointError
 from jaxdetox.train.state import abstract_like
 from tests._tokenizer import make_chat_tokenizer, make_tokenizer
@@ -100,7 +100,7 @@ def test_a_version_not_held_is_restored_and_the_restore_is_held_by_the_same_poli
 
 
 def test_a_restore_made_from_other_versions_than_the_manifest_records_is_refused(tmp_path):
-    from jaxdetox.loop.flow import VersionError
+    from jaxdetox.pipeline.flow import VersionError
 
     run = RunDir(tmp_path / "run")
     table = _table(tmp_path, run=run)
@@ -147,7 +147,7 @@ def test_artefact_locations_and_their_inverse():
 
 def _prompts(chat: bool = False, tokenizer=None, **section):
     from jaxdetox.config import PromptsSection, SamplingSection
-    from jaxdetox.loop.prompts import Prompts
+    from jaxdetox.pipeline.prompts import Prompts
 
     s = PromptsSection(block_size=8, max_tokens=12, chat_template=chat, **section)
     lm_config = SimpleNamespace(eos_token_id=2, pad_token_id=0)
@@ -191,7 +191,7 @@ def _config(tmp_path, **extra):
 
 
 def test_constraints_are_the_oracle_first_then_the_further_ones(tmp_path):
-    from jaxdetox.loop.constraints import Constraints
+    from jaxdetox.pipeline.constraints import Constraints
 
     cs = Constraints(_config(tmp_path, constraints=[LEXICON]), tmp_path)
     first, second = cs
@@ -209,7 +209,7 @@ def test_constraints_are_the_oracle_first_then_the_further_ones(tmp_path):
 
 
 def test_labels_use_the_constraint_label_transform(tmp_path):
-    from jaxdetox.loop.constraints import Constraints
+    from jaxdetox.pipeline.constraints import Constraints
 
     hard = {**LEXICON, "oracle": {**LEXICON["oracle"], "label": {"threshold": 0.5}}}
     cs = Constraints(_config(tmp_path, constraints=[hard]), tmp_path)
@@ -230,8 +230,8 @@ def test_labels_use_the_constraint_label_transform(tmp_path):
 
 def test_the_fluency_model_is_loaded_once_into_the_context_model_cache(monkeypatch):
     import jaxdetox.models
-    from jaxdetox.loop.context import Memo
-    from jaxdetox.loop.evaluation import fluency_lm
+    from jaxdetox.pipeline.context import Memo
+    from jaxdetox.pipeline.evaluation import fluency_lm
 
     loads = []
 

@@ -55,8 +55,8 @@ def test_pathlib_would_break_the_uri():
 
 
 def test_run_directory_round_trip(gcs):
+    from jaxdetox.commands.session import open_run, resolve_run_config
     from jaxdetox.config import load_config
-    from jaxdetox.loop.session import open_run, resolve_run_config
 
     out = fileio.as_path(f"{gcs}/runs/a")
     config = load_config(None, ["name=gcs", "loop.iterations=3"])

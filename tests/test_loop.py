@@ -191,9 +191,9 @@ def test_stage_commands_redo_one_stage_exactly(finished_run, tmp_path, capsys):
     assert main(["train-nado", str(run), "--iteration", "3", "--no-progress"]) == 2
     assert "needs label of iteration 3" in capsys.readouterr().err
     # The redone stage restores to the same weights the uninterrupted run exported.
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.rundir import RunDir
-    from jaxdetox.loop.session import resolve_run_config
+    from jaxdetox.commands.session import resolve_run_config
+    from jaxdetox.pipeline.experiment import Experiment
+    from jaxdetox.pipeline.rundir import RunDir
 
     exp = Experiment(resolve_run_config(None, run, []), RunDir(run), progress=False)
     final = load_file(finished_run / "final" / "model" / "model.safetensors")
@@ -236,11 +236,11 @@ def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_p
 
     import jax
 
-    from jaxdetox.loop import sequential
-    from jaxdetox.loop import training as training_lib
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.rundir import RunDir
-    from jaxdetox.loop.session import resolve_run_config
+    from jaxdetox.commands.session import resolve_run_config
+    from jaxdetox.pipeline import record as sequential
+    from jaxdetox.pipeline import training as training_lib
+    from jaxdetox.pipeline.experiment import Experiment
+    from jaxdetox.pipeline.rundir import RunDir
 
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)

@@ -24,10 +24,10 @@ import pytest
 from jaxdetox import sharding
 from jaxdetox.cli import main
 from jaxdetox.config import load_config
-from jaxdetox.loop import memory
-from jaxdetox.loop.memory import Planner, _stream
-from jaxdetox.loop.recipe import optimizer_config
 from jaxdetox.models import ModelConfig, build_model, init_nado
+from jaxdetox.pipeline.recipe import optimizer_config
+from jaxdetox.planning import memory
+from jaxdetox.planning.memory import Planner, _stream
 from jaxdetox.train import StepRunner, lm_step, make_training, nado_step
 from jaxdetox.train.runner import place_batch
 

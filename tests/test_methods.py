@@ -15,8 +15,8 @@ from safetensors.numpy import load
 
 from jaxdetox import fileio
 from jaxdetox.config import ConfigError, config_from_dict, load_config
-from jaxdetox.loop import flow
 from jaxdetox.methods import REGISTRY, is_finished, method_of, names
+from jaxdetox.pipeline import flow
 from tests._fake_gcs import fake_gcs
 from tests._run_cli import finish, start_run
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
@@ -163,7 +163,7 @@ def split_run(model_dir, gcs):
 
 @pytest.mark.slow
 def test_a_baseline_runs_split_and_exports_to_gcs(split_run):
-    from jaxdetox.loop.rundir import read_manifest
+    from jaxdetox.pipeline.rundir import read_manifest
 
     config, out = split_run
     records = read_manifest(out)
@@ -197,7 +197,7 @@ def _finetune_steps(out: Path) -> int:
 
 @pytest.mark.slow
 def test_a_baseline_under_jobs_resumes_a_killed_trainer(split_run, model_dir, tmp_path):
-    from jaxdetox.loop.rundir import RunDir
+    from jaxdetox.pipeline.rundir import RunDir
 
     config_dict = _config(model_dir, placement="jobs", poll_seconds=0.2)
     config = write_config(tmp_path / "jobs.yaml", config_dict)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jaxdetox.data.sample_batches import SampleArrays, host_batches
-from jaxdetox.loop.training import StreamEnded, Streams, stage_steps
+from jaxdetox.data.store_batches import SampleArrays, host_batches
+from jaxdetox.pipeline.training import StreamEnded, Streams, stage_steps
 
 
 def sample_table(
@@ -142,8 +142,8 @@ def test_each_consistency_kind_runs_in_a_nado_step_and_matches_the_naive_loss(ti
     import jax.numpy as jnp
 
     from jaxdetox.config import TrainNadoSection
-    from jaxdetox.loop.recipe import nado_step_config
     from jaxdetox.losses import reference
+    from jaxdetox.pipeline.recipe import nado_step_config
     from jaxdetox.train import nado_step
     from jaxdetox.train import steps as steps_lib
     from tests._train_fixtures import batch, runner

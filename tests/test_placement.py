@@ -19,9 +19,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxdetox.config import config_from_dict
-from jaxdetox.loop.flow import VersionError, plan_stages
-from jaxdetox.loop.placement import role_devices, run_role
-from jaxdetox.loop.rundir import RunDir, read_manifest
+from jaxdetox.pipeline.flow import VersionError, plan_stages
+from jaxdetox.pipeline.placement import role_devices, run_role
+from jaxdetox.pipeline.rundir import RunDir, read_manifest
 from tests._run_cli import finish, start_run
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
 
@@ -220,7 +220,7 @@ def test_iteration_walls_from_stage_start_times():
 
 
 def test_a_failed_input_stops_the_waiting_role():
-    from jaxdetox.loop.flow import InputFailed, check_inputs, producers
+    from jaxdetox.pipeline.flow import InputFailed, check_inputs, producers
 
     config = config_from_dict(tiny_config(Path("unused"), loop={"scheme": "parallel"}))
     stages = plan_stages(config)

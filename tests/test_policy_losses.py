@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdetox.loop.baselines import keep_threshold, preference_pairs
 from jaxdetox.losses import dpo_loss, moving_average, reinforce_loss
+from jaxdetox.pipeline.baselines import keep_threshold, preference_pairs
 
 
 def _bandit_loss(theta, rewards, baseline, kl_coef=0.0, ref_logits=None):

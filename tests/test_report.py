@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from jaxdetox.cli import main
-from jaxdetox.loop.rundir import read_manifest
+from jaxdetox.pipeline.rundir import read_manifest
 from tests._tiny_run import save_tiny_model
 
 
@@ -181,7 +181,7 @@ def test_eval_command_on_a_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 def test_group_toxicity_counts_a_prompt_in_each_of_its_groups():
-    from jaxdetox.loop.evaluation import group_toxicity
+    from jaxdetox.pipeline.evaluation import group_toxicity
 
     tox = np.array([0.9, 0.1, 0.2, 0.6])
     ok = np.ones(4, bool)

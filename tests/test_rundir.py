@@ -7,7 +7,7 @@ import os
 import pytest
 
 from jaxdetox.data import SampleStore
-from jaxdetox.loop.rundir import RunDir
+from jaxdetox.pipeline.rundir import RunDir
 
 
 def _finished(run: RunDir, iteration: int, stage: str, inputs: dict, outputs: dict) -> None:

@@ -5,8 +5,8 @@ import pytest
 
 from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
 from jaxdetox.lm import lm_sampler
+from jaxdetox.pipeline.sample import label_stage, oracle_label_name, sample_stage, sample_stage_lm
 from jaxdetox.sampling import SamplingConfig
-from jaxdetox.stages import label_stage, oracle_label_name, sample_stage, sample_stage_lm
 from tests._tiny import tiny_llama
 
 TEXTS = ["The quick brown", "She said that", "A long time ago the city", "Thanks for", "Prices"]

@@ -9,8 +9,8 @@ Each cell is the first mesh shape `jaxdetox plan ... --device-kind K --num-devic
 from __future__ import annotations
 
 from jaxdetox.config import load_config
-from jaxdetox.loop import memory
-from jaxdetox.loop.plan import planner
+from jaxdetox.planning import memory
+from jaxdetox.planning.plan import planner
 
 BASE = "experiments/tiny/pr_sequential.yaml"
 RECIPE = [

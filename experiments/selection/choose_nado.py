@@ -56,8 +56,8 @@ def sampling_key(overrides: list[str]) -> tuple[str, ...]:
 def run_variant(name: str, overrides: list[str], out: Path, donors: dict) -> Path:
     """Run (or resume) one variant in `out/name`, adopting samples from a donor run."""
     from jaxdetox.commands.run import execute
-    from jaxdetox.loop.rundir import RunDir
-    from jaxdetox.loop.session import open_run, resolve_run_config
+    from jaxdetox.commands.session import open_run, resolve_run_config
+    from jaxdetox.pipeline.rundir import RunDir
 
     key = sampling_key(overrides)
     run_dir = out / name
@@ -94,7 +94,7 @@ def summary(run_dir: Path) -> dict:
 def main() -> None:
     """Run the selected variants and write the report and `selection.json`."""
     from jaxdetox.commands.report import write_report
-    from jaxdetox.loop.session import setup_logging
+    from jaxdetox.commands.session import setup_logging
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/select"))

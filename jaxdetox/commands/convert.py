@@ -85,7 +85,7 @@ def verify(lm: Any, out: Path) -> tuple[float, float]:
 
 def check_target(out: Path, *, overwrite: bool) -> None:
     """Refuse an OUT that is a file, or a non-empty folder unless `overwrite`."""
-    from jaxdetox.loop.rundir import RunDirError
+    from jaxdetox.pipeline.rundir import RunDirError
 
     if out.exists() and not out.is_dir():
         raise RunDirError(f"OUT {out}: is a file, not a folder")
@@ -124,7 +124,7 @@ def save_into_place(lm: Any, out: Path, *, max_shard_bytes: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load `source`, write it to `out`, optionally verify against transformers."""
-    from jaxdetox.loop.preflight import check_model
+    from jaxdetox.planning.preflight import check_model
 
     check_target(args.out, overwrite=args.overwrite)
     check_model(args.source, "SOURCE", tokenizer=False)

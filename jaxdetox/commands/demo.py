@@ -96,8 +96,8 @@ def nado_decoding_config(config: Any) -> Any:
 def run_nado_decoding(config: Any, run_dir: Path, out: Path, progress: bool) -> Path:
     """The nado_decoding baseline in `out`, adopting the method's shared stages from `run_dir`."""
     from jaxdetox.commands.run import execute
-    from jaxdetox.loop.rundir import RunDir
-    from jaxdetox.loop.session import open_run
+    from jaxdetox.commands.session import open_run
+    from jaxdetox.pipeline.rundir import RunDir
 
     baseline = nado_decoding_config(config)
     ours, method = open_run(baseline, out), RunDir(run_dir)
@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox import assets
     from jaxdetox.commands.report import write_report
     from jaxdetox.commands.run import execute
-    from jaxdetox.loop.preflight import check_out_dir, check_run
-    from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.session import resolve_run_config
+    from jaxdetox.commands.session import resolve_run_config
+    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.planning.preflight import check_out_dir, check_run
 
     start = time.perf_counter()
     overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_nado_decoding:
         notes.append(check_out_dir(nado_decoding_config(config), args.out / "nado_decoding"))
     if args.dry_run:
-        from jaxdetox.loop.plan import plan
+        from jaxdetox.planning.plan import plan
 
         print(plan(config))
         print("\nchecked (the demo would start):\n  " + "\n  ".join(notes))

@@ -42,7 +42,7 @@ def _resolve_model(model: str) -> tuple[str, str | None]:
     """`(model path, method)`: a run directory stands for its final LLM and its method."""
     import yaml
 
-    from jaxdetox.loop.rundir import RunDirError
+    from jaxdetox.pipeline.rundir import RunDirError
 
     path = Path(model)
     if (path / "manifest.json").exists():
@@ -58,12 +58,17 @@ def _resolve_model(model: str) -> tuple[str, str | None]:
 def run(args: argparse.Namespace) -> int:
     """Check the inputs, evaluate the model and write the report."""
     from jaxdetox.commands.report import write_report
+    from jaxdetox.commands.session import (
+        open_run,
+        resolve_run_config,
+        setup_logging,
+        undo_failed_start,
+    )
     from jaxdetox.config import load_config
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.preflight import check_run
-    from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.sequential import evaluate
-    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging, undo_failed_start
+    from jaxdetox.pipeline.experiment import Experiment
+    from jaxdetox.pipeline.record import evaluate
+    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.planning.preflight import check_run
 
     model, run_method = _resolve_model(args.model)
     method = args.method or run_method or "model"

@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     """Run (or skip, or resume) every config, then write the combined report."""
     from jaxdetox.commands.report import write_report
     from jaxdetox.commands.run import execute
-    from jaxdetox.loop.preflight import check_run
-    from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.session import resolve_run_config
+    from jaxdetox.commands.session import resolve_run_config
     from jaxdetox.methods import is_finished
+    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.planning.preflight import check_run
 
     out = args.out or as_path(Path("runs") / args.dir.name)
     check_out(out, overwrite=args.overwrite, nested=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdetox.loop.stage_command import register_stage, run_one_stage
+from jaxdetox.commands.stage_command import register_stage, run_one_stage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune LLM_I."""
-    from jaxdetox.loop.sequential import finetune
+    from jaxdetox.pipeline.record import finetune
 
     i, why = args.iteration, f"finetune of iteration {args.iteration}"
     needs = [(i, "train_nado", f"{why} (NADO_{i})"), (i - 1, "finetune", f"{why} (LLM_{i - 1})")]

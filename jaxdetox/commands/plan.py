@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the plan of the configured mesh, then the suggested mesh shapes."""
     from jaxdetox.config import ConfigError, check_method, load_config
-    from jaxdetox.loop import memory
-    from jaxdetox.loop.plan import mesh_sizes, plan, planner
+    from jaxdetox.planning import memory
+    from jaxdetox.planning.plan import mesh_sizes, plan, planner
 
     config = load_config(args.config, args.overrides)
     check_method(config)

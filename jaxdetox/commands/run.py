@@ -77,11 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check, then plan (`--dry-run`) or execute the run."""
+    from jaxdetox.commands.session import resolve_run_config
     from jaxdetox.config import ConfigError, load_config
     from jaxdetox.launch.distributed import init_distributed
-    from jaxdetox.loop.preflight import check_run
-    from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.session import resolve_run_config
+    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.planning.preflight import check_run
 
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith(".yaml"):
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             config = load_config(config_path, overrides)
         notes = check_run(config, args.out, overwrite=args.overwrite, role=args.role)
-        from jaxdetox.loop.flow import describe_flow
-        from jaxdetox.loop.plan import plan
         from jaxdetox.methods import method_of
+        from jaxdetox.pipeline.flow import describe_flow
+        from jaxdetox.planning.plan import plan
 
         print(plan(config))
         print()
@@ -125,7 +125,7 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
     """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
     sweep: one run per λ under `out`). A start that fails before its first stage leaves no
     `config.yaml` behind (`undo_failed_start`)."""
-    from jaxdetox.loop.session import open_run, setup_logging, undo_failed_start
+    from jaxdetox.commands.session import open_run, setup_logging, undo_failed_start
     from jaxdetox.methods import method_of, write_sweep_index
 
     setup_logging()
@@ -149,8 +149,8 @@ def execute(config: object, out: Path, *, progress: bool = True, role: str | Non
 
 def _execute_one(config: object, out: Path, progress: bool, role: str | None) -> bool:
     """One run directory: the method's plan through its placement."""
-    from jaxdetox.loop.placement import run_placed
-    from jaxdetox.loop.session import open_run, undo_failed_start
+    from jaxdetox.commands.session import open_run, undo_failed_start
+    from jaxdetox.pipeline.placement import run_placed
 
     with undo_failed_start(out, role=role):
         run_dir = open_run(config, out, role=role)

@@ -91,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox import oracles
     from jaxdetox.data import SampleStore, tokenize_prompts
     from jaxdetox.evaluate import group_summaries, summary_markdown
-    from jaxdetox.loop.preflight import check_model
-    from jaxdetox.loop.rundir import check_out
     from jaxdetox.models import CheckpointError, load_pretrained
+    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.pipeline.sample import label_stage, oracle_label_name, sample_stage_lm
+    from jaxdetox.planning.preflight import check_model
     from jaxdetox.sampling import SamplingConfig, special_tokens
-    from jaxdetox.stages import label_stage, oracle_label_name, sample_stage_lm
 
     out: Path = args.out
     # Everything that can fail on the user's input, before the model loads (seconds to

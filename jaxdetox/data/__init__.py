@@ -35,8 +35,8 @@ from jaxdetox.data.prompt_sets import (
 )
 from jaxdetox.data.prompts import TokenizedPrompts, tokenize_prompts
 from jaxdetox.data.readers import open_source
-from jaxdetox.data.sample_batches import SampleArrays
 from jaxdetox.data.sample_store import SCHEMA_VERSION, SampleStore
+from jaxdetox.data.store_batches import SampleArrays
 
 __all__ = [
     "HOST_KEYS",

@@ -15,7 +15,7 @@ resuming a stage means skipping the prompts `done_prompt_ids` lists (sampling) o
 `unlabelled` does not list (labelling). A failed label (`ok=False`) stays in its chunk; a
 retry commits a new chunk whose good label supersedes it when reading. `arrays()` /
 `batches()` read an iteration back as fixed-shape numpy batches for the NADO and LM steps
-(built in `sample_batches.py`).
+(built in `store_batches.py`).
 
 Multi-host: each host commits its own rows under chunk names that include its process index,
 every host reads all committed chunks (a shared directory) and `batches()` gives each host a
@@ -40,7 +40,7 @@ from etils import epath
 
 from jaxdetox import fileio
 from jaxdetox.data.errors import DataError, EmptySplitError, SchemaError
-from jaxdetox.data.sample_batches import SampleArrays, host_batches
+from jaxdetox.data.store_batches import SampleArrays, host_batches
 
 if TYPE_CHECKING:
     import grain
@@ -514,7 +514,7 @@ class SampleStore:
         `iter()` it; its iterator state is checkpointable like the corpus pipeline's).
 
         `batch_size` is per host; all hosts get the same number of batches. Every epoch is
-        batched on its own (`sample_batches.batches_per_epoch` batches each): without
+        batched on its own (`store_batches.batches_per_epoch` batches each): without
         `drop_remainder` an epoch's last batch is filled with padding rows marked
         `valid_b=False`, with it that batch is dropped. `rows`: only these row indices of
         the iteration (e.g. a training split).

@@ -54,7 +54,7 @@ def _row_kl_weight(method: str, config: dict[str, Any]) -> float | None:
 
 
 def _manifest(run: Path) -> list[dict[str, Any]]:
-    from jaxdetox.loop.rundir import read_manifest
+    from jaxdetox.pipeline.rundir import read_manifest
 
     records = read_manifest(run)
     if not records:
@@ -222,7 +222,7 @@ def expand_runs(runs: list[str | os.PathLike[str]]) -> list[Any]:
     """Run directories, a λ sweep's directory (`sweep.json`) replaced by its runs."""
     import json
 
-    from jaxdetox.loop.rundir import read_manifest
+    from jaxdetox.pipeline.rundir import read_manifest
 
     out = []
     for run in map(as_path, runs):

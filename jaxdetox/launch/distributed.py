@@ -1,6 +1,6 @@
 """Multi-host start-up from the command line: the flags and `jax.distributed.initialize`.
 
-Kept apart from `jaxdetox.loop.session` so that registering the flags imports no jax (the
+Kept apart from `jaxdetox.commands.session` so that registering the flags imports no jax (the
 CLI's `--help` and its input errors stay fast).
 """
 

@@ -69,8 +69,8 @@ def is_finished(config: RunConfig, out: Path) -> bool:
 def run_finished(config: RunConfig, out: Path) -> bool:
     """Whether every stage the method plans for the run directory `out` is done: every
     record `done` and, when it exports, the export written."""
-    from jaxdetox.loop import flow
-    from jaxdetox.loop.rundir import read_manifest
+    from jaxdetox.pipeline import flow
+    from jaxdetox.pipeline.rundir import read_manifest
 
     if not out.is_dir():
         return False

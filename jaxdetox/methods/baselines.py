@@ -23,8 +23,6 @@ import functools
 from collections.abc import Callable
 
 from jaxdetox.config import RunConfig
-from jaxdetox.loop import baselines as trainers
-from jaxdetox.loop import flow
 from jaxdetox.methods.method import (
     COMMON_STAGES,
     Method,
@@ -35,6 +33,8 @@ from jaxdetox.methods.method import (
     run_train_nado,
     sample_lines,
 )
+from jaxdetox.pipeline import baselines as trainers
+from jaxdetox.pipeline import flow
 
 
 def _sequential_only(name: str, config: RunConfig) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxdetox.config import RunConfig
-from jaxdetox.loop import flow
 from jaxdetox.methods.method import (
     COMMON_STAGES,
     Method,
@@ -16,6 +15,7 @@ from jaxdetox.methods.method import (
     run_train_nado,
     sample_lines,
 )
+from jaxdetox.pipeline import flow
 
 STAGES = {**COMMON_STAGES, "train_nado": run_train_nado, "finetune": run_finetune}
 

@@ -185,7 +185,7 @@ def lm_sums(
 def nado_weights(stream: dict[str, jax.Array], config: StepConfig) -> jax.Array:
     """Per-sequence NADO weights `[B]`: label mask × (when configured) the batch's
     `importance_weight_b`, the importance weights p(y)/π(y) self-normalised per prompt over
-    the whole iteration on the host (`data.sample_batches.per_prompt_importance_weights`):
+    the whole iteration on the host (`data.store_batches.per_prompt_importance_weights`):
     a batch mixes prompts and holds only some of a prompt's samples, so it cannot."""
     label_mask = stream["label_mask_b"].astype(F32)
     if not config.importance_weights:

@@ -2,7 +2,7 @@
 
 The model's architecture comes from its config file (HF `config.json` or GGUF metadata;
 no weights are read); every tree is built abstractly and the per-device bytes come from the
-logical-axis rules applied to the configured mesh shape (`jaxdetox.loop.memory`), so a
+logical-axis rules applied to the configured mesh shape (`jaxdetox.planning.memory`), so a
 pod-sized config can be planned on a laptop. `jaxdetox plan` prints the same plan and
 suggests mesh shapes for a device kind.
 """
@@ -71,7 +71,7 @@ def mesh_sizes(config: RunConfig, num_devices: int | None = None) -> dict[str, i
 
 def planner(config: RunConfig) -> Any:
     """A `memory.Planner` for the run's model (architecture from its config file only)."""
-    from jaxdetox.loop.memory import Planner
+    from jaxdetox.planning.memory import Planner
 
     lm_config = model_config_of(config.model.path)
     prefix = 1 if lm_config.family == "llama" else 0  # BOS before each prompt
@@ -80,10 +80,10 @@ def planner(config: RunConfig) -> Any:
 
 def plan(config: RunConfig, num_devices: int | None = None, device: str | None = None) -> str:
     """A human-readable plan: stages, mesh, and the memory per device of every stage
-    (`jaxdetox.loop.memory`); `device` (a `DEVICE_KINDS` name, default: this machine's
+    (`jaxdetox.planning.memory`); `device` (a `DEVICE_KINDS` name, default: this machine's
     accelerator when known) adds whether the peak fits."""
-    from jaxdetox.loop import memory
     from jaxdetox.methods import method_of
+    from jaxdetox.planning import memory
 
     p = planner(config)
     lm_config = p.lm_config

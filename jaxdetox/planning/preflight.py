@@ -62,8 +62,8 @@ def check_out_dir(config: RunConfig, out: Any, *, overwrite: bool = False) -> st
     `config` (the check the real run makes before it resumes)."""
     import yaml
 
-    from jaxdetox.loop.rundir import check_out
-    from jaxdetox.loop.session import CONFIG_FILE, config_diff
+    from jaxdetox.commands.session import CONFIG_FILE, config_diff
+    from jaxdetox.pipeline.rundir import check_out
 
     check_out(out, overwrite=overwrite)
     saved = out / CONFIG_FILE
@@ -185,11 +185,11 @@ def check_mesh(config: RunConfig, role: str | None = None) -> str:
     """The configured mesh (each role's, with `split`) fits the devices present."""
     import jax
 
-    from jaxdetox.loop.context import mesh_for
+    from jaxdetox.pipeline.context import mesh_for
 
     try:
         if config.loop.placement == "split":
-            from jaxdetox.loop.placement import role_devices
+            from jaxdetox.pipeline.placement import role_devices
 
             meshes = {r: mesh_for(config, d) for r, d in role_devices(config).items()}
             return ", ".join(f"{r} {dict(m.shape)}" for r, m in meshes.items())
@@ -228,7 +228,7 @@ def check_prompts(config: RunConfig, *, train: bool = True) -> str:
 
 
 def _check_prompts(config: RunConfig, train: bool) -> str:
-    from jaxdetox.loop.prompts import prompt_blocks
+    from jaxdetox.pipeline.prompts import prompt_blocks
 
     p = config.prompts
     # `kind` selects among the built-in prompts only (the run ignores it for a file too)

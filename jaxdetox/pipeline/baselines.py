@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxdetox.data.sample_batches import row_batches
-from jaxdetox.loop import recipe
-from jaxdetox.loop.experiment import Experiment
-from jaxdetox.loop.flow import Stage
-from jaxdetox.loop.sequential import run_stage, training_outputs
-from jaxdetox.loop.training import (
+from jaxdetox.data.store_batches import row_batches
+from jaxdetox.pipeline import recipe
+from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.flow import Stage
+from jaxdetox.pipeline.record import run_stage, training_outputs
+from jaxdetox.pipeline.training import (
     StageResult,
     Streams,
     corpus_stream,

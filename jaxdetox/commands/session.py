@@ -21,7 +21,7 @@ from jaxdetox.config import (
 )
 from jaxdetox.fileio import atomic_write_text
 from jaxdetox.launch.distributed import add_distributed_args, init_distributed  # noqa: F401 (their old home)
-from jaxdetox.loop.rundir import RunDir, read_manifest
+from jaxdetox.pipeline.rundir import RunDir, read_manifest
 
 CONFIG_FILE = "config.yaml"
 

@@ -30,7 +30,7 @@ class Constraint:
 def constraints_of(config: RunConfig) -> tuple[Constraint, ...]:
     """Every constraint of `config`: `oracle` first (key: its label name), then
     `constraints` (ValueError when one takes the first one's name)."""
-    from jaxdetox.stages import oracle_label_name
+    from jaxdetox.pipeline.sample import oracle_label_name
 
     label = oracle_label_name(config.oracle.name)
     first = Constraint(label, config.oracle, config.finetune.alpha, label)

@@ -20,8 +20,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxdetox import fileio
-from jaxdetox.loop.experiment import Experiment
-from jaxdetox.loop.training import finetune_stage, train_nado_stage
+from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.training import finetune_stage, train_nado_stage
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_stage(
     `versions`: artefact versions the stage produces, recorded in its outputs. A stage that
     raises is recorded `failed` (with the error), so roles waiting for it stop too.
     """
-    from jaxdetox.loop.flow import ROLE_OF
+    from jaxdetox.pipeline.flow import ROLE_OF
 
     run = exp.run
     if run.is_done(iteration, stage):
@@ -87,7 +87,7 @@ def run_stage(
 def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block: int) -> None:
     """Stage 1 run in `iteration`: S_{samples} from LLM_{lm_version} on prompt block `block`
     (0-based; every sample version has its own block). The store records LLM_{lm_version}."""
-    from jaxdetox.stages import sample_stage
+    from jaxdetox.pipeline.sample import sample_stage
 
     def body() -> dict[str, Any]:
         report = sample_stage(
@@ -109,7 +109,7 @@ def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block
 
 def label(exp: Experiment, iteration: int, samples: int) -> None:
     """Stage 2 run in `iteration`: every constraint's oracle labels S_{samples}."""
-    from jaxdetox.stages import label_stage
+    from jaxdetox.pipeline.sample import label_stage
 
     def body() -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -232,7 +232,7 @@ def export_final(exp: Experiment, lm_version: int, nado_version: int | None = No
 def evaluate(exp: Experiment, version: int, nado: int | None = None) -> None:
     """The eval stage of LLM_version (recorded under iteration = version; 0 = base), or with
     `nado` of base ⊕ NADO_nado guided decoding (recorded under iteration = version)."""
-    from jaxdetox.loop.evaluation import evaluate_version
+    from jaxdetox.pipeline.evaluation import evaluate_version
 
     inputs = {"lm": version} if nado is None else {"lm": 0, "nado": nado}
     run_stage(exp, version, "eval", inputs, lambda: evaluate_version(exp, version, nado=nado))

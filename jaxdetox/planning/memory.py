@@ -254,10 +254,10 @@ class Planner:
     def __init__(self, config: RunConfig, lm_config: ModelConfig, *, prefix_tokens: int = 1):
         """Build the abstract LLM, NADO, optimizer states and batch shapes of `config`."""
         from jaxdetox.data.packing import round_up
-        from jaxdetox.loop.recipe import nado_optimizer_config, optimizer_config
         from jaxdetox.models import NadoConfig
         from jaxdetox.models.nado import NadoModel
         from jaxdetox.models.registry import family_module
+        from jaxdetox.pipeline.recipe import nado_optimizer_config, optimizer_config
         from jaxdetox.train.optimizer import make_optimizer
 
         self.config = config
@@ -320,7 +320,7 @@ class Planner:
 
     def step_config(self, stage: str) -> Any:
         """The `StepConfig` the loop builds for a training stage (`loop.recipe`)."""
-        from jaxdetox.loop import recipe
+        from jaxdetox.pipeline import recipe
 
         if stage == "train_nado":
             return recipe.nado_step_config(self.config.train_nado)

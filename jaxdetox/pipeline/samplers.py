@@ -9,8 +9,8 @@ from typing import Any
 
 from flax import nnx
 
-from jaxdetox.loop.artefacts import ArtefactTable
-from jaxdetox.loop.context import RunContext
+from jaxdetox.pipeline.artefacts import ArtefactTable
+from jaxdetox.pipeline.context import RunContext
 
 
 class Samplers:

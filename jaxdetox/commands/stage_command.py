@@ -28,10 +28,10 @@ def register_stage(
 def open_experiment(args: argparse.Namespace) -> tuple[Any, Any]:
     """`(experiment, run dir)` for an existing run directory (`ConfigError` if it is not one,
     or the overrides change its config)."""
+    from jaxdetox.commands.session import open_run, resolve_run_config, setup_logging
     from jaxdetox.config import ConfigError
     from jaxdetox.launch.distributed import init_distributed
-    from jaxdetox.loop.experiment import Experiment
-    from jaxdetox.loop.session import open_run, resolve_run_config, setup_logging
+    from jaxdetox.pipeline.experiment import Experiment
 
     if args.iteration < 1:
         raise ConfigError(f"--iteration must be >= 1, got {args.iteration}")
@@ -51,7 +51,7 @@ def run_one_stage(
 ) -> int:
     """Open the run, check that every `(iteration, stage, why)` in `needs` is done, run
     `body(experiment)`, and print the stage's outputs (`ConfigError` naming what is missing)."""
-    from jaxdetox.loop.session import require_done
+    from jaxdetox.commands.session import require_done
 
     exp, run_dir = open_experiment(args)
     for iteration, needed, why in needs:

@@ -105,7 +105,7 @@ class Prompts:
     def sampling_config(self, samples: int, chat: bool | None = None) -> SamplingConfig:
         """Sampling settings of sample version `samples` (its own seed); with a chat template
         its end-of-turn token also stops a completion."""
-        from jaxdetox.loop.recipe import sampling_config
+        from jaxdetox.pipeline.recipe import sampling_config
 
         eos, pad = special_tokens(self.lm_config)
         template = self.chat_for(chat)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdetox.data.sample_batches import batches_per_epoch
-from jaxdetox.loop import recipe
-from jaxdetox.loop.experiment import Experiment
-from jaxdetox.loop.rundir import CHECKPOINTS
+from jaxdetox.data.store_batches import batches_per_epoch
+from jaxdetox.pipeline import recipe
+from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.checkpoint import Checkpointer
 from jaxdetox.train.runner import StepRunner
@@ -248,7 +248,7 @@ def stage_steps(
     process_count: int | None = None,
 ) -> int:
     """Steps of a training stage over `num_rows` items at global `batch_size`: `epochs`
-    whole epochs of the stream every host reads (`sample_batches.row_batches`), capped at
+    whole epochs of the stream every host reads (`store_batches.row_batches`), capped at
     `max_steps` — the one count every stage plans its steps (and LR schedule) by."""
     hosts = jax.process_count() if process_count is None else process_count
     local = host_batch_size(batch_size, hosts)
@@ -543,7 +543,7 @@ def builtin_corpus(exp: Experiment) -> str:
     the evaluation prompts) as a jsonl in the run directory, for offline corpus NLL."""
     import json
 
-    from jaxdetox.loop.experiment import builtin_prompt_set
+    from jaxdetox.pipeline.experiment import builtin_prompt_set
 
     path = exp.run.root / "corpus" / "builtin_train_prompts.jsonl"
     if not path.exists():  # every host writes the same file atomically: no wait on another

@@ -24,12 +24,12 @@ from flax import nnx
 from jaxdetox.config import RunConfig
 from jaxdetox.data import SampleStore
 from jaxdetox.data.prompts import ChatTemplate, PromptSet, TokenizedPrompts
-from jaxdetox.loop.artefacts import ARTIFACT, ArtefactTable, Handover, slot_of
-from jaxdetox.loop.constraints import Constraint, Constraints
-from jaxdetox.loop.context import load_context
-from jaxdetox.loop.prompts import Prompts, builtin_prompt_set
-from jaxdetox.loop.rundir import RunDir
-from jaxdetox.loop.samplers import Samplers
+from jaxdetox.pipeline.artefacts import ARTIFACT, ArtefactTable, Handover, slot_of
+from jaxdetox.pipeline.constraints import Constraint, Constraints
+from jaxdetox.pipeline.context import load_context
+from jaxdetox.pipeline.prompts import Prompts, builtin_prompt_set
+from jaxdetox.pipeline.rundir import RunDir
+from jaxdetox.pipeline.samplers import Samplers
 from jaxdetox.sampling import SamplingConfig
 from jaxdetox.train.state import Params
 

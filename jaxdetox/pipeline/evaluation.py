@@ -30,7 +30,7 @@ from jaxdetox.evaluate.fluency import (
     text_windows,
 )
 from jaxdetox.evaluate.report import PER_PROMPT_FILE, write_per_prompt
-from jaxdetox.loop.experiment import Experiment
+from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.state import Models, Params
 
@@ -176,7 +176,7 @@ def sample_and_label(
 ) -> Any:
     """LLM_version's labelled eval completions for prompt form `mode` (raw | chat); with
     `nado`, the base LLM's guided by NADO_nado instead (stored as `version`)."""
-    from jaxdetox.stages import label_stage, sample_stage
+    from jaxdetox.pipeline.sample import label_stage, sample_stage
 
     cfg, samplers = exp.config.eval, exp.samplers
     prompts = exp.prompts.eval_prompts(chat=mode == "chat")
@@ -224,7 +224,7 @@ def constraint_metrics(
 ) -> dict[str, dict[str, float]]:
     """Per constraint (the first: `score`/`ok` already read), its satisfaction on LLM_version's
     eval completions; the further constraints' oracles label the eval store first."""
-    from jaxdetox.stages import label_stage
+    from jaxdetox.pipeline.sample import label_stage
 
     first, *rest = exp.constraints
     out = {first.name: satisfaction(score, ok, first.satisfied_below)}

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 from etils.epath import Path
 
-from jaxdetox.loop.context import Initial, RunContext
-from jaxdetox.loop.rundir import RunDir
+from jaxdetox.pipeline.context import Initial, RunContext
+from jaxdetox.pipeline.rundir import RunDir
 from jaxdetox.train.checkpoint import Checkpointer, CheckpointError
 from jaxdetox.train.state import Params
 
@@ -213,7 +213,7 @@ class ArtefactTable:
         record = self.run.record(version, stage)
         made_from = meta.get("inputs")
         if record is not None and made_from is not None and made_from != record["inputs"]:
-            from jaxdetox.loop.flow import VersionError, describe
+            from jaxdetox.pipeline.flow import VersionError, describe
 
             raise VersionError(
                 f"{directory}: made from {describe(made_from)}, but the manifest's {stage} of "

@@ -28,11 +28,11 @@ from typing import Any
 import jax
 
 from jaxdetox.config import ROLES, RunConfig
-from jaxdetox.loop import flow
-from jaxdetox.loop.experiment import Experiment, Handover
-from jaxdetox.loop.rundir import RunDir
-from jaxdetox.loop.sequential import sampled_by
 from jaxdetox.methods import method_of, run_finished
+from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.experiment import Experiment, Handover
+from jaxdetox.pipeline.record import sampled_by
+from jaxdetox.pipeline.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
