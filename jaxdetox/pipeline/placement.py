@@ -30,7 +30,8 @@ import jax
 from jaxdetox.config import ROLES, RunConfig
 from jaxdetox.methods import method_of, run_finished
 from jaxdetox.pipeline import flow
-from jaxdetox.pipeline.experiment import Experiment, Handover
+from jaxdetox.pipeline.artefacts import Handover
+from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.pipeline.record import sampled_by
 from jaxdetox.pipeline.rundir import RunDir
 

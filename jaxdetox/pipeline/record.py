@@ -59,15 +59,15 @@ def run_stage(
         )
     where = {
         "role": ROLE_OF[stage],
-        "devices": int(exp.mesh.devices.size),
+        "devices": int(exp.context.mesh.devices.size),
         "started": time.time(),
     }
     run.update_record(iteration, stage, status="running", inputs=inputs, **where)
-    start, fetched = time.perf_counter(), exp.handover_seconds
+    start, fetched = time.perf_counter(), exp.artefacts.handover_seconds
     try:
         outputs = {**(versions or {}), **body()}
         # time spent resharding / restoring other stages' models (the schedule's hand-over)
-        outputs["handover_seconds"] = round(exp.handover_seconds - fetched, 3)
+        outputs["handover_seconds"] = round(exp.artefacts.handover_seconds - fetched, 3)
     except Exception as e:
         run.update_record(
             iteration, stage, status="failed", inputs=inputs,
@@ -91,13 +91,13 @@ def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block
 
     def body() -> dict[str, Any]:
         report = sample_stage(
-            exp.sampler,
-            exp.sampler_params(lm_version),
-            exp.train_prompts(block),
+            exp.samplers.plain,
+            exp.samplers.lm_state(lm_version),
+            exp.prompts.train_prompts(block),
             exp.store,
             samples,
-            exp.sampling_config(samples),
-            tokenizer=exp.tokenizer,
+            exp.prompts.sampling_config(samples),
+            tokenizer=exp.context.tokenizer,
             batch_size=exp.config.sampling.batch_size,
             progress=exp.progress,
             versions={"lm": lm_version},
@@ -115,7 +115,7 @@ def label(exp: Experiment, iteration: int, samples: int) -> None:
         out: dict[str, Any] = {}
         for i, c in enumerate(exp.constraints):
             report = label_stage(
-                exp.store, samples, exp.constraint_oracle(c), c.label_name,
+                exp.store, samples, exp.constraints.oracle(c), c.label_name,
                 batch_size=c.oracle.batch_size, progress=exp.progress,
             )  # fmt: skip
             if i == 0:
@@ -168,14 +168,13 @@ def train_nado(
 
     def body() -> dict[str, Any]:
         result = train_nado_stage(exp, iteration, **kw)
-        artifact = exp.save_artifact(iteration, "train_nado", result.params, inputs)
-        exp.keep("nado", iteration, result.params)
+        artifact = exp.artefacts.save("nado", iteration, result.params, inputs)
+        exp.artefacts.keep("nado", iteration, result.params)
         outputs = training_outputs(result, artifact)
         for c in exp.constraints[1:]:  # one NADO per further constraint, on its own labels
             result = train_nado_stage(exp, iteration, **kw, constraint=c)
-            name = f"artifact_{c.name}"
-            exp.save_artifact(iteration, "train_nado", result.params, inputs, name=name)
-            exp.keep("nado", iteration, result.params, constraint=c.name)
+            exp.artefacts.save("nado", iteration, result.params, inputs, constraint=c.name)
+            exp.artefacts.keep("nado", iteration, result.params, constraint=c.name)
             outputs[f"nado/bce/{c.name}"] = result.last_metrics.get("nado/bce")
             if result.quality is not None:
                 outputs[f"nado_quality_{c.name}"] = result.quality
@@ -194,8 +193,8 @@ def finetune(
         result = finetune_stage(
             exp, iteration, lm_version=lm_version, nado_version=nado_version, samples=samples
         )
-        artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
-        exp.keep("lm", iteration, result.params)
+        artifact = exp.artefacts.save("lm", iteration, result.params, inputs)
+        exp.artefacts.keep("lm", iteration, result.params)
         return training_outputs(result, artifact)
 
     inputs = {"lm": lm_version, "nado": nado_version, "samples": samples}
@@ -208,24 +207,26 @@ def export_final(exp: Experiment, lm_version: int, nado_version: int | None = No
     locally, then uploaded when the run directory is on gs://)."""
     from jaxdetox.models import save_nado
 
-    lm_params = exp.lm_params(lm_version)
-    nado_params = None if nado_version is None else exp.nado_params(nado_version)
+    lm_params = exp.artefacts.lm_params(lm_version)
+    nado_params = None if nado_version is None else exp.artefacts.nado_params(nado_version)
     if exp.run.writer:  # safetensors write local files: staged, then uploaded if gs://...
         with fileio.local_dir(exp.run.final / "model") as model_dir:
-            exp.language_model(lm_params).save_pretrained(model_dir)
-        if exp.lora is not None and lm_version > 0:  # the adapters, with their base model
+            exp.context.language_model(lm_params).save_pretrained(model_dir)
+        if exp.context.lora is not None and lm_version > 0:  # the adapters, with their base model
             from jaxdetox.models.lora import save_adapters
 
             with fileio.local_dir(exp.run.final / "adapters") as adapter_dir:
                 base = exp.config.model.path
-                save_adapters(adapter_dir, exp.adapters(lm_version), exp.lora, base)
+                save_adapters(
+                    adapter_dir, exp.artefacts.adapters(lm_version), exp.context.lora.config, base
+                )
         if nado_version is not None:
             with fileio.local_dir(exp.run.final / "nado") as nado_dir:
-                save_nado(exp.nado_module(nado_params), nado_dir)
+                save_nado(exp.context.nado_module(nado_params), nado_dir)
             for c in exp.constraints[1:]:
-                params = exp.nado_params(nado_version, c.name)
+                params = exp.artefacts.nado_params(nado_version, c.name)
                 with fileio.local_dir(exp.run.final / f"nado_{c.name}") as nado_dir:
-                    save_nado(exp.nado_module(params), nado_dir)
+                    save_nado(exp.context.nado_module(params), nado_dir)
     barrier("export")
 
 

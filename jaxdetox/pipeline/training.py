@@ -135,14 +135,15 @@ def fit(
     # One runner per stage kind and shape of work: later iterations reuse its executables
     # (their models and optimizers are built from the same config, so the programs match).
     key = (stage, step_config, total_steps)
-    runner = exp.runners.get(key)
-    if runner is None:
-        runner = exp.runners[key] = StepRunner(
+    runner = exp.context.programs.get_or_make(
+        key,
+        lambda: StepRunner(
             functools.partial(step_fn, models=training.models, config=step_config),
-            exp.mesh,
+            exp.context.mesh,
             training.shardings,
             name=stage,
-        )
+        ),
+    )
     ckpt = Checkpointer(
         run.stage_dir(iteration, stage) / checkpoint,
         keep=loop.keep_checkpoints,
@@ -164,8 +165,8 @@ def fit(
         progress = meta.get("validation", progress)
         run.truncate_metrics(iteration, stage, start)
     peak, _ = flops_lib.device_peak_flops()
-    if exp.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
-        peak *= exp.mesh.size
+    if exp.context.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
+        peak *= exp.context.mesh.size
     last: dict[str, float] = {}
     done = start
     bar = tqdm(
@@ -270,11 +271,11 @@ def sample_stream(
     return exp.store.batches(
         iteration,
         host_batch_size(batch_size),
-        oracle=label_name or exp.label_name,
+        oracle=label_name or exp.constraints.label_name,
         seed=seed,
         num_epochs=epochs,
-        prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
+        prompt_len=exp.prompts.prompt_len,
+        completion_len=exp.prompts.completion_len,
         rows=rows,
     )
 
@@ -303,8 +304,8 @@ def train_nado_stage(
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
     arrays = exp.store.arrays(
-        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
+        samples, oracle=constraint.label_name, prompt_len=exp.prompts.prompt_len,
+        completion_len=exp.prompts.completion_len,
     )  # fmt: skip
     train_rows, heldout_rows = heldout_split(
         arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
@@ -316,13 +317,13 @@ def train_nado_stage(
     )
     epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
     total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    start_params = exp.nado_params(nado_version, constraint.name)
+    start_params = exp.artefacts.nado_params(nado_version, constraint.name)
     if nado_version == 0 and conf.nado.bias_init == "label_mean":
         start_params = _with_bias(start_params, label_mean)
     training = make_training(
-        exp.lm_module(exp.lm_params(lm_version)),
-        exp.nado_module(start_params),
-        exp.mesh,
+        exp.context.lm_module(exp.artefacts.lm_params(lm_version)),
+        exp.context.nado_module(start_params),
+        exp.context.mesh,
         lm_optimizer=None,
         nado_optimizer=recipe.nado_optimizer_config(cfg),
         nado_steps=total,
@@ -336,13 +337,18 @@ def train_nado_stage(
         constraint.label_name, rows=train_rows,
     )  # fmt: skip
     streams = Streams(
-        {"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"], constraint)}
+        {"samples": iter(batches)},
+        lambda b: {"samples": exp.constraints.labels(b["samples"], constraint)},
     )
-    seq = exp.prompt_len + exp.completion_len
+    seq = exp.prompts.prompt_len + exp.prompts.completion_len
     tokens = cfg.batch_size * seq
-    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
+    body = exp.context.nado_config.body if exp.context.nado_config.variant == "separate" else None
     fl = flops_lib.nado_step_flops(
-        exp.lm_config, body, tokens=tokens, seq_len=seq, consistency=cfg.consistency is not None
+        exp.context.lm_config,
+        body,
+        tokens=tokens,
+        seq_len=seq,
+        consistency=cfg.consistency is not None,
     )
     heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
     validation = None
@@ -389,7 +395,7 @@ def _all_labels(exp: Experiment, arrays: Any, constraint: Any) -> tuple[np.ndarr
     ok = np.asarray(arrays.ok, bool)
     batch = {"ok_b": ok, "valid_b": np.ones(n, bool),
              "toxicity_b": np.where(ok, arrays.toxicity, 0.0).astype(np.float32)}  # fmt: skip
-    out = exp.labels(batch, constraint)
+    out = exp.constraints.labels(batch, constraint)
     return out["labels_b"], out["label_mask_b"]
 
 
@@ -409,7 +415,7 @@ class HeldOut:
         from jaxdetox.train.nado_eval import nado_outputs
 
         self.batches = [
-            exp.labels(arrays.batch(rows[i : i + batch_size], batch_size), constraint)
+            exp.constraints.labels(arrays.batch(rows[i : i + batch_size], batch_size), constraint)
             for i in range(0, len(rows), batch_size)
         ]
         # Fixed for the stage: labels, BCE weights and labelled rows of the held-out batches.
@@ -423,7 +429,7 @@ class HeldOut:
         self.labelled_b = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
         self.prompt_ids_b = np.concatenate([b["prompt_ids_b"] for b in self.batches])
         self.runner = StepRunner(
-            functools.partial(nado_outputs, models=training.models), exp.mesh,
+            functools.partial(nado_outputs, models=training.models), exp.context.mesh,
             training.shardings, name="nado_heldout", returns_state=False,
         )  # fmt: skip
 
@@ -472,7 +478,10 @@ def with_all_nados(exp: Experiment, training: Training, nado_version: int) -> Tr
     if len(exp.constraints) == 1:
         return training
     names = tuple(c.name for c in exp.constraints)
-    params = {name: jax.tree.map(jnp.copy, exp.nado_params(nado_version, name)) for name in names}
+    params = {
+        name: jax.tree.map(jnp.copy, exp.artefacts.nado_params(nado_version, name))
+        for name in names
+    }
     shard = training.shardings.nado.params
     state = training.state.replace(nado=training.state.nado.replace(params=params))
     shardings = training.shardings.replace(
@@ -488,17 +497,17 @@ def finetune_stage(
     """LLM_iteration ← LLM_{lm_version} trained on NLL(corpus) + λ·KL(q ‖ LLM) on S_{samples},
     q = reference ⊕ NADO_{nado_version} (reference: the base LLM or LLM_{lm_version})."""
     cfg, conf = exp.config.finetune, exp.config
-    num_rows = exp.store.read(samples, exp.label_name).num_rows
+    num_rows = exp.store.read(samples, exp.constraints.label_name).num_rows
     total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    if exp.lora is not None:  # adapters train; the base is the student's and the reference
-        lm_module, reference = exp.lora_module(lm_version), None
+    if exp.context.lora is not None:  # adapters train; the base is the student's and the reference
+        lm_module, reference = exp.artefacts.lora_module(lm_version), None
     else:
-        lm_module = exp.lm_module(exp.lm_params(lm_version))
-        reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
+        lm_module = exp.context.lm_module(exp.artefacts.lm_params(lm_version))
+        reference = exp.artefacts.lm_params(0 if cfg.reference == "base" else lm_version)
     training = make_training(
         lm_module,
-        exp.nado_module(exp.nado_params(nado_version)),
-        exp.mesh,
+        exp.context.nado_module(exp.artefacts.nado_params(nado_version)),
+        exp.context.mesh,
         lm_optimizer=recipe.optimizer_config(cfg.optimizer),
         nado_optimizer=None,
         lm_steps=total,
@@ -509,7 +518,7 @@ def finetune_stage(
     training = with_all_nados(exp, training, nado_version)
     batches = sample_stream(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
     iterators = {"samples": iter(batches)}
-    seq = exp.prompt_len + exp.completion_len
+    seq = exp.prompts.prompt_len + exp.prompts.completion_len
     tokens, kl_tokens = cfg.batch_size * seq, cfg.batch_size * seq
     if conf.corpus is not None:
         iterators["corpus"] = iter(corpus_stream(exp))
@@ -518,9 +527,9 @@ def finetune_stage(
         kl_tokens += corpus_tokens if "corpus" in cfg.kl_on else 0
     step_config = recipe.finetune_step_config(conf)
     streams = Streams(iterators, lambda b: b)
-    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
+    body = exp.context.nado_config.body if exp.context.nado_config.variant == "separate" else None
     fl = flops_lib.lm_step_flops(
-        exp.lm_config, body, tokens=tokens, kl_tokens=kl_tokens, seq_len=seq
+        exp.context.lm_config, body, tokens=tokens, kl_tokens=kl_tokens, seq_len=seq
     )
     return fit(
         exp, iteration=iteration, stage="finetune", training=training, step_fn=lm_step,
@@ -535,7 +544,7 @@ def corpus_stream(exp: Experiment) -> Any:
 
     c = exp.config.corpus
     source = builtin_corpus(exp) if c.source == "builtin" else c.source
-    return corpus_dataset(recipe.corpus_config(c, source), exp.tokenizer)
+    return corpus_dataset(recipe.corpus_config(c, source), exp.context.tokenizer)
 
 
 def builtin_corpus(exp: Experiment) -> str:
@@ -543,7 +552,7 @@ def builtin_corpus(exp: Experiment) -> str:
     the evaluation prompts) as a jsonl in the run directory, for offline corpus NLL."""
     import json
 
-    from jaxdetox.pipeline.experiment import builtin_prompt_set
+    from jaxdetox.pipeline.prompts import builtin_prompt_set
 
     path = exp.run.root / "corpus" / "builtin_train_prompts.jsonl"
     if not path.exists():  # every host writes the same file atomically: no wait on another
