@@ -55,7 +55,7 @@ def xla_vs_plan(stage: str, shape: tuple[int, int, int], overrides: list[str]):
             nado_optimizer=None, reference_dtype=config.finetune.reference_dtype,
         )  # fmt: skip
         streams, step = planner.finetune_streams(), lm_step
-    else:  # as loop/training.train_nado_stage: the LLM's state dropped, the base as reference
+    else:  # as pipeline/train_nado.train_nado_stage: the LLM's state dropped, the base as reference
         tr = make_training(
             lm, nado, mesh, lm_optimizer=None,
             nado_optimizer=optimizer_config(config.train_nado.optimizer),

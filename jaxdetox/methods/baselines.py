@@ -30,11 +30,11 @@ from jaxdetox.methods.method import (
     budget,
     corpus_note,
     nado_lines,
-    run_train_nado,
     sample_lines,
 )
 from jaxdetox.pipeline import baselines as trainers
 from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.train_nado import run_train_nado
 
 
 def _sequential_only(name: str, config: RunConfig) -> None:

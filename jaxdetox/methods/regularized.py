@@ -11,11 +11,11 @@ from jaxdetox.methods.method import (
     Method,
     corpus_note,
     nado_lines,
-    run_finetune,
-    run_train_nado,
     sample_lines,
 )
 from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.finetune import run_finetune
+from jaxdetox.pipeline.train_nado import run_train_nado
 
 STAGES = {**COMMON_STAGES, "train_nado": run_train_nado, "finetune": run_finetune}
 

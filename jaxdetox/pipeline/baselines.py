@@ -18,7 +18,7 @@ from jaxdetox.data.store_batches import row_batches
 from jaxdetox.pipeline import recipe
 from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.pipeline.flow import Stage
-from jaxdetox.pipeline.record import run_stage, training_outputs
+from jaxdetox.pipeline.record import run_stage
 from jaxdetox.pipeline.training import (
     StageResult,
     Streams,
@@ -27,6 +27,7 @@ from jaxdetox.pipeline.training import (
     host_batch_size,
     sample_stream,
     stage_steps,
+    training_outputs,
 )
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.setup import Training, make_training

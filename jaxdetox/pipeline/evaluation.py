@@ -30,7 +30,11 @@ from jaxdetox.evaluate.fluency import (
     text_windows,
 )
 from jaxdetox.evaluate.report import PER_PROMPT_FILE, write_per_prompt
+from jaxdetox.pipeline import flow
 from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.label import label_stage
+from jaxdetox.pipeline.record import run_stage
+from jaxdetox.pipeline.sample import sample_stage
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.state import Models, Params
 
@@ -176,8 +180,6 @@ def sample_and_label(
 ) -> Any:
     """LLM_version's labelled eval completions for prompt form `mode` (raw | chat); with
     `nado`, the base LLM's guided by NADO_nado instead (stored as `version`)."""
-    from jaxdetox.pipeline.sample import label_stage, sample_stage
-
     cfg, samplers = exp.config.eval, exp.samplers
     prompts = exp.prompts.eval_prompts(chat=mode == "chat")
     if cfg.max_prompts:
@@ -224,8 +226,6 @@ def constraint_metrics(
 ) -> dict[str, dict[str, float]]:
     """Per constraint (the first: `score`/`ok` already read), its satisfaction on LLM_version's
     eval completions; the further constraints' oracles label the eval store first."""
-    from jaxdetox.pipeline.sample import label_stage
-
     first, *rest = exp.constraints
     out = {first.name: satisfaction(score, ok, first.satisfied_below)}
     for c in rest:
@@ -342,3 +342,15 @@ def fluency_lm(exp: Experiment) -> Any:
         return lm
 
     return exp.context.models.get_or_make(("fluency_lm", path), load)
+
+
+def evaluate(exp: Experiment, version: int, nado: int | None = None) -> None:
+    """The eval stage of LLM_version (recorded under iteration = version; 0 = base), or with
+    `nado` of base ⊕ NADO_nado guided decoding (recorded under iteration = version)."""
+    inputs = {"lm": version} if nado is None else {"lm": 0, "nado": nado}
+    run_stage(exp, version, "eval", inputs, lambda: evaluate_version(exp, version, nado=nado))
+
+
+def run_eval(exp: Experiment, stage: flow.Stage) -> None:
+    """The eval of an LLM version (with a `nado` input: of base ⊕ that NADO's sampling)."""
+    evaluate(exp, stage.iteration, nado=stage.input_versions.get("nado"))
