@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxdetox.commands.run import execute
+from jaxdetox.commands.session import execute
 from jaxdetox.config import config_from_dict
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
 

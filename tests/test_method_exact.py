@@ -273,7 +273,7 @@ def guided_sample(task: Task, base, nado) -> tuple[float, float]:  # noqa: ANN00
 @pytest.fixture(scope="module", params=list(NADO_VARIANTS))
 def measured(request, task) -> dict[int, Measurement]:  # noqa: ANN001
     """Run the pipeline at every k in `SIZES` for one NADO variant; measure each run."""
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
     from jaxdetox.config import config_from_dict
 
     out = {}
