@@ -187,9 +187,9 @@ def test_remat_gradients_equal_and_compile_once(loaded):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert float(jnp.abs(g_plain["layers"]["attn"]["wq"][...]).max()) > 0
 
-    from jaxdetox.lm import _logits
+    from jaxdetox.lm import logits_program
 
-    before = _logits._cache_size()
+    before = logits_program._cache_size()
     lm.logits(np.zeros((2, 5), np.int32))
     lm.logits(np.ones((2, 5), np.int32))
-    assert _logits._cache_size() == before + 1
+    assert logits_program._cache_size() == before + 1
