@@ -133,7 +133,7 @@ def group_toxicity(
     return out
 
 
-def detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
+def lm_detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
     """AUROC / F1 / accuracy of the LM as a toxicity classifier (`eval.detection`)."""
     from jaxdetox.evaluate.detection import DetectionConfig, evaluate_detection
 
@@ -175,7 +175,7 @@ def prompt_modes(exp: Experiment) -> list[str]:
     return [configured] + ([{"chat": "raw", "raw": "chat"}[configured]] if instruct else [])
 
 
-def sample_and_label(
+def labelled_eval_samples(
     exp: Experiment, version: int, store: SampleStore, mode: str, nado: int | None = None
 ) -> Any:
     """LLM_version's labelled eval completions for prompt form `mode` (raw | chat); with
@@ -257,13 +257,13 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     by_mode = {}
     for mode in modes[1:]:
         other = SampleStore(exp.run.root / "eval" / f"samples_{mode}")
-        t = sample_and_label(exp, version, other, mode, nado)
+        t = labelled_eval_samples(exp, version, other, mode, nado)
         by_mode[mode] = toxicity_summary(
             t["toxicity"].to_numpy(zero_copy_only=False),
             t["ok"].to_numpy(zero_copy_only=False),
             t["prompt_id"].to_numpy(),
         )
-    table = sample_and_label(exp, version, store, modes[0], nado)
+    table = labelled_eval_samples(exp, version, store, modes[0], nado)
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
@@ -287,7 +287,7 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
     if cfg.detection is not None:
-        detection = detection_metrics(exp, params)
+        detection = lm_detection_metrics(exp, params)
         metrics["detection"] = detection
         metrics["detection_auroc"] = detection.get("auroc")
         metrics["detection_f1"] = detection.get("f1")
