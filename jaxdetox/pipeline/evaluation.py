@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdetox.config import DetectionEvalSection, LmEvalSection
 from jaxdetox.data import SampleStore
 from jaxdetox.data.packing import round_up
 from jaxdetox.evaluate.fluency import (
@@ -88,13 +89,13 @@ def _nll(params: Params, batch: dict, *, graphdef: Any) -> dict:
     return nll_sums(params, batch, graphdef=graphdef)
 
 
-def heldout_text_batches(exp: Experiment) -> list[dict[str, np.ndarray]]:
-    """The built-in held-out clean text as fixed-shape windows."""
+def heldout_text_batches(tokenizer: Any, seq_len: int) -> list[dict[str, np.ndarray]]:
+    """The built-in held-out clean text as fixed-shape windows of `seq_len` tokens."""
     from jaxdetox import assets
 
     docs = [d for d in assets.heldout_text().split("\n\n") if d.strip()]
-    tokens = [exp.context.tokenizer(d)["input_ids"] for d in docs]
-    return text_windows(tokens, exp.config.eval.text_seq_len, batch_size=8)
+    tokens = [tokenizer(d)["input_ids"] for d in docs]
+    return text_windows(tokens, seq_len, batch_size=8)
 
 
 def _prompt_groups(exp: Experiment) -> dict[int, tuple[str, ...]]:
@@ -133,27 +134,25 @@ def group_toxicity(
     return out
 
 
-def lm_detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
-    """AUROC / F1 / accuracy of the LM as a toxicity classifier (`eval.detection`)."""
+def lm_detection_metrics(lm: Any, d: DetectionEvalSection) -> dict[str, float]:
+    """AUROC / F1 / accuracy of the `LanguageModel` as a toxicity classifier (`eval.detection`)."""
     from jaxdetox.evaluate.detection import DetectionConfig, evaluate_detection
 
-    d = exp.config.eval.detection
     result = evaluate_detection(
-        exp.context.language_model(params), d.path, config=DetectionConfig(num_shots=d.num_shots),
+        lm, d.path, config=DetectionConfig(num_shots=d.num_shots),
         shots=d.shots_path, text_field=d.text_field, label_field=d.label_field,
         label_threshold=d.label_threshold, limit=d.limit,
     )  # fmt: skip
     return {k: float(v) for k, v in result.metrics.items() if np.isscalar(v)}
 
 
-def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
-    """lm-evaluation-harness scores per task (`eval.lm_eval`): the first accuracy-like
-    metric each task reports (acc_norm, acc, exact_match, ...)."""
+def utility_metrics(lm: Any, cfg: LmEvalSection) -> dict[str, float]:
+    """lm-evaluation-harness scores per task of the `LanguageModel` (`eval.lm_eval`): the
+    first accuracy-like metric each task reports (acc_norm, acc, exact_match, ...)."""
     from jaxdetox.evaluate.lm_eval_bridge import run_lm_eval
 
-    cfg = exp.config.eval.lm_eval
     results = run_lm_eval(
-        exp.context.language_model(params), cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
         include_path=cfg.include_path, batch_size=cfg.batch_size,
     )  # fmt: skip
     out = {}
@@ -279,7 +278,7 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
         metrics["prompt_modes"] = {modes[0]: groups["all"], **by_mode}
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(by_prompt.values(), n)
-    text = heldout_text_batches(exp)
+    text = heldout_text_batches(exp.context.tokenizer, cfg.text_seq_len)
     if nado is None:
         metrics["perplexity"] = perplexity(exp, params, text, "heldout")
     else:
@@ -287,12 +286,12 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
     if cfg.detection is not None:
-        detection = lm_detection_metrics(exp, params)
+        detection = lm_detection_metrics(exp.context.language_model(params), cfg.detection)
         metrics["detection"] = detection
         metrics["detection_auroc"] = detection.get("auroc")
         metrics["detection_f1"] = detection.get("f1")
     if cfg.lm_eval is not None:
-        metrics["utility"] = utility_metrics(exp, params)
+        metrics["utility"] = utility_metrics(exp.context.language_model(params), cfg.lm_eval)
     if exp.run.writer:
         path = exp.run.root / "eval" / f"lm_{version:03d}.json"
         path.write_text(json.dumps({"lm": version, **metrics}, indent=2))
