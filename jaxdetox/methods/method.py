@@ -1,8 +1,9 @@
-"""What a method is: its stage plan in the vocabulary of `loop.flow`, what runs each of its
+"""What a method is: its stage plan in the vocabulary of `pipeline.flow`, what runs each of its
 stages, its rules over the config, and the lines that describe it (`--dry-run`, report).
 
-Every method runs through the one executor (`loop.placement`): it walks `plan(config)`,
-waits for each stage's inputs, checks their versions and calls `stages[stage.name]`. So the
+Every method runs through the one executor (`pipeline.placement.run_stages`): it walks
+`plan(config)`, waits for each stage's inputs, checks their versions and calls
+`stages[stage.name]` (the stage functions live in the stage modules of `pipeline/`). So the
 placements (`colocated`, `split`, `jobs`), resume, version checks and the export (staged
 locally, uploaded to gs://) are the same for the method and every baseline.
 """

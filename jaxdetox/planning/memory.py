@@ -9,7 +9,7 @@ planned shape, so a v5p-128 mesh is planned on a laptop.
 
 Per stage (`finetune`, `train_nado`, `sample`, `eval` run one after another; the peak is the
 largest) the rows are what the stage's jitted step holds on one device, plus the artefacts
-the run keeps between stages (`Experiment.keep`: up to two LLM and two NADO versions).
+the run keeps between stages (`ArtefactTable.keep`: up to two LLM and two NADO versions).
 
 What is exact and what is estimated (checked against XLA's `compiled.memory_analysis()` of the
 real train step in tests/test_memory_plan.py):
@@ -323,7 +323,7 @@ class Planner:
     # ------------------------------------------------------------------ traced activations
 
     def step_config(self, stage: str) -> Any:
-        """The `StepConfig` the loop builds for a training stage (`loop.recipe`)."""
+        """The `StepConfig` the pipeline builds for a training stage (`pipeline.recipe`)."""
         from jaxdetox.pipeline import recipe
 
         if stage == "train_nado":
