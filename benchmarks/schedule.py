@@ -150,7 +150,7 @@ def tiny_parallel_run(directory: Path, iterations: int = 3) -> Path:
             "schemes suite: tests/_tiny_run.py not importable (run from the repository root, "
             "or pass --manifest RUN_DIR)"
         ) from err
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
     from jaxdetox.config import config_from_dict
 
     config = tiny_config(

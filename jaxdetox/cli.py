@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(jaxdetox.commands.__path__), key=lambda m: m.name):
+        if info.name in jaxdetox.commands.HELPERS:
+            continue
         module = importlib.import_module(f"jaxdetox.commands.{info.name}")
         module.register(subparsers)
     for sub in subparsers.choices.values():

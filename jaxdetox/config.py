@@ -37,14 +37,14 @@ from jaxdetox.train.optimizer import SCHEDULES
 # The kinds of the enumerated options the code below the config dispatches on (those of
 # other modules are imported from them: CONSISTENCY_KINDS, HEADS, SCHEDULES, ...).
 TRAIN_DTYPES = ("float32", "bfloat16")  # of `models.config.DTYPES`, the ones to train in
-NADO_INITS = ("lm", "random")  # `loop.experiment.Experiment` (the NADO body's start)
-BIAS_INITS = ("zeros", "label_mean")  # `loop.training.train_nado_stage`
-KL_PREFIXES = ("samples", "corpus")  # `loop.recipe.finetune_step_config`
-REFERENCES = ("base", "previous")  # `loop.training.finetune_stage`
-PROMPT_MODES = ("raw", "chat")  # `loop.evaluation.prompt_modes`
-SCHEMES = ("sequential", "parallel")  # `loop.flow.plan_stages`
+NADO_INITS = ("lm", "random")  # `pipeline.context.load_context` (the NADO body's start)
+BIAS_INITS = ("zeros", "label_mean")  # `pipeline.train_nado.train_nado_stage`
+KL_PREFIXES = ("samples", "corpus")  # `pipeline.recipe.finetune_step_config`
+REFERENCES = ("base", "previous")  # `pipeline.finetune.finetune_stage`
+PROMPT_MODES = ("raw", "chat")  # `pipeline.evaluation.prompt_modes`
+SCHEMES = ("sequential", "parallel")  # `pipeline.flow.plan_stages`
 PLACEMENTS = ("colocated", "split", "jobs")  # `loop.placement.run_placed`
-ROLES = ("sampler", "nado", "lm")  # `loop.flow.ROLE_OF`
+ROLES = ("sampler", "nado", "lm")  # `pipeline.flow.ROLE_OF`
 
 
 class ConfigError(JaxdetoxError, ValueError):

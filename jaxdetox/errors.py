@@ -3,8 +3,8 @@
 Every error class the project raises for bad input — configs (`config.ConfigError`),
 checkpoints and GGUF files (`models.hf.CheckpointError`, `models.gguf.GGUFError`), model
 configs (`models.config.UnsupportedConfigError`), data (`data.errors.DataError`), oracles
-(`oracles.base.OracleError`), run directories (`loop.rundir.RunDirError`,
-`loop.flow.VersionError`) and training checkpoints (`train.checkpoint.CheckpointError`) —
+(`oracles.base.OracleError`), run directories (`pipeline.rundir.RunDirError`,
+`pipeline.flow.VersionError`) and training checkpoints (`train.checkpoint.CheckpointError`) —
 derives from `JaxdetoxError` besides its
 builtin base (ValueError, RuntimeError), so callers may catch either. Its message says what
 the user must know: the file or field, what was expected, what to do.

@@ -67,13 +67,14 @@ def random_init(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits(
+def logits_program(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     tokens_bt: jax.Array,
     segment_ids_bt: jax.Array | None,
     positions_bt: jax.Array | None,
 ) -> jax.Array:
+    """The model's logits `[B, T, V]`, one compiled program per model structure and shape."""
     logits_btv, _ = nnx.merge(graphdef, state)(
         tokens_bt, segment_ids_bt=segment_ids_bt, positions_bt=positions_bt
     )
@@ -125,9 +126,9 @@ class LanguageModel:
         graphdef, state = nnx.split(self.model)
         args = (self._place(tokens), self._place(segment_ids), self._place(positions))
         if self.mesh is None:
-            return _logits(graphdef, state, *args)
+            return logits_program(graphdef, state, *args)
         with jax.set_mesh(self.mesh):
-            return _logits(graphdef, state, *args)
+            return logits_program(graphdef, state, *args)
 
     def save_pretrained(self, out: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Write an HF checkpoint dir loadable by transformers.AutoModelForCausalLM."""

@@ -137,32 +137,10 @@ def shard_state(state: Any, mesh: Mesh) -> Any:
     return jax.device_put(state, state_shardings(state, mesh))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Move an NNX model's variables onto `mesh` in place (and return it)."""
-    state = nnx.state(model)
-    nnx.update(model, shard_state(state, mesh))
-    return model
-
-
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """Sharding for a `[B, T, ...]` batch array: batch split over data+fsdp when it divides."""
     axes = ("batch", "length") + (None,) * (len(shape) - 2)
     return named_sharding(mesh, axes[: len(shape)], shape)
-
-
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place every `[B, ...]` array of a batch pytree with its batch dimension sharded."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.shape(x))), batch)
-
-
-def tree_shardings(tree: Any, logical: Any, mesh: Mesh) -> Any:
-    """NamedSharding per array of `tree` from a matching tree of logical-axis tuples."""
-    return jax.tree.map(
-        lambda axes, x: named_sharding(mesh, axes, np.shape(x)),
-        logical,
-        tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str | None) for a in x),
-    )
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdetox import oracles
-from jaxdetox.commands.run import execute
+from jaxdetox.commands.session import execute
 from jaxdetox.config import ConfigError, config_from_dict
 from jaxdetox.evaluate.runs import collect
 from tests._tiny_run import save_tiny_model, tiny_config
@@ -175,7 +175,7 @@ def test_method_checks(model_dir):
         _config(model_dir, "dpo", sampling={"num_samples": 1})
     with pytest.raises(ConfigError, match="two baseline.lambdas"):
         _config(model_dir, "lambda_sweep", baseline={"lambdas": [1.0]})
-    from jaxdetox.commands.run import check_method
+    from jaxdetox.config import check_method
 
     with pytest.raises(ConfigError, match="expected one of"):
         check_method(_config(model_dir, "no_such_method"))

@@ -457,10 +457,10 @@ def test_config_prints_the_resolved_config_and_every_field(capsys, tmp_path):
 
     # Every field of every section is listed once.
     def count(model):
-        from jaxdetox.commands.config import _section_of
+        from jaxdetox.commands.config import section_of
 
         return sum(
-            1 + (count(s) if (s := _section_of(f.annotation)) else 0)
+            1 + (count(s) if (s := section_of(f.annotation)) else 0)
             for f in model.model_fields.values()
         )
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jaxdetox.commands.run import execute
+from jaxdetox.commands.session import execute
 from jaxdetox.config import ConfigError, config_from_dict
 from tests._tiny_run import save_tiny_model, tiny_config
 

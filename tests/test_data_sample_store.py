@@ -186,13 +186,13 @@ def test_append_only_and_duplicate_keys(tmp_path):
 def test_commit_never_replaces_a_chunk_another_writer_committed(tmp_path):
     from etils import epath
 
-    from jaxdetox.data.sample_store import _commit
+    from jaxdetox.data.sample_store import commit_chunk
 
     final, tmp = epath.Path(tmp_path / "c.parquet"), epath.Path(tmp_path / ".c.parquet.tmp-1")
     final.write_text("committed by writer A")
     tmp.write_text("from writer B")
     with pytest.raises(FileExistsError, match="append-only"):
-        _commit(tmp, final)
+        commit_chunk(tmp, final)
     assert final.read_text() == "committed by writer A"
 
 

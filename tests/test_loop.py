@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxdetox.commands.run import execute
+from jaxdetox.commands.session import execute
 from jaxdetox.config import config_from_dict
 from tests._tiny_run import save_tiny_model, tiny_config, write_config
 
@@ -237,7 +237,7 @@ def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_p
     import jax
 
     from jaxdetox.commands.session import resolve_run_config
-    from jaxdetox.pipeline import record as sequential
+    from jaxdetox.pipeline import train_nado as nado_stage
     from jaxdetox.pipeline import training as training_lib
     from jaxdetox.pipeline.experiment import Experiment
     from jaxdetox.pipeline.rundir import RunDir
@@ -256,8 +256,8 @@ def test_train_nado_decomposes_the_llm_that_drew_its_samples(finished_run, tmp_p
         params = training.state.nado.params
         return training_lib.StageResult(params, kw["total_steps"], {}, 0, 0, state=training.state)
 
-    monkeypatch.setattr(training_lib, "fit", fake_fit)
-    sequential.train_nado(exp, 2, nado_version=1, samples=2)  # the store says LLM_1 drew S_2
+    monkeypatch.setattr(nado_stage, "fit", fake_fit)
+    nado_stage.train_nado(exp, 2, nado_version=1, samples=2)  # the store says LLM_1 drew S_2
     record = RunDir(run).record(2, "train_nado")
     assert record["inputs"] == {"lm": 1, "nado": 1, "samples": 2}
     llm_1 = jax.device_get(exp.artefacts.lm_params(1))

@@ -122,7 +122,7 @@ def test_a_step_changes_only_the_adapters_and_shares_the_base_as_reference():
 def test_lora_run_checkpoints_adapters_and_exports_merged(tmp_path):
     from safetensors.numpy import load_file
 
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
     from jaxdetox.config import config_from_dict
     from jaxdetox.lm import load_pretrained
     from tests._tiny_run import save_tiny_model, tiny_config

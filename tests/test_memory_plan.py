@@ -27,7 +27,7 @@ from jaxdetox.config import load_config
 from jaxdetox.models import ModelConfig, build_model, init_nado
 from jaxdetox.pipeline.recipe import optimizer_config
 from jaxdetox.planning import memory
-from jaxdetox.planning.memory import Planner, _stream
+from jaxdetox.planning.memory import Planner, abstract_stream
 from jaxdetox.train import StepRunner, lm_step, make_training, nado_step
 from jaxdetox.train.runner import place_batch
 
@@ -55,7 +55,7 @@ def xla_vs_plan(stage: str, shape: tuple[int, int, int], overrides: list[str]):
             nado_optimizer=None, reference_dtype=config.finetune.reference_dtype,
         )  # fmt: skip
         streams, step = planner.finetune_streams(), lm_step
-    else:  # as loop/training.train_nado_stage: the LLM's state dropped, the base as reference
+    else:  # as pipeline/train_nado.train_nado_stage: the LLM's state dropped, the base as reference
         tr = make_training(
             lm, nado, mesh, lm_optimizer=None,
             nado_optimizer=optimizer_config(config.train_nado.optimizer),
@@ -67,7 +67,7 @@ def xla_vs_plan(stage: str, shape: tuple[int, int, int], overrides: list[str]):
     rng = np.random.default_rng(0)
     batch = {}
     for name, (b, t) in streams.items():
-        shapes = _stream(b, t, labels=name == "samples")
+        shapes = abstract_stream(b, t, labels=name == "samples")
         shapes.pop("nado_weight_b", None)  # made inside the step
         batch[name] = {
             k: (

@@ -237,8 +237,8 @@ def sample_labels(run_dir) -> np.ndarray:  # noqa: ANN001
     """The labels C of the run's samples S_1, as the label stage stored them (every prompt
     has the same number of samples, so their mean weights the prompts equally)."""
     from jaxdetox import oracles
+    from jaxdetox.pipeline.constraints import oracle_label_name
     from jaxdetox.pipeline.rundir import RunDir
-    from jaxdetox.pipeline.sample import oracle_label_name
 
     table = SampleStore(RunDir(run_dir).samples).read(1, oracle_label_name(ORACLE["name"]))
     ok = table["ok"].to_numpy(zero_copy_only=False)
@@ -273,7 +273,7 @@ def guided_sample(task: Task, base, nado) -> tuple[float, float]:  # noqa: ANN00
 @pytest.fixture(scope="module", params=list(NADO_VARIANTS))
 def measured(request, task) -> dict[int, Measurement]:  # noqa: ANN001
     """Run the pipeline at every k in `SIZES` for one NADO variant; measure each run."""
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
     from jaxdetox.config import config_from_dict
 
     out = {}

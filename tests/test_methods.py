@@ -152,7 +152,7 @@ def _weights(out) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def split_run(model_dir, gcs):
     """reinforce under `split` (2 devices per role) into the fake bucket."""
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
 
     roles = {"sampler": 2, "nado": 2, "lm": 2}
     config = config_from_dict(_config(model_dir, placement="split", roles=roles))
@@ -181,7 +181,7 @@ def test_a_baseline_runs_split_and_exports_to_gcs(split_run):
     assert {"config.json", "model.safetensors"} <= {p.name for p in final.iterdir()}
     assert is_finished(config, out)
     # A rerun resumes a finished run: nothing is recomputed.
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
 
     before = (out / "manifest.json").read_text()
     assert execute(config, out, progress=False) == 0

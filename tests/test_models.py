@@ -196,9 +196,9 @@ def test_remat_gradients_equal_and_compile_once(loaded):
     with pytest.raises(UnsupportedConfigError, match="'remat'"):
         lm.config.replace(remat="dots")
 
-    from jaxdetox.lm import _logits
+    from jaxdetox.lm import logits_program
 
-    before = _logits._cache_size()
+    before = logits_program._cache_size()
     lm.logits(np.zeros((2, 5), np.int32))
     lm.logits(np.ones((2, 5), np.int32))
-    assert _logits._cache_size() == before + 1
+    assert logits_program._cache_size() == before + 1

@@ -82,7 +82,7 @@ def test_heldout_split_holds_out_whole_prompts():
 @pytest.mark.parametrize("variant", ["separate", "shared"])
 def test_train_nado_records_its_quality_and_the_report_shows_it(tmp_path, variant):
     from jaxdetox.commands.report import write_report
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
     from jaxdetox.config import config_from_dict
     from tests._tiny_run import save_tiny_model, tiny_config
 

@@ -88,7 +88,7 @@ def test_role_devices_resolve_counts_and_lists(model_dir):
 
 @pytest.mark.slow
 def test_split_on_sub_meshes_equals_colocated(colocated_run, model_dir, tmp_path):
-    from jaxdetox.commands.run import execute
+    from jaxdetox.commands.session import execute
 
     roles = {"sampler": 4, "nado": 2, "lm": 2}  # of the suite's 8 fake CPU devices
     config = config_from_dict(_config(model_dir, placement="split", roles=roles))

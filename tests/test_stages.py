@@ -5,7 +5,9 @@ import pytest
 
 from jaxdetox.data import PromptSet, SampleStore, tokenize_prompts
 from jaxdetox.lm import lm_sampler
-from jaxdetox.pipeline.sample import label_stage, oracle_label_name, sample_stage, sample_stage_lm
+from jaxdetox.pipeline.constraints import oracle_label_name
+from jaxdetox.pipeline.label import label_stage
+from jaxdetox.pipeline.sample import sample_stage, sample_stage_lm
 from jaxdetox.sampling import SamplingConfig
 from tests._tiny import tiny_llama
 

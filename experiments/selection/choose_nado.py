@@ -55,8 +55,7 @@ def sampling_key(overrides: list[str]) -> tuple[str, ...]:
 
 def run_variant(name: str, overrides: list[str], out: Path, donors: dict) -> Path:
     """Run (or resume) one variant in `out/name`, adopting samples from a donor run."""
-    from jaxdetox.commands.run import execute
-    from jaxdetox.commands.session import open_run, resolve_run_config
+    from jaxdetox.commands.session import execute, open_run, resolve_run_config
     from jaxdetox.pipeline.rundir import RunDir
 
     key = sampling_key(overrides)

@@ -39,14 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _section_of(annotation: Any) -> type | None:
+def section_of(annotation: Any) -> type | None:
     """The config section class inside an annotation (`X`, `X | None`, `list[X]`), if any."""
     from jaxdetox.config import Section
 
     if isinstance(annotation, type) and issubclass(annotation, Section):
         return annotation
     for arg in typing.get_args(annotation):
-        inner = _section_of(arg)
+        inner = section_of(arg)
         if inner is not None:
             return inner
     return None
@@ -67,7 +67,7 @@ def describe_fields(model: type, prefix: str = "") -> Iterator[str]:
 
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        section = _section_of(field.annotation)
+        section = section_of(field.annotation)
         if field.default_factory is not None:
             default = field.default_factory()
         else:

@@ -95,8 +95,7 @@ def nado_decoding_config(config: Any) -> Any:
 
 def run_nado_decoding(config: Any, run_dir: Path, out: Path, progress: bool) -> Path:
     """The nado_decoding baseline in `out`, adopting the method's shared stages from `run_dir`."""
-    from jaxdetox.commands.run import execute
-    from jaxdetox.commands.session import open_run
+    from jaxdetox.commands.session import execute, open_run
     from jaxdetox.pipeline.rundir import RunDir
 
     baseline = nado_decoding_config(config)
@@ -111,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     """Run (or resume) the demo and write its report."""
     from jaxdetox import assets
     from jaxdetox.commands.report import write_report
-    from jaxdetox.commands.run import execute
-    from jaxdetox.commands.session import resolve_run_config
+    from jaxdetox.commands.session import execute, resolve_run_config
     from jaxdetox.pipeline.rundir import check_out
     from jaxdetox.planning.preflight import check_out_dir, check_run
 

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         undo_failed_start,
     )
     from jaxdetox.config import load_config
+    from jaxdetox.pipeline.evaluation import evaluate
     from jaxdetox.pipeline.experiment import Experiment
-    from jaxdetox.pipeline.record import evaluate
     from jaxdetox.pipeline.rundir import check_out
     from jaxdetox.planning.preflight import check_run
 

@@ -71,8 +71,7 @@ def configs_of(directory: Path, only: str | None = None) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     """Run (or skip, or resume) every config, then write the combined report."""
     from jaxdetox.commands.report import write_report
-    from jaxdetox.commands.run import execute
-    from jaxdetox.commands.session import resolve_run_config
+    from jaxdetox.commands.session import execute, resolve_run_config
     from jaxdetox.methods import is_finished
     from jaxdetox.pipeline.rundir import check_out
     from jaxdetox.planning.preflight import check_run

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune LLM_I."""
-    from jaxdetox.pipeline.record import finetune
+    from jaxdetox.pipeline.finetune import finetune
 
     i, why = args.iteration, f"finetune of iteration {args.iteration}"
     needs = [(i, "train_nado", f"{why} (NADO_{i})"), (i - 1, "finetune", f"{why} (LLM_{i - 1})")]

@@ -29,14 +29,12 @@ TensorBoard events and the final models in `final/`.
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
-from jaxdetox.config import ROLES, check_method
+from jaxdetox.config import ROLES
 from jaxdetox.fileio import as_path
 from jaxdetox.launch.distributed import add_distributed_args
 
-__all__ = ["check_method", "execute", "register", "run"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,46 +116,6 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     check_run(config, role=args.role)  # before anything is written into --out
+    from jaxdetox.commands.session import execute
+
     return execute(config, args.out, progress=not args.no_progress, role=args.role)
-
-
-def execute(config: object, out: Path, *, progress: bool = True, role: str | None = None) -> int:
-    """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
-    sweep: one run per λ under `out`). A start that fails before its first stage leaves no
-    `config.yaml` behind (`undo_failed_start`)."""
-    from jaxdetox.commands.session import open_run, setup_logging, undo_failed_start
-    from jaxdetox.methods import method_of, write_sweep_index
-
-    setup_logging()
-    start = time.perf_counter()
-    method = method_of(config.method)
-    with undo_failed_start(out, role=role):
-        if method.sweep is not None:
-            runs = method.sweep(config, out)
-            open_run(config, out, role=role).close()
-            write_sweep_index(out, config.method, runs)
-            complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
-        else:
-            complete = _execute_one(config, out, progress, role)
-    took = time.perf_counter() - start
-    if not complete:
-        print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
-        return 0
-    print(f"run {config.name!r} ({config.method}) complete in {took:.0f} s: {out}")
-    return 0
-
-
-def _execute_one(config: object, out: Path, progress: bool, role: str | None) -> bool:
-    """One run directory: the method's plan through its placement."""
-    from jaxdetox.commands.session import open_run, undo_failed_start
-    from jaxdetox.pipeline.placement import run_placed
-
-    with undo_failed_start(out, role=role):
-        run_dir = open_run(config, out, role=role)
-        complete = run_placed(config, run_dir, role=role, progress=progress)
-        run_dir.close()
-    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
-    print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")
-    if (out / "final").exists():
-        print(f"  final models in {out / 'final'} (model/: HF checkpoint)")
-    return complete

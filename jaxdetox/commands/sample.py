@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxdetox.data import SampleStore, tokenize_prompts
     from jaxdetox.evaluate import group_summaries, summary_markdown
     from jaxdetox.models import CheckpointError, load_pretrained
+    from jaxdetox.pipeline.constraints import oracle_label_name
+    from jaxdetox.pipeline.label import label_stage
     from jaxdetox.pipeline.rundir import check_out
-    from jaxdetox.pipeline.sample import label_stage, oracle_label_name, sample_stage_lm
+    from jaxdetox.pipeline.sample import sample_stage_lm
     from jaxdetox.planning.preflight import check_model
     from jaxdetox.sampling import SamplingConfig, special_tokens
 

@@ -1,10 +1,13 @@
-"""Opening a run directory from the command line: multi-host start-up, config resolution
-(a rerun must use the same resolved config), logging."""
+"""Opening and executing a run from the command line: config resolution (a rerun must use
+the same resolved config), the run directory with its config saved, undoing a start that
+failed before its first stage, logging, and `execute` — the method's plan through its
+placement, for `jaxdetox run`, `demo` and `experiment`."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import jax
@@ -20,34 +23,7 @@ from jaxdetox.config import (
     load_config,
 )
 from jaxdetox.fileio import atomic_write_text
-from jaxdetox.launch.distributed import add_distributed_args, init_distributed  # noqa: F401 (their old home)
-from jaxdetox.pipeline.rundir import RunDir, read_manifest
-
-CONFIG_FILE = "config.yaml"
-
-
-def _diff(a: object, b: object, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
-
-
-def config_diff(saved: dict, config: RunConfig, out: Path) -> str:
-    """Why `config` may not resume the run in `out` that saved `saved` ("" if it may): the
-    differing keys, both through the current schema (defaults added since compare equal)."""
-    # Only compared: the saved method's rules are not checked again (a new one differs).
-    saved_config = config_from_dict(saved, str(out / CONFIG_FILE), executes=False)
-    before = saved_config.model_dump(mode="json")
-    diff = _diff(before, config.model_dump(mode="json"))
-    if not diff:
-        return ""
-    return (
-        f"{out} was started with a different config ({len(diff)} keys differ, saved -> now); "
-        "use a new --out directory, or rerun with the saved config:\n  " + "\n  ".join(diff)
-    )
+from jaxdetox.pipeline.rundir import CONFIG_FILE, RunDir, config_diff, read_manifest
 
 
 def resolve_run_config(
@@ -124,3 +100,43 @@ def require_done(run: RunDir, iteration: int, stage: str, why: str) -> None:
             f"{run.manifest_path}: {why} needs {stage} of iteration {iteration}, which is not "
             "done; run it first (or `jaxdetox run` the whole config)"
         )
+
+
+def execute(config: RunConfig, out: Path, *, progress: bool = True, role: str | None = None) -> int:
+    """Run (or resume) the experiment in `out` (with `loop.placement=jobs`: its `role`; a λ
+    sweep: one run per λ under `out`). A start that fails before its first stage leaves no
+    `config.yaml` behind (`undo_failed_start`)."""
+    from jaxdetox.methods import method_of, write_sweep_index
+
+    setup_logging()
+    start = time.perf_counter()
+    method = method_of(config.method)
+    with undo_failed_start(out, role=role):
+        if method.sweep is not None:
+            runs = method.sweep(config, out)
+            open_run(config, out, role=role).close()
+            write_sweep_index(out, config.method, runs)
+            complete = all([_execute_one(sub, path, progress, role) for sub, path in runs])
+        else:
+            complete = _execute_one(config, out, progress, role)
+    took = time.perf_counter() - start
+    if not complete:
+        print(f"role {role} done in {took:.0f} s; the run completes when the other roles finish")
+        return 0
+    print(f"run {config.name!r} ({config.method}) complete in {took:.0f} s: {out}")
+    return 0
+
+
+def _execute_one(config: RunConfig, out: Path, progress: bool, role: str | None) -> bool:
+    """One run directory: the method's plan through its placement."""
+    from jaxdetox.pipeline.placement import run_placed
+
+    with undo_failed_start(out, role=role):
+        run_dir = open_run(config, out, role=role)
+        complete = run_placed(config, run_dir, role=role, progress=progress)
+        run_dir.close()
+    metrics = out / ("metrics.<role>.jsonl (one per role)" if role else "metrics.jsonl")
+    print(f"  {out}: manifest {out / 'manifest.json'}, metrics {metrics}")
+    if (out / "final").exists():
+        print(f"  final models in {out / 'final'} (model/: HF checkpoint)")
+    return complete

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train NADO_I on S_I."""
-    from jaxdetox.pipeline.record import train_nado
+    from jaxdetox.pipeline.train_nado import train_nado
 
     i, why = args.iteration, f"train_nado of iteration {args.iteration}"
     needs = [(i, "label", why), (i - 1, "train_nado", f"{why} (NADO_{i - 1})")]

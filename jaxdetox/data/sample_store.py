@@ -128,7 +128,7 @@ def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]
                 os.fsync(f.fileno())  # local files; object stores commit on close
             except (AttributeError, OSError, ValueError):
                 pass
-        _commit(tmp, path)
+        commit_chunk(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -136,7 +136,7 @@ def _atomic_write(path: epath.Path, table: pa.Table, metadata: Mapping[str, Any]
     _fsync_dir(path.parent)
 
 
-def _commit(tmp: epath.Path, path: epath.Path) -> None:
+def commit_chunk(tmp: epath.Path, path: epath.Path) -> None:
     """Move `tmp` to `path` atomically, refusing to replace a chunk another writer committed."""
     try:
         os.link(os.fspath(tmp), os.fspath(path))  # fails if `path` exists (no clobber)

@@ -13,7 +13,7 @@ stage, so a report compares them on the same held-out prompts by construction.
                     prompt ranked by the oracle; reference = the base model (+ corpus NLL)
     sft_only        per iteration: LLM_i = LLM_i−1 trained on the corpus NLL alone (λ = 0)
 
-Every LLM update is a `finetune` stage (its trainer: `loop.baselines.train_*`) whose budget
+Every LLM update is a `finetune` stage (its trainer: `pipeline.baselines.train_*`) whose budget
 is the method's: the `finetune:` section's optimizer, batch size, epochs and `max_steps`.
 """
 
@@ -30,11 +30,11 @@ from jaxdetox.methods.method import (
     budget,
     corpus_note,
     nado_lines,
-    run_train_nado,
     sample_lines,
 )
 from jaxdetox.pipeline import baselines as trainers
 from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.train_nado import run_train_nado
 
 
 def _sequential_only(name: str, config: RunConfig) -> None:

@@ -1,8 +1,9 @@
-"""What a method is: its stage plan in the vocabulary of `loop.flow`, what runs each of its
+"""What a method is: its stage plan in the vocabulary of `pipeline.flow`, what runs each of its
 stages, its rules over the config, and the lines that describe it (`--dry-run`, report).
 
-Every method runs through the one executor (`loop.placement`): it walks `plan(config)`,
-waits for each stage's inputs, checks their versions and calls `stages[stage.name]`. So the
+Every method runs through the one executor (`pipeline.placement.run_stages`): it walks
+`plan(config)`, waits for each stage's inputs, checks their versions and calls
+`stages[stage.name]` (the stage functions live in the stage modules of `pipeline/`). So the
 placements (`colocated`, `split`, `jobs`), resume, version checks and the export (staged
 locally, uploaded to gs://) are the same for the method and every baseline.
 """
@@ -16,7 +17,11 @@ from typing import Any
 
 from jaxdetox.config import RunConfig
 from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.evaluation import run_eval
 from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.export import run_export
+from jaxdetox.pipeline.label import run_label
+from jaxdetox.pipeline.sample import run_sample
 
 StageFn = Callable[[Experiment, flow.Stage], None]
 """Runs one stage of a plan (recording it in the manifest; a done one is skipped)."""
@@ -56,53 +61,6 @@ class Method:
 
 
 # ----------------------------------------------------------------------------- stages
-
-
-def run_sample(exp: Experiment, stage: flow.Stage) -> None:
-    """Stage 1: the stage's sample version drawn from its LLM on its prompt block."""
-    from jaxdetox.pipeline.record import sample
-
-    sample(exp, stage.iteration, stage.input_versions["lm"], stage.output[1], stage.block)
-
-
-def run_label(exp: Experiment, stage: flow.Stage) -> None:
-    """Stage 2: every constraint's oracle labels the stage's samples."""
-    from jaxdetox.pipeline.record import label
-
-    label(exp, stage.iteration, stage.input_versions["samples"])
-
-
-def run_train_nado(exp: Experiment, stage: flow.Stage) -> None:
-    """Stage 3: NADO_iteration trained on the stage's samples (decomposing its LLM)."""
-    from jaxdetox.pipeline.record import train_nado
-
-    v = stage.input_versions
-    train_nado(
-        exp, stage.iteration, nado_version=v["nado"], samples=v["samples"], lm_version=v["lm"]
-    )
-
-
-def run_finetune(exp: Experiment, stage: flow.Stage) -> None:
-    """Stage 4 of the method: LLM_iteration by NLL + λ·KL to the guided teacher."""
-    from jaxdetox.pipeline.record import finetune
-
-    v = stage.input_versions
-    finetune(exp, stage.iteration, v["lm"], nado_version=v["nado"], samples=v["samples"])
-
-
-def run_eval(exp: Experiment, stage: flow.Stage) -> None:
-    """The eval of an LLM version (with a `nado` input: of base ⊕ that NADO's sampling)."""
-    from jaxdetox.pipeline.record import evaluate
-
-    evaluate(exp, stage.iteration, nado=stage.input_versions.get("nado"))
-
-
-def run_export(exp: Experiment, stage: flow.Stage) -> None:
-    """The run's final models: its LLM (and NADO) version into `final/`."""
-    from jaxdetox.pipeline.record import export_final
-
-    v = stage.input_versions
-    export_final(exp, v["lm"], v.get("nado"))
 
 
 COMMON_STAGES: dict[str, StageFn] = {

@@ -11,16 +11,16 @@ from jaxdetox.methods.method import (
     Method,
     corpus_note,
     nado_lines,
-    run_finetune,
-    run_train_nado,
     sample_lines,
 )
 from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.finetune import run_finetune
+from jaxdetox.pipeline.train_nado import run_train_nado
 
 STAGES = {**COMMON_STAGES, "train_nado": run_train_nado, "finetune": run_finetune}
 
 
-def describe(config: RunConfig, kl: str | None = None) -> list[str]:
+def describe_iteration(config: RunConfig, kl: str | None = None) -> list[str]:
     """`--dry-run` lines of one iteration (`kl`: how λ is shown; default its value)."""
     f = config.finetune
     kl = f"λ={f.kl_weight}" if kl is None else kl
@@ -34,7 +34,7 @@ def describe(config: RunConfig, kl: str | None = None) -> list[str]:
 
 
 def _variant(name: str, summary: str) -> Method:
-    return Method(name, summary, flow.plan_stages, STAGES, describe)
+    return Method(name, summary, flow.plan_stages, STAGES, describe_iteration)
 
 
 # ----------------------------------------------------------------------------- λ sweep
@@ -64,7 +64,10 @@ def _sweep_rules(config: RunConfig) -> None:
 
 
 def _describe_sweep(config: RunConfig) -> list[str]:
-    return [f"once per λ in {config.baseline.lambdas} (RUN/lambda_<λ>/):", *describe(config, "λ")]
+    return [
+        f"once per λ in {config.baseline.lambdas} (RUN/lambda_<λ>/):",
+        *describe_iteration(config, "λ"),
+    ]
 
 
 METHODS = (

@@ -18,7 +18,7 @@ from jaxdetox.data.store_batches import row_batches
 from jaxdetox.pipeline import recipe
 from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.pipeline.flow import Stage
-from jaxdetox.pipeline.record import run_stage, training_outputs
+from jaxdetox.pipeline.record import run_stage
 from jaxdetox.pipeline.training import (
     StageResult,
     Streams,
@@ -27,6 +27,7 @@ from jaxdetox.pipeline.training import (
     host_batch_size,
     sample_stream,
     stage_steps,
+    training_outputs,
 )
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.setup import Training, make_training
@@ -43,8 +44,8 @@ def baseline_finetune(exp: Experiment, stage: Stage, train: TrainFn) -> None:
 
     def body() -> dict[str, Any]:
         result, extra = train(exp, iteration, inputs["lm"])
-        artifact = exp.save_artifact(iteration, "finetune", result.params, inputs)
-        exp.keep("lm", iteration, result.params)
+        artifact = exp.artefacts.save("lm", iteration, result.params, inputs)
+        exp.artefacts.keep("lm", iteration, result.params)
         kept = {k: v for k, v in result.last_metrics.items() if k.startswith(_REPORTED)}
         return {**training_outputs(result, artifact), **kept, **extra,
                 "method": exp.config.method}  # fmt: skip
@@ -64,13 +65,13 @@ def _lm_training(exp: Experiment, iteration: int, lm_version: int, total: int, *
     when `reference` (else none is kept: no step of the method reads it)."""
     cfg = exp.config.finetune
     training = make_training(
-        exp.lm_module(exp.lm_params(lm_version)),
+        exp.context.lm_module(exp.artefacts.lm_params(lm_version)),
         None,
-        exp.mesh,
+        exp.context.mesh,
         lm_optimizer=recipe.optimizer_config(cfg.optimizer),
         nado_optimizer=None,
         lm_steps=total,
-        reference=exp.lm_params(0),
+        reference=exp.artefacts.lm_params(0),
         reference_dtype=cfg.reference_dtype,
         seed=exp.config.seed + iteration,
     )
@@ -99,9 +100,9 @@ def _with_corpus(exp: Experiment, iterators: dict[str, Any]) -> tuple[dict[str, 
 def _fit_lm(exp: Experiment, iteration: int, training: Training, step_fn: Any, step_config: Any,
             streams: Streams, total: int, tokens: int, reference_tokens: int) -> StageResult:  # fmt: skip
     """`fit` the LLM; FLOPs = 3·tokens (forward + backward) + reference forwards."""
-    seq = exp.prompt_len + exp.completion_len
-    per_token = flops_lib.body_forward_flops(exp.lm_config, seq) + flops_lib.head_flops(
-        exp.lm_config
+    seq = exp.prompts.prompt_len + exp.prompts.completion_len
+    per_token = flops_lib.body_forward_flops(exp.context.lm_config, seq) + flops_lib.head_flops(
+        exp.context.lm_config
     )
     fl = flops_lib.StepFlops(lm=3 * tokens * per_token, reference=reference_tokens * per_token)
     return fit(
@@ -112,7 +113,7 @@ def _fit_lm(exp: Experiment, iteration: int, training: Training, step_fn: Any, s
 
 
 def _sample_tokens(exp: Experiment, rows: int) -> int:
-    return rows * (exp.prompt_len + exp.completion_len)
+    return rows * (exp.prompts.prompt_len + exp.prompts.completion_len)
 
 
 def keep_threshold(toxicity: np.ndarray, ok: np.ndarray, quantile: float) -> float:
@@ -132,7 +133,7 @@ def train_filter_sft(
     exp: Experiment, iteration: int, lm_version: int
 ) -> tuple[StageResult, dict[str, Any]]:
     """SFT of LLM_lm_version on S_iteration's samples at or below the toxicity quantile."""
-    table = exp.store.read(iteration, exp.label_name)
+    table = exp.store.read(iteration, exp.constraints.label_name)
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
     threshold = keep_threshold(toxicity, ok, exp.config.baseline.keep_quantile)
@@ -215,7 +216,7 @@ def train_reinforce(
     from jaxdetox.train.policy import reinforce_step
 
     cfg, b = exp.config.finetune, exp.config.baseline
-    total = _samples_steps(exp, exp.store.read(iteration, exp.label_name).num_rows)
+    total = _samples_steps(exp, exp.store.read(iteration, exp.constraints.label_name).num_rows)
     batches = sample_stream(exp, iteration, cfg.batch_size, cfg.epochs, exp.config.seed + iteration)
     rewards = RewardStream(iter(batches), b.baseline_momentum)
     iterators, corpus_tokens = _with_corpus(exp, {"samples": rewards})
@@ -266,8 +267,8 @@ def pair_batches(exp: Experiment, iteration: int, seed: int) -> tuple[Any, int]:
 
     cfg = exp.config.finetune
     arrays = exp.store.arrays(
-        iteration, oracle=exp.label_name, prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
+        iteration, oracle=exp.constraints.label_name, prompt_len=exp.prompts.prompt_len,
+        completion_len=exp.prompts.completion_len,
     )  # fmt: skip
     chosen, rejected = preference_pairs(
         arrays.prompt_ids, arrays.toxicity, arrays.ok, exp.config.baseline.dpo_min_gap

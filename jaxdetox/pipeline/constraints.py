@@ -5,6 +5,7 @@ NADO targets their label transforms make from a sample batch."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
@@ -27,11 +28,14 @@ class Constraint:
     satisfied_below: float = 0.5
 
 
+def oracle_label_name(name: str) -> str:
+    """The sample-store label key for an oracle name (`hf:/a/b` -> `hf_a_b`)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "oracle"
+
+
 def constraints_of(config: RunConfig) -> tuple[Constraint, ...]:
     """Every constraint of `config`: `oracle` first (key: its label name), then
     `constraints` (ValueError when one takes the first one's name)."""
-    from jaxdetox.pipeline.sample import oracle_label_name
-
     label = oracle_label_name(config.oracle.name)
     first = Constraint(label, config.oracle, config.finetune.alpha, label)
     rest = [

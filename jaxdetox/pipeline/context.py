@@ -4,7 +4,7 @@ and the compiled programs reused across iterations.
 
 `load_context(config)` loads the base LLM onto the mesh and builds the initial NADO (and
 LoRA adapters); it returns the frozen `RunContext` and those version-0 parameters
-(`Initial`), which the artefact table (`loop/artefacts.py`) then holds.
+(`Initial`), which the artefact table (`pipeline/artefacts.py`) then holds.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdetox.config import DetectionEvalSection, LmEvalSection
 from jaxdetox.data import SampleStore
 from jaxdetox.data.packing import round_up
 from jaxdetox.evaluate.fluency import (
@@ -30,7 +31,11 @@ from jaxdetox.evaluate.fluency import (
     text_windows,
 )
 from jaxdetox.evaluate.report import PER_PROMPT_FILE, write_per_prompt
+from jaxdetox.pipeline import flow
 from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.label import label_stage
+from jaxdetox.pipeline.record import run_stage
+from jaxdetox.pipeline.sample import sample_stage
 from jaxdetox.train.runner import StepRunner
 from jaxdetox.train.state import Models, Params
 
@@ -84,13 +89,13 @@ def _nll(params: Params, batch: dict, *, graphdef: Any) -> dict:
     return nll_sums(params, batch, graphdef=graphdef)
 
 
-def heldout_text_batches(exp: Experiment) -> list[dict[str, np.ndarray]]:
-    """The built-in held-out clean text as fixed-shape windows."""
+def heldout_text_batches(tokenizer: Any, seq_len: int) -> list[dict[str, np.ndarray]]:
+    """The built-in held-out clean text as fixed-shape windows of `seq_len` tokens."""
     from jaxdetox import assets
 
     docs = [d for d in assets.heldout_text().split("\n\n") if d.strip()]
-    tokens = [exp.context.tokenizer(d)["input_ids"] for d in docs]
-    return text_windows(tokens, exp.config.eval.text_seq_len, batch_size=8)
+    tokens = [tokenizer(d)["input_ids"] for d in docs]
+    return text_windows(tokens, seq_len, batch_size=8)
 
 
 def _prompt_groups(exp: Experiment) -> dict[int, tuple[str, ...]]:
@@ -129,27 +134,25 @@ def group_toxicity(
     return out
 
 
-def detection_metrics(exp: Experiment, params: Params) -> dict[str, float]:
-    """AUROC / F1 / accuracy of the LM as a toxicity classifier (`eval.detection`)."""
+def lm_detection_metrics(lm: Any, d: DetectionEvalSection) -> dict[str, float]:
+    """AUROC / F1 / accuracy of the `LanguageModel` as a toxicity classifier (`eval.detection`)."""
     from jaxdetox.evaluate.detection import DetectionConfig, evaluate_detection
 
-    d = exp.config.eval.detection
     result = evaluate_detection(
-        exp.context.language_model(params), d.path, config=DetectionConfig(num_shots=d.num_shots),
+        lm, d.path, config=DetectionConfig(num_shots=d.num_shots),
         shots=d.shots_path, text_field=d.text_field, label_field=d.label_field,
         label_threshold=d.label_threshold, limit=d.limit,
     )  # fmt: skip
     return {k: float(v) for k, v in result.metrics.items() if np.isscalar(v)}
 
 
-def utility_metrics(exp: Experiment, params: Params) -> dict[str, float]:
-    """lm-evaluation-harness scores per task (`eval.lm_eval`): the first accuracy-like
-    metric each task reports (acc_norm, acc, exact_match, ...)."""
+def utility_metrics(lm: Any, cfg: LmEvalSection) -> dict[str, float]:
+    """lm-evaluation-harness scores per task of the `LanguageModel` (`eval.lm_eval`): the
+    first accuracy-like metric each task reports (acc_norm, acc, exact_match, ...)."""
     from jaxdetox.evaluate.lm_eval_bridge import run_lm_eval
 
-    cfg = exp.config.eval.lm_eval
     results = run_lm_eval(
-        exp.context.language_model(params), cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+        lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
         include_path=cfg.include_path, batch_size=cfg.batch_size,
     )  # fmt: skip
     out = {}
@@ -171,13 +174,11 @@ def prompt_modes(exp: Experiment) -> list[str]:
     return [configured] + ([{"chat": "raw", "raw": "chat"}[configured]] if instruct else [])
 
 
-def sample_and_label(
+def labelled_eval_samples(
     exp: Experiment, version: int, store: SampleStore, mode: str, nado: int | None = None
 ) -> Any:
     """LLM_version's labelled eval completions for prompt form `mode` (raw | chat); with
     `nado`, the base LLM's guided by NADO_nado instead (stored as `version`)."""
-    from jaxdetox.pipeline.sample import label_stage, sample_stage
-
     cfg, samplers = exp.config.eval, exp.samplers
     prompts = exp.prompts.eval_prompts(chat=mode == "chat")
     if cfg.max_prompts:
@@ -224,8 +225,6 @@ def constraint_metrics(
 ) -> dict[str, dict[str, float]]:
     """Per constraint (the first: `score`/`ok` already read), its satisfaction on LLM_version's
     eval completions; the further constraints' oracles label the eval store first."""
-    from jaxdetox.pipeline.sample import label_stage
-
     first, *rest = exp.constraints
     out = {first.name: satisfaction(score, ok, first.satisfied_below)}
     for c in rest:
@@ -257,13 +256,13 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     by_mode = {}
     for mode in modes[1:]:
         other = SampleStore(exp.run.root / "eval" / f"samples_{mode}")
-        t = sample_and_label(exp, version, other, mode, nado)
+        t = labelled_eval_samples(exp, version, other, mode, nado)
         by_mode[mode] = toxicity_summary(
             t["toxicity"].to_numpy(zero_copy_only=False),
             t["ok"].to_numpy(zero_copy_only=False),
             t["prompt_id"].to_numpy(),
         )
-    table = sample_and_label(exp, version, store, modes[0], nado)
+    table = labelled_eval_samples(exp, version, store, modes[0], nado)
     prompt_ids = table["prompt_id"].to_numpy()
     toxicity = table["toxicity"].to_numpy(zero_copy_only=False)
     ok = table["ok"].to_numpy(zero_copy_only=False)
@@ -279,7 +278,7 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
         metrics["prompt_modes"] = {modes[0]: groups["all"], **by_mode}
     for n in (1, 2, 3):
         metrics[f"distinct_{n}"] = distinct_n(by_prompt.values(), n)
-    text = heldout_text_batches(exp)
+    text = heldout_text_batches(exp.context.tokenizer, cfg.text_seq_len)
     if nado is None:
         metrics["perplexity"] = perplexity(exp, params, text, "heldout")
     else:
@@ -287,12 +286,12 @@ def evaluate_version(exp: Experiment, version: int, *, nado: int | None = None) 
     if cfg.fluency_model != "none":
         metrics["fluency_perplexity"] = fluency_perplexity(exp, store, version)
     if cfg.detection is not None:
-        detection = detection_metrics(exp, params)
+        detection = lm_detection_metrics(exp.context.language_model(params), cfg.detection)
         metrics["detection"] = detection
         metrics["detection_auroc"] = detection.get("auroc")
         metrics["detection_f1"] = detection.get("f1")
     if cfg.lm_eval is not None:
-        metrics["utility"] = utility_metrics(exp, params)
+        metrics["utility"] = utility_metrics(exp.context.language_model(params), cfg.lm_eval)
     if exp.run.writer:
         path = exp.run.root / "eval" / f"lm_{version:03d}.json"
         path.write_text(json.dumps({"lm": version, **metrics}, indent=2))
@@ -342,3 +341,15 @@ def fluency_lm(exp: Experiment) -> Any:
         return lm
 
     return exp.context.models.get_or_make(("fluency_lm", path), load)
+
+
+def evaluate(exp: Experiment, version: int, nado: int | None = None) -> None:
+    """The eval stage of LLM_version (recorded under iteration = version; 0 = base), or with
+    `nado` of base ⊕ NADO_nado guided decoding (recorded under iteration = version)."""
+    inputs = {"lm": version} if nado is None else {"lm": 0, "nado": nado}
+    run_stage(exp, version, "eval", inputs, lambda: evaluate_version(exp, version, nado=nado))
+
+
+def run_eval(exp: Experiment, stage: flow.Stage) -> None:
+    """The eval of an LLM version (with a `nado` input: of base ⊕ that NADO's sampling)."""
+    evaluate(exp, stage.iteration, nado=stage.input_versions.get("nado"))

@@ -30,9 +30,10 @@ import jax
 from jaxdetox.config import ROLES, RunConfig
 from jaxdetox.methods import method_of, run_finished
 from jaxdetox.pipeline import flow
-from jaxdetox.pipeline.experiment import Experiment, Handover
-from jaxdetox.pipeline.record import sampled_by
+from jaxdetox.pipeline.artefacts import Handover
+from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.pipeline.rundir import RunDir
+from jaxdetox.pipeline.sample import sampled_by
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Config sections → the settings the steps, the optimizer, the corpus reader and the sampler
-take: the one translation, shared by the training stages (`loop.training`, `loop.baselines`)
-and the memory planner (`loop.memory`), so a planned step is the step that runs.
+take: the one translation, shared by the training stages (`pipeline.train_nado`,
+`pipeline.finetune`, `pipeline.baselines`) and the memory planner (`planning.memory`), so a
+planned step is the step that runs.
 
 The config keys are the users' contract; where the internal name differs, it differs here
 only:

@@ -45,8 +45,35 @@ CHECKPOINTS = "ckpt"
 
 _atomic_write = fileio.atomic_write_text  # temp names carry pid + a random suffix
 
+CONFIG_FILE = "config.yaml"  # the resolved config, saved when the run starts
 # What marks a folder as a run directory of this project (`jaxdetox run`, `eval`).
-RUN_MARKERS = ("config.yaml", "manifest.json")
+RUN_MARKERS = (CONFIG_FILE, "manifest.json")
+
+
+def _diff(a: object, b: object, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def config_diff(saved: dict, config: Any, out: Path) -> str:
+    """Why `config` may not resume the run in `out` that saved `saved` ("" if it may): the
+    differing keys, both through the current schema (defaults added since compare equal)."""
+    from jaxdetox.config import config_from_dict
+
+    # Only compared: the saved method's rules are not checked again (a new one differs).
+    saved_config = config_from_dict(saved, str(out / CONFIG_FILE), executes=False)
+    before = saved_config.model_dump(mode="json")
+    diff = _diff(before, config.model_dump(mode="json"))
+    if not diff:
+        return ""
+    return (
+        f"{out} was started with a different config ({len(diff)} keys differ, saved -> now); "
+        "use a new --out directory, or rerun with the saved config:\n  " + "\n  ".join(diff)
+    )
 
 
 class RunDirError(JaxdetoxError, ValueError):

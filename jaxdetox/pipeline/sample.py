@@ -1,41 +1,25 @@
-"""Pipeline stages 1 and 2 (sample, label; docs/method.md): sample completions into the sample
-store, then label them with an oracle. Both persist as they go and resume where a crash left
-them: a committed chunk is never recomputed, and a rerun of a finished stage does nothing.
-"""
+"""Stage 1, sample: S_s drawn from an LLM version on its prompt block into the sample store
+(`sample_stage`: any sampler and store; `sample`: the run's stage, recorded in the manifest).
+Sampling persists as it goes and resumes where a crash left it: a committed chunk is never
+recomputed, and a rerun of a finished stage does nothing."""
 
 from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 import time
 from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxdetox.data.prompts import TokenizedPrompts
 from jaxdetox.data.sample_store import SampleStore
 from jaxdetox.lm import LanguageModel, lm_sampler
-from jaxdetox.oracles import Oracle
+from jaxdetox.pipeline import flow
+from jaxdetox.pipeline.experiment import Experiment
+from jaxdetox.pipeline.record import StageReport, run_stage
 from jaxdetox.sampling import Sampler, SamplingConfig, sample_batches
-
-
-@dataclasses.dataclass(frozen=True)
-class StageReport:
-    """What one stage call did: items processed now, items found already done, seconds."""
-
-    stage: str
-    processed: int
-    skipped: int
-    seconds: float
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def oracle_label_name(name: str) -> str:
-    """The sample-store label key for an oracle name (`hf:/a/b` -> `hf_a_b`)."""
-    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", name).strip("_") or "oracle"
 
 
 def sample_stage(
@@ -128,69 +112,34 @@ def sample_stage_lm(
     )  # fmt: skip
 
 
-def label_stage(
-    store: SampleStore,
-    iteration: int,
-    oracle: Oracle,
-    label_name: str,
-    *,
-    batch_size: int = 256,
-    max_attempts: int | None = None,
-    progress: bool = True,
-) -> StageReport:
-    """Score every completion of `iteration` that has no good label yet and commit the labels
-    per batch; `extra["failures_left"]` counts the completions still without a good label.
+def sample(exp: Experiment, iteration: int, lm_version: int, samples: int, block: int) -> None:
+    """Stage 1 run in `iteration`: S_{samples} from LLM_{lm_version} on prompt block `block`
+    (0-based; every sample version has its own block). The store records LLM_{lm_version}."""
 
-    Oracle failures are committed as `ok=False` (masked downstream, never clean) and retried
-    by the next call, which scores exactly the failed and missing ones; a good label is
-    never rescored. The stage is marked done once no failure is left, or, with
-    `max_attempts`, once every failed completion has had that many attempts (its failure
-    then stays masked).
-    """
-    stage = f"labelled-{label_name}"
-    if store.is_done(iteration, stage):
-        ok = store.read(iteration, label_name)["ok"].to_numpy(zero_copy_only=False)
-        return StageReport(stage, 0, len(ok), 0.0, {"failures_left": int((~ok).sum())})
-    before = store.label_attempts(iteration, label_name)
-    keys = zip(before["prompt_id"].to_pylist(), before["sample_index"].to_pylist())
-    tries = dict(zip(keys, before["attempts"].to_pylist()))
-    todo = store.unlabelled(iteration, label_name, max_attempts=max_attempts)
-    skipped = int(_settled(before, max_attempts).sum())
-    start, failures = time.perf_counter(), 0
-    with tqdm(total=todo.num_rows, desc="label", unit="text", disable=not progress) as bar:
-        for begin in range(0, todo.num_rows, batch_size):
-            part = todo.slice(begin, batch_size)
-            prompt_ids = part["prompt_id"].to_numpy()
-            sample_index = part["sample_index"].to_numpy()
-            toxicity, ok = oracle.score(part["completion_text"].to_pylist())
-            first = (int(prompt_ids[0]), int(sample_index[0]))
-            # A retry of a failed first row needs a new chunk name (the store is append-only).
-            attempt = tries.get(first, 0) + 1
-            store.write_labels(
-                iteration,
-                f"{first[0]}-{first[1]}" + (f"-try{attempt}" if attempt > 1 else ""),
-                oracle=label_name,
-                prompt_ids=prompt_ids,
-                sample_index=sample_index,
-                toxicity=toxicity,
-                ok=ok,
-                metadata={"oracle_id": oracle.oracle_id},
-            )
-            failures += int((~np.asarray(ok)).sum())
-            bar.update(part.num_rows)
-    seconds = time.perf_counter() - start
-    after = store.label_attempts(iteration, label_name)
-    total = todo.num_rows + skipped
-    failures_left = total - int(after["ok"].to_numpy(zero_copy_only=False).sum())
-    info = {"oracle_id": oracle.oracle_id, "failures": failures, "failures_left": failures_left}
-    if int(_settled(after, max_attempts).sum()) == total:
-        store.mark_done(iteration, stage, info)
-    return StageReport(stage, todo.num_rows, skipped, seconds, info)
+    def body() -> dict[str, Any]:
+        report = sample_stage(
+            exp.samplers.plain,
+            exp.samplers.lm_state(lm_version),
+            exp.prompts.train_prompts(block),
+            exp.store,
+            samples,
+            exp.prompts.sampling_config(samples),
+            tokenizer=exp.context.tokenizer,
+            batch_size=exp.config.sampling.batch_size,
+            progress=exp.progress,
+            versions={"lm": lm_version},
+        )
+        return {"prompts": report.processed + report.skipped, **report.extra}
+
+    run_stage(exp, iteration, "sample", {"lm": lm_version}, body, {"samples": samples})
 
 
-def _settled(labels: Any, max_attempts: int | None) -> np.ndarray:
-    """Which of `SampleStore.label_attempts` rows are not to be scored again."""
-    ok = labels["ok"].to_numpy(zero_copy_only=False)
-    if max_attempts is None:
-        return ok
-    return ok | (labels["attempts"].to_numpy() >= max_attempts)
+def sampled_by(exp: Experiment, samples: int) -> int | None:
+    """The LLM version the sample store records as having drawn S_{samples} (None: none)."""
+    info = exp.store.done_info(samples, "sampled") or {}
+    return info.get("versions", {}).get("lm")
+
+
+def run_sample(exp: Experiment, stage: flow.Stage) -> None:
+    """Stage 1: the stage's sample version drawn from its LLM on its prompt block."""
+    sample(exp, stage.iteration, stage.input_versions["lm"], stage.output[1], stage.block)

@@ -1,23 +1,22 @@
-"""Stages 3 and 4 of an iteration: train NADO_i on S_i, then fine-tune LLM_i.
+"""The step loop every training stage runs (train_nado, finetune, the baselines' LLM updates):
+`fit` over resumable data streams, the planned step count (`stage_steps`) and the streams of
+the sample store and the corpus.
 
-Both run `fit`: a step loop over a resumable data iterator that checkpoints the trained part
-of the state together with the iterator's position every `checkpoint_every` steps (orbax,
-async). A killed stage restarts from its last checkpoint, drops the metrics it had logged
-past it, and — the steps being deterministic — ends with the same weights and metrics as an
-uninterrupted run.
+`fit` checkpoints the trained part of the state together with the streams' position every
+`checkpoint_every` steps (orbax, async). A killed stage restarts from its last checkpoint,
+drops the metrics it had logged past it, and — the steps being deterministic — ends with the
+same weights and metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,11 +27,9 @@ from jaxdetox.pipeline.rundir import CHECKPOINTS
 from jaxdetox.train import flops as flops_lib
 from jaxdetox.train.checkpoint import Checkpointer
 from jaxdetox.train.runner import StepRunner
-from jaxdetox.train.setup import Training, make_training
+from jaxdetox.train.setup import Training
 from jaxdetox.train.state import abstract_like
-from jaxdetox.train.steps import StepConfig, lm_step, nado_step
-
-logger = logging.getLogger(__name__)
+from jaxdetox.train.steps import StepConfig
 
 
 @dataclasses.dataclass
@@ -135,14 +132,15 @@ def fit(
     # One runner per stage kind and shape of work: later iterations reuse its executables
     # (their models and optimizers are built from the same config, so the programs match).
     key = (stage, step_config, total_steps)
-    runner = exp.runners.get(key)
-    if runner is None:
-        runner = exp.runners[key] = StepRunner(
+    runner = exp.context.programs.get_or_make(
+        key,
+        lambda: StepRunner(
             functools.partial(step_fn, models=training.models, config=step_config),
-            exp.mesh,
+            exp.context.mesh,
             training.shardings,
             name=stage,
-        )
+        ),
+    )
     ckpt = Checkpointer(
         run.stage_dir(iteration, stage) / checkpoint,
         keep=loop.keep_checkpoints,
@@ -164,8 +162,8 @@ def fit(
         progress = meta.get("validation", progress)
         run.truncate_metrics(iteration, stage, start)
     peak, _ = flops_lib.device_peak_flops()
-    if exp.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
-        peak *= exp.mesh.size
+    if exp.context.mesh.devices.flat[0].platform != "cpu":  # a CPU's measured peak is all its cores
+        peak *= exp.context.mesh.size
     last: dict[str, float] = {}
     done = start
     bar = tqdm(
@@ -270,263 +268,13 @@ def sample_stream(
     return exp.store.batches(
         iteration,
         host_batch_size(batch_size),
-        oracle=label_name or exp.label_name,
+        oracle=label_name or exp.constraints.label_name,
         seed=seed,
         num_epochs=epochs,
-        prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
+        prompt_len=exp.prompts.prompt_len,
+        completion_len=exp.prompts.completion_len,
         rows=rows,
     )
-
-
-def train_nado_stage(
-    exp: Experiment,
-    iteration: int,
-    *,
-    nado_version: int,
-    samples: int,
-    lm_version: int,
-    constraint: Any = None,
-) -> StageResult:
-    """NADO_iteration ← train(init NADO_{nado_version}, samples S_{samples}); LLMs frozen, the
-    reference (the model R decomposes: the Bellman term's p and the `shared` variant's
-    features) is LLM_{lm_version}, the LLM that drew S_{samples}. `constraint` (an
-    `Experiment.constraints` entry; default the first) picks the labels and the NADO.
-
-    `train_nado.heldout_fraction` of the prompts (all their samples) is held out: the NADO's
-    held-out BCE is evaluated after every epoch (and stops the stage with `early_stopping`),
-    and its quality figures (`evaluate.nado_quality`) are the result's `quality`.
-    """
-    from jaxdetox.evaluate.nado_quality import heldout_split
-
-    cfg, conf = exp.config.train_nado, exp.config
-    constraint = constraint or exp.constraints[0]
-    first = constraint.name == exp.constraints[0].name
-    arrays = exp.store.arrays(
-        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
-    )  # fmt: skip
-    train_rows, heldout_rows = heldout_split(
-        arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
-    )
-    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
-    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
-    label_mean = float(
-        np.sum((labels_b * tokens_b)[train_rows]) / max(np.sum(tokens_b[train_rows]), 1.0)
-    )
-    epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
-    total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    start_params = exp.nado_params(nado_version, constraint.name)
-    if nado_version == 0 and conf.nado.bias_init == "label_mean":
-        start_params = _with_bias(start_params, label_mean)
-    training = make_training(
-        exp.lm_module(exp.lm_params(lm_version)),
-        exp.nado_module(start_params),
-        exp.mesh,
-        lm_optimizer=None,
-        nado_optimizer=recipe.nado_optimizer_config(cfg),
-        nado_steps=total,
-        seed=conf.seed + iteration,
-    )
-    training = dataclasses.replace(training, state=training.state.replace(lm=None))
-    training = dataclasses.replace(training, shardings=training.shardings.replace(lm=None))
-    step_config = recipe.nado_step_config(cfg)
-    batches = sample_stream(
-        exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration,
-        constraint.label_name, rows=train_rows,
-    )  # fmt: skip
-    streams = Streams(
-        {"samples": iter(batches)}, lambda b: {"samples": exp.labels(b["samples"], constraint)}
-    )
-    seq = exp.prompt_len + exp.completion_len
-    tokens = cfg.batch_size * seq
-    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
-    fl = flops_lib.nado_step_flops(
-        exp.lm_config, body, tokens=tokens, seq_len=seq, consistency=cfg.consistency is not None
-    )
-    heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
-    validation = None
-    if len(heldout_rows):
-        validation = Validation(
-            every=epoch_steps, evaluate=heldout.bce, metric="nado/heldout_bce",
-            patience=cfg.patience if cfg.early_stopping else None,
-        )  # fmt: skip
-    initial = training.state  # before any update: the reference for the rows training moves
-    initial_probe = heldout.probe_logits(initial) if len(heldout_rows) else None
-    result = fit(
-        exp, iteration=iteration, stage="train_nado", training=training, step_fn=nado_step,
-        step_config=step_config, streams=streams, total_steps=total, trained="nado",
-        tokens_per_step=tokens, flops_per_step=fl.total,
-        checkpoint=CHECKPOINTS if first else f"{CHECKPOINTS}_{constraint.name}",
-        validation=validation,
-    )  # fmt: skip
-    if len(heldout_rows):
-        trained_state = result.state.replace(nado=result.state.nado.replace(params=result.params))
-        result.quality = heldout.quality(trained_state, initial_probe, label_mean)
-        if not result.quality["beats_constant"]:
-            logger.warning(
-                "iteration %d: NADO (%s) held-out BCE %.4f does not beat the constant predictor's "
-                "%.4f: its guidance is no better than none (more samples, epochs or another "
-                "nado.head may help)", iteration, constraint.name,
-                result.quality["heldout_bce"], result.quality["constant_bce"],
-            )  # fmt: skip
-    return result
-
-
-def _with_bias(params: Any, rate: float) -> Any:
-    """`models.nado.with_uniform_bias`, the new bias placed like the old one."""
-    from jaxdetox.models.nado import with_uniform_bias
-
-    new = with_uniform_bias(params, rate)
-    old_b = params["head"]["b"]
-    new["head"]["b"] = jax.device_put(new["head"]["b"], old_b.sharding)
-    return new
-
-
-def _all_labels(exp: Experiment, arrays: Any, constraint: Any) -> tuple[np.ndarray, np.ndarray]:
-    """NADO labels and label mask of every row of an iteration's `SampleArrays`."""
-    n = arrays.num_rows
-    ok = np.asarray(arrays.ok, bool)
-    batch = {"ok_b": ok, "valid_b": np.ones(n, bool),
-             "toxicity_b": np.where(ok, arrays.toxicity, 0.0).astype(np.float32)}  # fmt: skip
-    out = exp.labels(batch, constraint)
-    return out["labels_b"], out["label_mask_b"]
-
-
-class HeldOut:
-    """The held-out samples of a NADO stage, batched once; evaluates a NADO state on them."""
-
-    def __init__(
-        self,
-        exp: Experiment,
-        training: Training,
-        arrays: Any,
-        rows: np.ndarray,
-        batch_size: int,
-        constraint: Any,
-    ) -> None:
-        """Cut `rows` of `arrays` into labelled host batches of `batch_size` (last padded)."""
-        from jaxdetox.train.nado_eval import nado_outputs
-
-        self.batches = [
-            exp.labels(arrays.batch(rows[i : i + batch_size], batch_size), constraint)
-            for i in range(0, len(rows), batch_size)
-        ]
-        # Fixed for the stage: labels, BCE weights and labelled rows of the held-out batches.
-        self.labels_b = np.concatenate([b["labels_b"] for b in self.batches])
-        self.weight_bt = np.concatenate(
-            [
-                (b["loss_mask_bt"] * b["label_mask_b"][:, None]).astype(np.float64)
-                for b in self.batches
-            ]
-        )
-        self.labelled_b = np.concatenate([b["label_mask_b"] > 0 for b in self.batches])
-        self.prompt_ids_b = np.concatenate([b["prompt_ids_b"] for b in self.batches])
-        self.runner = StepRunner(
-            functools.partial(nado_outputs, models=training.models), exp.mesh,
-            training.shardings, name="nado_heldout", returns_state=False,
-        )  # fmt: skip
-
-    def _outputs(self, state: Any) -> list[dict[str, np.ndarray]]:
-        # Each host feeds its contiguous share of every batch (the global batch is the hosts'
-        # shares in process order); the outputs come back replicated, for the whole batch.
-        hosts, me = jax.process_count(), jax.process_index()
-        outs = []
-        for b in self.batches:
-            share = len(b["valid_b"]) // hosts
-            mine = {k: v[me * share : (me + 1) * share] for k, v in b.items()}
-            out = jax.device_get(self.runner(state, {"samples": mine}))
-            outs.append({k: np.asarray(v) for k, v in out.items()})
-        return outs
-
-    def bce(self, state: Any) -> float:
-        """Token-weighted held-out BCE of the NADO in `state`."""
-        from jaxdetox.evaluate.nado_quality import weighted_bce
-
-        logit = np.concatenate([o["token_logit_bt"] for o in self._outputs(state)])
-        labels_bt = np.broadcast_to(self.labels_b[:, None], logit.shape)
-        return weighted_bce(logit, labels_bt, self.weight_bt)
-
-    def probe_logits(self, state: Any) -> np.ndarray:
-        """Full-vocabulary NADO logits at each held-out row's last completion position."""
-        return np.concatenate([o["probe_logits_bv"] for o in self._outputs(state)])
-
-    def quality(self, state: Any, initial_probe: np.ndarray, label_mean: float) -> dict[str, Any]:
-        """`evaluate.nado_quality` figures of the NADO in `state` (JSON-able)."""
-        from jaxdetox.evaluate.nado_quality import nado_quality
-
-        outs = self._outputs(state)
-        probe = np.concatenate([o["probe_logits_bv"] for o in outs])
-        rows = self.labelled_b
-        moved = np.any(~np.isclose(probe[rows], initial_probe[rows], rtol=1e-5, atol=1e-6), axis=0)
-        return nado_quality(
-            np.concatenate([o["token_logit_bt"] for o in outs]),
-            self.labels_b, self.weight_bt, label_mean, moved,
-            groups_b=self.prompt_ids_b,  # the gain's error is over prompts
-        ).to_json()  # fmt: skip
-
-
-def with_all_nados(exp: Experiment, training: Training, nado_version: int) -> Training:
-    """`training` whose frozen NADO is every constraint's NADO_{nado_version} (a dict by
-    name; the teacher sums their guidance terms), when the run has several constraints."""
-    if len(exp.constraints) == 1:
-        return training
-    names = tuple(c.name for c in exp.constraints)
-    params = {name: jax.tree.map(jnp.copy, exp.nado_params(nado_version, name)) for name in names}
-    shard = training.shardings.nado.params
-    state = training.state.replace(nado=training.state.nado.replace(params=params))
-    shardings = training.shardings.replace(
-        nado=training.shardings.nado.replace(params=dict.fromkeys(names, shard))
-    )
-    models = dataclasses.replace(training.models, nado_names=names)
-    return Training(state, models, shardings)
-
-
-def finetune_stage(
-    exp: Experiment, iteration: int, *, lm_version: int, nado_version: int, samples: int
-) -> StageResult:
-    """LLM_iteration ← LLM_{lm_version} trained on NLL(corpus) + λ·KL(q ‖ LLM) on S_{samples},
-    q = reference ⊕ NADO_{nado_version} (reference: the base LLM or LLM_{lm_version})."""
-    cfg, conf = exp.config.finetune, exp.config
-    num_rows = exp.store.read(samples, exp.label_name).num_rows
-    total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    if exp.lora is not None:  # adapters train; the base is the student's and the reference
-        lm_module, reference = exp.lora_module(lm_version), None
-    else:
-        lm_module = exp.lm_module(exp.lm_params(lm_version))
-        reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
-    training = make_training(
-        lm_module,
-        exp.nado_module(exp.nado_params(nado_version)),
-        exp.mesh,
-        lm_optimizer=recipe.optimizer_config(cfg.optimizer),
-        nado_optimizer=None,
-        lm_steps=total,
-        reference=reference,
-        reference_dtype=cfg.reference_dtype,
-        seed=conf.seed + iteration,
-    )
-    training = with_all_nados(exp, training, nado_version)
-    batches = sample_stream(exp, samples, cfg.batch_size, cfg.epochs, conf.seed + iteration)
-    iterators = {"samples": iter(batches)}
-    seq = exp.prompt_len + exp.completion_len
-    tokens, kl_tokens = cfg.batch_size * seq, cfg.batch_size * seq
-    if conf.corpus is not None:
-        iterators["corpus"] = iter(corpus_stream(exp))
-        corpus_tokens = conf.corpus.batch_size * conf.corpus.seq_len
-        tokens += corpus_tokens
-        kl_tokens += corpus_tokens if "corpus" in cfg.kl_on else 0
-    step_config = recipe.finetune_step_config(conf)
-    streams = Streams(iterators, lambda b: b)
-    body = exp.nado_config.body if exp.nado_config.variant == "separate" else None
-    fl = flops_lib.lm_step_flops(
-        exp.lm_config, body, tokens=tokens, kl_tokens=kl_tokens, seq_len=seq
-    )
-    return fit(
-        exp, iteration=iteration, stage="finetune", training=training, step_fn=lm_step,
-        step_config=step_config, streams=streams, total_steps=total, trained="lm",
-        tokens_per_step=tokens, flops_per_step=fl.total,
-    )  # fmt: skip
 
 
 def corpus_stream(exp: Experiment) -> Any:
@@ -535,7 +283,7 @@ def corpus_stream(exp: Experiment) -> Any:
 
     c = exp.config.corpus
     source = builtin_corpus(exp) if c.source == "builtin" else c.source
-    return corpus_dataset(recipe.corpus_config(c, source), exp.tokenizer)
+    return corpus_dataset(recipe.corpus_config(c, source), exp.context.tokenizer)
 
 
 def builtin_corpus(exp: Experiment) -> str:
@@ -543,7 +291,7 @@ def builtin_corpus(exp: Experiment) -> str:
     the evaluation prompts) as a jsonl in the run directory, for offline corpus NLL."""
     import json
 
-    from jaxdetox.pipeline.experiment import builtin_prompt_set
+    from jaxdetox.pipeline.prompts import builtin_prompt_set
 
     path = exp.run.root / "corpus" / "builtin_train_prompts.jsonl"
     if not path.exists():  # every host writes the same file atomically: no wait on another
@@ -555,3 +303,17 @@ def builtin_corpus(exp: Experiment) -> str:
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         tmp.replace(path)
     return str(path)
+
+
+def training_outputs(result: StageResult, artifact: str) -> dict[str, Any]:
+    """The manifest outputs of a training stage: steps, resume point, artefact, last metrics."""
+    keep = ("nado/bce", "nado/consistency", "lm/samples/kl", "lm/corpus/nll", "mfu")
+    return {
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "compiles": result.compile_count,
+        "artifact": artifact,
+        **{k: result.last_metrics[k] for k in keep if k in result.last_metrics},
+        **({"validation": result.validation} if result.validation is not None else {}),
+        **({"nado_quality": result.quality} if result.quality is not None else {}),
+    }

@@ -9,7 +9,7 @@ planned shape, so a v5p-128 mesh is planned on a laptop.
 
 Per stage (`finetune`, `train_nado`, `sample`, `eval` run one after another; the peak is the
 largest) the rows are what the stage's jitted step holds on one device, plus the artefacts
-the run keeps between stages (`Experiment.keep`: up to two LLM and two NADO versions).
+the run keeps between stages (`ArtefactTable.keep`: up to two LLM and two NADO versions).
 
 What is exact and what is estimated (checked against XLA's `compiled.memory_analysis()` of the
 real train step in tests/test_memory_plan.py):
@@ -228,7 +228,11 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(cast, tree)
 
 
-def _stream(batch: int, length: int, labels: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_stream(
+    batch: int, length: int, labels: bool = False
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays of one training stream of `batch` rows x `length` tokens, abstract (with the
+    NADO labels when `labels`)."""
     i32 = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     out = {
         "tokens_bt": i32,
@@ -319,7 +323,7 @@ class Planner:
     # ------------------------------------------------------------------ traced activations
 
     def step_config(self, stage: str) -> Any:
-        """The `StepConfig` the loop builds for a training stage (`loop.recipe`)."""
+        """The `StepConfig` the pipeline builds for a training stage (`pipeline.recipe`)."""
         from jaxdetox.pipeline import recipe
 
         if stage == "train_nado":
@@ -352,7 +356,10 @@ class Planner:
         config = self.step_config(stage)
         k = config.micro_batches
         if stage == "finetune":
-            batch = {s: _stream(max(b // k, 1), t) for s, (b, t) in self.finetune_streams().items()}
+            batch = {
+                s: abstract_stream(max(b // k, 1), t)
+                for s, (b, t) in self.finetune_streams().items()
+            }
             denominators = {s: jnp.float32(1.0) for s in batch}
             nado_params = self.nado_params
             if config.alphas is not None:  # one NADO per constraint in the teacher
@@ -367,7 +374,7 @@ class Planner:
 
             return saved_activations(loss, self.lm_params, batch, self.ref_params, nado_params)
         b, t = self.nado_stream()
-        batch = {"samples": _stream(max(b // k, 1), t, labels=True)}
+        batch = {"samples": abstract_stream(max(b // k, 1), t, labels=True)}
 
         def nado_loss(params: Any, batch: Any, ref: Any) -> Any:
             return steps.nado_loss(params, batch, models=models, ref_params=ref, config=config,
@@ -435,7 +442,9 @@ class Planner:
         opt_state = self.lm_opt_state if stage == "finetune" else self.nado_opt_state
         rows_set = {max(b // k, 1) for b, _ in streams.values()}
         batch = sum(
-            self._activations(jax.tree.leaves(_stream(b, t, labels=s == "samples")), sizes, {b})
+            self._activations(
+                jax.tree.leaves(abstract_stream(b, t, labels=s == "samples")), sizes, {b}
+            )
             for s, (b, t) in streams.items()
         )
         saved = self._activations(self.residuals(stage, c.remat), sizes, rows_set)

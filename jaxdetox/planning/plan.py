@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +112,3 @@ def plan(config: RunConfig, num_devices: int | None = None, device: str | None =
         memory.format_plan(p.plan(sizes), kind),
     ]
     return "\n".join(lines)
-
-
-def describe_environment() -> dict[str, Any]:
-    """Process / device facts printed at the start of a run."""
-    return {
-        "process": f"{jax.process_index()}/{jax.process_count()}",
-        "devices": jax.device_count(),
-        "local_devices": jax.local_device_count(),
-        "platform": jax.devices()[0].platform,
-        "pid": os.getpid(),
-    }

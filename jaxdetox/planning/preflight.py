@@ -62,8 +62,7 @@ def check_out_dir(config: RunConfig, out: Any, *, overwrite: bool = False) -> st
     `config` (the check the real run makes before it resumes)."""
     import yaml
 
-    from jaxdetox.commands.session import CONFIG_FILE, config_diff
-    from jaxdetox.pipeline.rundir import check_out
+    from jaxdetox.pipeline.rundir import CONFIG_FILE, check_out, config_diff
 
     check_out(out, overwrite=overwrite)
     saved = out / CONFIG_FILE

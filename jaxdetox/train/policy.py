@@ -31,10 +31,10 @@ from jaxdetox.train.steps import (
     Metrics,
     StepConfig,
     StreamLoss,
-    _count,
     lm_denominators,
     lm_hidden,
     lm_loss,
+    loss_denominator,
     update_lm,
 )
 
@@ -71,7 +71,7 @@ def sequence_logprobs(
 
 def _prologue(batch: Batch, stream: str, config: PolicyConfig) -> tuple:
     """`(number of sequences / pairs, corpus StepConfig, corpus denominators)` of a batch."""
-    n = _count(batch[stream]["label_mask_b"].astype(F32))
+    n = loss_denominator(batch[stream]["label_mask_b"].astype(F32))
     corpus = config.corpus()
     return n, corpus, lm_denominators(batch, corpus)
 

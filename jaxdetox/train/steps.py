@@ -210,7 +210,8 @@ def nado_sums(teacher: Teacher, stream: dict[str, jax.Array], config: StepConfig
 # ----------------------------------------------------------------------------- denominators
 
 
-def _count(x: jax.Array) -> jax.Array:
+def loss_denominator(x: jax.Array) -> jax.Array:
+    """The denominator of a masked mean over the whole batch: Σ x, at least 1."""
     return jnp.maximum(jnp.sum(x.astype(F32)), 1.0)
 
 
@@ -220,12 +221,14 @@ def _lm_streams(batch: Batch, config: StepConfig) -> list[str]:
 
 def lm_denominators(batch: Batch, config: StepConfig) -> dict[str, jax.Array]:
     """Loss-mask tokens per LLM stream over the whole (global) batch."""
-    return {s: _count(_sequence_weights(batch[s]) > 0) for s in _lm_streams(batch, config)}
+    return {
+        s: loss_denominator(_sequence_weights(batch[s]) > 0) for s in _lm_streams(batch, config)
+    }
 
 
 def nado_denominator(stream: dict[str, jax.Array]) -> jax.Array:
     """Labelled completion tokens of the samples stream over the whole batch."""
-    return _count(stream["loss_mask_bt"] * (stream["nado_weight_b"] > 0)[:, None])
+    return loss_denominator(stream["loss_mask_bt"] * (stream["nado_weight_b"] > 0)[:, None])
 
 
 # ----------------------------------------------------------------------------- losses
