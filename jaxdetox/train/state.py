@@ -42,12 +42,21 @@ class TrainState:
 
     `lm` / `nado` may be None for stages that train only one of them; `ref_params` is the
     reference LLM the guided teacher is built from (None when no step needs a teacher).
+    `nado_ref_params`: the model the NADO decomposes when it is another than the teacher's
+    reference (the parallel scheme's joint stage: the LLM that drew the samples); None: the
+    NADO's reference is `ref_params` too.
     """
 
     lm: ModelState | None
     nado: ModelState | None
     ref_params: Params | None
     rng: jax.Array  # uint32 key data [2]
+    nado_ref_params: Params | None = None
+
+    @property
+    def nado_reference(self) -> Params | None:
+        """The reference LLM of the NADO's loss (its R decomposes this model)."""
+        return self.ref_params if self.nado_ref_params is None else self.nado_ref_params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -413,7 +413,7 @@ def nado_step(
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
         loss, (sums, _) = nado_loss(
-            params, mb, models=models, ref_params=state.ref_params, config=config,
+            params, mb, models=models, ref_params=state.nado_reference, config=config,
             denominator=denominator,
         )  # fmt: skip
         return loss, sums
@@ -455,22 +455,24 @@ def joint_step(
 
     The LLM's teacher uses the NADO *before* this update (stop-gradient), and on the samples
     stream the reference and NADO forwards are shared by both losses: the LLM half equals
-    `lm_step` and the NADO half equals `nado_step` on the same batch.
+    `lm_step` and the NADO half equals `nado_step` on the same batch. With a NADO reference
+    of its own (`state.nado_ref_params`) the teacher's forwards are the LLM half's own.
     """
     batch = _with_nado_weights(batch, config)
     lm_denoms = lm_denominators(batch, config)
     nado_denom = nado_denominator(batch["samples"])
     frozen_nado = jax.lax.stop_gradient(state.nado.params)
+    shared = state.nado_ref_params is None  # one reference: one teacher for both losses
 
     def loss_fn(params: tuple[Params, Params], mb: Batch) -> tuple[jax.Array, Metrics]:
         lm_params, nado_params = params
         n_loss, (n_sums, teacher) = nado_loss(
-            nado_params, mb, models=models, ref_params=state.ref_params, config=config,
+            nado_params, mb, models=models, ref_params=state.nado_reference, config=config,
             denominator=nado_denom,
         )  # fmt: skip
         l_loss, l_sums = lm_loss(
             models.student_params(lm_params, state.ref_params), mb, models=models, ref_params=state.ref_params, nado_params=frozen_nado,
-            config=config, denominators=lm_denoms, teachers={"samples": teacher},
+            config=config, denominators=lm_denoms, teachers={"samples": teacher} if shared else None,
         )  # fmt: skip
         return l_loss + n_loss, {**l_sums, **n_sums, "lm_loss": l_loss, "nado_loss": n_loss}
 
