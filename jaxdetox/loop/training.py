@@ -225,7 +225,7 @@ def fit(
                 if early_stopping and progress["bad"] >= validation.patience:
                     progress["stopped"] = True
             run.log(iteration, stage, done, metrics)
-            last = metrics
+            last = {**last, **metrics}  # each metric's latest value (phases log their own)
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens_per_step / seconds:.0f}", **_headline(metrics))
             # Early stopping checkpoints every evaluation: a resume must know the best so far.
@@ -353,11 +353,7 @@ def train_nado_stage(
     train_rows, heldout_rows = heldout_split(
         arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
     )
-    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
-    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
-    label_mean = float(
-        np.sum((labels_b * tokens_b)[train_rows]) / max(np.sum(tokens_b[train_rows]), 1.0)
-    )
+    label_mean = training_label_mean(exp, arrays, constraint, train_rows)
     epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
     total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
     start_params = exp.nado_params(nado_version, constraint.name)
@@ -406,15 +402,28 @@ def train_nado_stage(
     )  # fmt: skip
     if len(heldout_rows):
         trained_state = result.state.replace(nado=result.state.nado.replace(params=result.params))
-        result.quality = heldout.quality(trained_state, initial_probe, label_mean)
-        if not result.quality["beats_constant"]:
-            logger.warning(
-                "iteration %d: NADO (%s) held-out BCE %.4f does not beat the constant predictor's "
-                "%.4f: its guidance is no better than none (more samples, epochs or another "
-                "nado.head may help)", iteration, constraint.name,
-                result.quality["heldout_bce"], result.quality["constant_bce"],
-            )  # fmt: skip
+        result.quality = heldout.checked_quality(
+            trained_state, initial_probe, label_mean, f"iteration {iteration}: NADO "
+            f"({constraint.name})"
+        )  # fmt: skip
     return result
+
+
+def training_label_mean(exp: Experiment, arrays: Any, constraint: Any, rows: np.ndarray) -> float:
+    """The token-weighted mean NADO label over `rows` of an iteration's samples (the
+    constant predictor's rate, and the initial NADO's bias with `bias_init: label_mean`)."""
+    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
+    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
+    return float(np.sum((labels_b * tokens_b)[rows]) / max(np.sum(tokens_b[rows]), 1.0))
+
+
+def student_and_reference(exp: Experiment, lm_version: int) -> tuple[Any, Any]:
+    """The LLM module fine-tuned from LLM_{lm_version} and its teacher's reference
+    (`finetune.reference`; LoRA: None, the frozen base is the reference)."""
+    if exp.lora is not None:  # adapters train; the base is the student's and the reference
+        return exp.lora_module(lm_version), None
+    reference = exp.lm_params(0 if exp.config.finetune.reference == "base" else lm_version)
+    return exp.lm_module(exp.lm_params(lm_version)), reference
 
 
 def _with_bias(params: Any, rate: float) -> Any:
@@ -495,6 +504,20 @@ class HeldOut:
         """Full-vocabulary NADO logits at each held-out row's last completion position."""
         return np.concatenate([o["probe_logits_bv"] for o in self._outputs(state)])
 
+    def checked_quality(
+        self, state: Any, initial_probe: np.ndarray, label_mean: float, name: str
+    ) -> dict[str, Any]:
+        """`quality`, with a warning naming `name` when the NADO does not beat the constant
+        predictor."""
+        quality = self.quality(state, initial_probe, label_mean)
+        if not quality["beats_constant"]:
+            logger.warning(
+                "%s held-out BCE %.4f does not beat the constant predictor's %.4f: its "
+                "guidance is no better than none (more samples, epochs or another nado.head "
+                "may help)", name, quality["heldout_bce"], quality["constant_bce"],
+            )  # fmt: skip
+        return quality
+
     def quality(self, state: Any, initial_probe: np.ndarray, label_mean: float) -> dict[str, Any]:
         """`evaluate.nado_quality` figures of the NADO in `state` (JSON-able)."""
         from jaxdetox.evaluate.nado_quality import nado_quality
@@ -534,11 +557,7 @@ def finetune_stage(
     cfg, conf = exp.config.finetune, exp.config
     num_rows = exp.store.read(samples, exp.label_name).num_rows
     total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    if exp.lora is not None:  # adapters train; the base is the student's and the reference
-        lm_module, reference = exp.lora_module(lm_version), None
-    else:
-        lm_module = exp.lm_module(exp.lm_params(lm_version))
-        reference = exp.lm_params(0 if cfg.reference == "base" else lm_version)
+    lm_module, reference = student_and_reference(exp, lm_version)
     training = make_training(
         lm_module,
         exp.nado_module(exp.nado_params(nado_version)),

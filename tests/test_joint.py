@@ -1,0 +1,137 @@
+"""`loop.placement: joint`: the parallel scheme's train_nado and finetune of an iteration as one
+joint stage (`joint_step`), equal to the separate stages where their schedules coincide,
+resumable mid-stage, recorded as the two stages.
+
+Tolerance: the joint program computes the same sums as `nado_step` and `lm_step`, but XLA
+fuses one program of both losses differently from two, so a float32 reduction may round
+otherwise (`test_train_steps`: ≤ 1e-7 after one step). Over a stage's Adam updates such a
+rounding moves a weight by at most a few learning-rate-sized steps where a gradient is
+near zero (Adam normalises it), so weights are compared with atol 1e-5 (lr 1e-3 × 16 steps
+× a rounding-sized share) — far below what a wrong teacher or batch gives (tested: ≥ 1e-3).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxdetox.config import ConfigError, config_from_dict
+from jaxdetox.loop.flow import plan_stages
+from jaxdetox.loop.joint import fused_units
+from jaxdetox.loop.rundir import RunDir, read_manifest
+from tests._tiny_run import save_tiny_model, tiny_config
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _config(model_dir: Path, **loop) -> dict:
+    return tiny_config(
+        model_dir,
+        loop={"iterations": 3, "scheme": "parallel", "checkpoint_every": 2, **loop},
+        # The schedules coincide: 16 rows, batch 8, 2 epochs each (4 steps), no held-out rows.
+        train_nado={"epochs": 2, "heldout_fraction": 0.0},
+        finetune={"epochs": 2},
+        mesh={"data": 2},
+        eval={"enabled": False},
+    )
+
+
+def _weights(out: Path) -> dict[str, np.ndarray]:
+    lm = load_file(out / "final" / "model" / "model.safetensors")
+    nado = load_file(out / "final" / "nado" / "nado.safetensors")
+    return {**{f"lm/{k}": v for k, v in lm.items()}, **{f"nado/{k}": v for k, v in nado.items()}}
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+
+
+def _run(config: dict, out: Path) -> Path:
+    from jaxdetox.commands.run import execute
+
+    assert execute(config_from_dict(config), out, progress=False) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def separate_run(model_dir, tmp_path_factory):
+    return _run(_config(model_dir), tmp_path_factory.mktemp("separate") / "run")
+
+
+@pytest.fixture(scope="module")
+def joint_run(model_dir, tmp_path_factory):
+    return _run(_config(model_dir, placement="joint"), tmp_path_factory.mktemp("joint") / "run")
+
+
+def test_the_plan_fuses_iterations_from_two_on(model_dir):
+    stages = plan_stages(config_from_dict(_config(model_dir, placement="joint")))
+    fused = [tuple((s.iteration, s.name) for s in u) for u in fused_units(stages) if len(u) > 1]
+    assert fused == [((2, "train_nado"), (2, "finetune")), ((3, "train_nado"), (3, "finetune"))]
+    # every stage still runs once
+    assert sorted(map(str, (s for u in fused_units(stages) for s in u))) == sorted(map(str, stages))
+
+
+def test_joint_placement_needs_the_parallel_scheme_and_one_batch(model_dir):
+    with pytest.raises(ConfigError, match="placement 'joint' fuses the parallel scheme"):
+        config_from_dict(_config(model_dir, placement="joint", scheme="sequential"))
+    bad = _config(model_dir, placement="joint")
+    bad["train_nado"]["batch_size"] = 4
+    with pytest.raises(ConfigError, match=r"train_nado.batch_size \(4\) must equal finetune"):
+        config_from_dict(bad)
+    with pytest.raises(ConfigError, match="'colocated', 'split', 'jobs' or 'joint'"):
+        config_from_dict(_config(model_dir, placement="fused"))
+
+
+@pytest.mark.slow
+def test_joint_stage_equals_the_separate_stages(separate_run, joint_run):
+    assert _max_diff(separate_run, joint_run) < ATOL
+    records = {(r["iteration"], r["stage"]): r for r in read_manifest(joint_run)}
+    reference = {(r["iteration"], r["stage"]): r for r in read_manifest(separate_run)}
+    assert {k: r["inputs"] for k, r in records.items()} == {
+        k: r["inputs"] for k, r in reference.items()
+    }
+    for i in (2, 3):
+        for stage in ("train_nado", "finetune"):
+            outputs = records[i, stage]["outputs"]
+            assert outputs["joint"] == "joint" and outputs["steps"] == 4
+            assert "joint" not in reference[i, stage]["outputs"]
+    metrics = [json.loads(x) for x in (joint_run / "metrics.jsonl").read_text().splitlines()]
+    joint_steps = [m for m in metrics if m["stage"] == "joint" and m["iteration"] == 2]
+    assert len(joint_steps) == 4 and all("nado/bce" in m and "lm/loss" in m for m in joint_steps)
+
+
+@pytest.mark.slow
+def test_a_killed_joint_stage_resumes_to_the_same_weights(
+    joint_run, model_dir, tmp_path, monkeypatch
+):
+    config = _config(model_dir, placement="joint")
+    out = tmp_path / "run"
+
+    class Killed(Exception):
+        pass
+
+    log = RunDir.log
+
+    def dying_log(self, iteration, stage, step, scalars):
+        log(self, iteration, stage, step, scalars)
+        if (iteration, stage, step) == (3, "joint", 3):  # past the checkpoint of step 2
+            raise Killed
+
+    monkeypatch.setattr(RunDir, "log", dying_log)
+    with pytest.raises(Killed):
+        _run(config, out)
+    assert RunDir(out).record(3, "train_nado")["status"] == "failed"
+    monkeypatch.setattr(RunDir, "log", log)
+    _run(config, out)
+    record = RunDir(out).record(3, "finetune")
+    assert record["outputs"]["resumed_from_step"] == 2
+    assert _max_diff(joint_run, out) == 0.0
