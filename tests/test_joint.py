@@ -38,7 +38,6 @@ def _config(model_dir: Path, **loop) -> dict:
         # The schedules coincide: 16 rows, batch 8, 2 epochs each (4 steps), no held-out rows.
         train_nado={"epochs": 2, "heldout_fraction": 0.0},
         finetune={"epochs": 2},
-        mesh={"data": 2},
         eval={"enabled": False},
     )
 

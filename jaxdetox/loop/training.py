@@ -384,9 +384,9 @@ def train_nado_stage(
     fl = flops_lib.nado_step_flops(
         exp.lm_config, body, tokens=tokens, seq_len=seq, consistency=cfg.consistency is not None
     )
-    heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
-    validation = None
-    if len(heldout_rows):
+    validation, heldout = None, None
+    if len(heldout_rows):  # (`heldout_fraction: 0` holds none out)
+        heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
         validation = Validation(
             every=epoch_steps, evaluate=heldout.bce, metric="nado/heldout_bce",
             patience=cfg.patience if cfg.early_stopping else None,
