@@ -258,8 +258,10 @@ def _runner(
     exp: Experiment, stage: str, training: Training, phase: Phase, total_steps: int
 ) -> StepRunner:
     # One runner per stage kind and shape of work: later iterations reuse its executables
-    # (their models and optimizers are built from the same config, so the programs match).
-    key = (stage, phase.step_fn, phase.step_config, total_steps, phase.until)
+    # (their models and optimizers are built from the same config, so the programs match;
+    # a joint stage's state may hold a NADO reference of its own: another program).
+    structure = jax.tree.structure(training.state)
+    key = (stage, phase.step_fn, phase.step_config, total_steps, phase.until, structure)
     runner = exp.runners.get(key)
     if runner is None:
         runner = exp.runners[key] = StepRunner(
