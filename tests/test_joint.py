@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from jaxdetox.config import ConfigError, config_from_dict
 from jaxdetox.loop.flow import plan_stages
 from jaxdetox.loop.joint import fused_units
 from jaxdetox.loop.rundir import RunDir, read_manifest
-from tests._tiny_run import save_tiny_model, tiny_config
+from tests._tiny_run import final_weights, save_tiny_model, tiny_config
 
 ATOL = 1e-5
 
@@ -45,14 +44,8 @@ def _config(model_dir: Path, **loop) -> dict:
     )
 
 
-def _weights(out: Path) -> dict[str, np.ndarray]:
-    lm = load_file(out / "final" / "model" / "model.safetensors")
-    nado = load_file(out / "final" / "nado" / "nado.safetensors")
-    return {**{f"lm/{k}": v for k, v in lm.items()}, **{f"nado/{k}": v for k, v in nado.items()}}
-
-
 def _max_diff(a: Path, b: Path) -> float:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     return max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
 

@@ -51,7 +51,9 @@ from jaxdetox.loop.training import (
     StageResult,
     Streams,
     Validation,
+    corpus_stream,
     fit,
+    nado_rows,
     sample_stream,
     stage_steps,
     student_and_reference,
@@ -156,17 +158,9 @@ def joint_stage(
     """NADO_iteration (from NADO_{nado_version}, decomposing LLM_{nado_lm_version}) and
     LLM_iteration (from LLM_{lm_version}, teacher NADO_{nado_version}) trained together on
     S_{samples}: `{"nado": result, "lm": result}` (see the module docstring)."""
-    from jaxdetox.evaluate.nado_quality import heldout_split
-
     conf, f, n = exp.config, exp.config.finetune, exp.config.train_nado
     constraint = exp.constraints[0]
-    arrays = exp.store.arrays(
-        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
-    )  # fmt: skip
-    train_rows, heldout_rows = heldout_split(
-        arrays.prompt_ids, n.heldout_fraction, seed=conf.seed + iteration
-    )
+    arrays, train_rows, heldout_rows = nado_rows(exp, iteration, samples, constraint)
     rows, batch_size = arrays.num_rows, f.batch_size
     lm_steps = stage_steps(rows, batch_size, f.epochs, f.max_steps)
     nado_steps = stage_steps(rows, batch_size, n.epochs, n.max_steps)
@@ -206,8 +200,6 @@ def joint_stage(
         "samples": iter(sample_stream(exp, samples, batch_size, epochs, conf.seed + iteration))
     }
     if conf.corpus is not None:
-        from jaxdetox.loop.training import corpus_stream
-
         iterators["corpus"] = iter(corpus_stream(exp))
     phases = _phases(exp, lm_steps, nado_steps)
     validation, heldout, initial_probe = None, None, None

@@ -343,18 +343,10 @@ def train_nado_stage(
     held-out BCE is evaluated after every epoch (and stops the stage with `early_stopping`),
     and its quality figures (`evaluate.nado_quality`) are the result's `quality`.
     """
-    from jaxdetox.evaluate.nado_quality import heldout_split
-
     cfg, conf = exp.config.train_nado, exp.config
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
-    arrays = exp.store.arrays(
-        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
-        completion_len=exp.completion_len,
-    )  # fmt: skip
-    train_rows, heldout_rows = heldout_split(
-        arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
-    )
+    arrays, train_rows, heldout_rows = nado_rows(exp, iteration, samples, constraint)
     label_mean = training_label_mean(exp, arrays, constraint, train_rows)
     epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
     total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -409,6 +401,22 @@ def train_nado_stage(
             f"({constraint.name})"
         )  # fmt: skip
     return result
+
+
+def nado_rows(
+    exp: Experiment, iteration: int, samples: int, constraint: Any
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """`(arrays, train_rows, heldout_rows)` of S_{samples} for a NADO stage of `iteration`:
+    its `SampleArrays` with `constraint`'s labels and the rows `train_nado.heldout_fraction`
+    of the prompts (all their samples) hold out."""
+    from jaxdetox.evaluate.nado_quality import heldout_split
+
+    arrays = exp.store.arrays(
+        samples, oracle=constraint.label_name, prompt_len=exp.prompt_len,
+        completion_len=exp.completion_len,
+    )  # fmt: skip
+    fraction = exp.config.train_nado.heldout_fraction
+    return arrays, *heldout_split(arrays.prompt_ids, fraction, seed=exp.config.seed + iteration)
 
 
 def training_label_mean(exp: Experiment, arrays: Any, constraint: Any, rows: np.ndarray) -> float:
