@@ -8,7 +8,9 @@ process with 8 fake CPU devices:
 - `sequential` colocated: an iteration costs the sum of its stages;
 - `parallel` colocated: the pipelined data flow, stages still one after another;
 - `parallel` split: sampler / NADO trainer / LLM trainer as threads on 4 + 2 + 2 devices;
-- `parallel` jobs: one process per role (2 devices each), meeting in the run directory.
+- `parallel` jobs: one process per role (2 devices each), meeting in the run directory;
+- `parallel` joint: colocated, each iteration's train_nado + finetune (from iteration 2) as
+  one joint stage (`pipeline/joint.py`, one `joint_step` program per step).
 
 Per run it reports, from the manifest, the wall time per iteration after the first
 (`evaluate.runs.steady_iteration_time`: the time between consecutive iterations' ends), the
@@ -17,6 +19,13 @@ mean sum of an iteration's stages and its slowest stage, and the modelled pod sc
 own devices). The issue's goal: parallel iteration ≤ 1.15 × the slowest stage. On a 2-core
 machine the roles share the cores, so the measured overlap is bounded by the cores, not the
 scheme; the modelled schedule is what disjoint devices give.
+
+The joint stage against the two separate stages: per iteration from 2 on, the training
+records' seconds (train_nado + finetune: the joint stage writes both records, the NADO's
+holding the joint training) and the training steps' own seconds (`step_seconds` of the
+metrics, compiles excluded), for `parallel_colocated` and `parallel_joint`.
+
+    python -m benchmarks.schemes_bench --only parallel_colocated parallel_joint --iterations 3
 """
 
 from __future__ import annotations
@@ -41,7 +50,27 @@ VARIANTS = {  # name: (loop overrides, processes)
         None,
     ),  # fmt: skip
     "parallel_jobs": ({"scheme": "parallel", "placement": "jobs", "poll_seconds": 0.1}, 2),
+    "parallel_joint": ({"scheme": "parallel", "placement": "joint"}, None),
 }
+TRAINING = ("train_nado", "finetune", "joint")  # the stages (metrics names) that train
+
+
+def training_seconds(records: list[dict], metrics: list[dict]) -> dict[str, Any]:
+    """Per iteration from 2 on (the parallel scheme's joint iterations): the training stages'
+    record seconds and their steps' seconds (compiles excluded), and their means."""
+    out: dict[str, dict[int, float]] = {"records_s": {}, "steps_s": {}}
+    for r in records:
+        if r["stage"] in TRAINING and r["iteration"] >= 2 and r.get("seconds") is not None:
+            i = r["iteration"]
+            out["records_s"][i] = out["records_s"].get(i, 0.0) + float(r["seconds"])
+    for m in metrics:
+        if m.get("stage") in TRAINING and m.get("iteration", 0) >= 2 and "step_seconds" in m:
+            i = m["iteration"]
+            out["steps_s"][i] = out["steps_s"].get(i, 0.0) + float(m["step_seconds"])
+    return {
+        **{k: {i: round(v, 3) for i, v in sorted(d.items())} for k, d in out.items()},
+        **{f"mean_{k}": round(sum(d.values()) / len(d), 3) if d else None for k, d in out.items()},
+    }
 
 
 def _config(model_dir: Path, iterations: int, loop: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +98,7 @@ def run_variant(name: str, root: Path, model_dir: Path, iterations: int) -> dict
     """Run one variant into `root/name`; its figures from the manifest."""
     from benchmarks import schedule
     from jaxdetox.evaluate.runs import iteration_walls, steady_iteration_time
-    from jaxdetox.pipeline.rundir import read_manifest
+    from jaxdetox.pipeline.rundir import RunDir, read_manifest
     from tests._tiny_run import write_config
 
     loop, per_role_devices = VARIANTS[name]
@@ -106,6 +135,7 @@ def run_variant(name: str, root: Path, model_dir: Path, iterations: int) -> dict
                 for r in modelled["iterations"]
             ],
         },
+        "training": training_seconds(records, RunDir(out).metrics()),
         "load_avg": load_avg(),
     }
 
@@ -137,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {s['wall']:.2f} | {s['sum']:.2f} | {s['slowest']:.2f} "
             f"| {r['wall_over_slowest']:.2f} | {r['modelled']['steady_speedup']}× |"
         )
+    runs = results["runs"]
+    if "parallel_colocated" in runs and "parallel_joint" in runs:
+        sep, joint = runs["parallel_colocated"]["training"], runs["parallel_joint"]["training"]
+        results["joint_vs_separate"] = {
+            k: round(joint[k] / sep[k], 3) if joint[k] and sep[k] else None
+            for k in ("mean_records_s", "mean_steps_s")
+        }
+        lines += [
+            "",
+            "| training, iterations ≥ 2 | separate stages (s) | joint stage (s) | joint / separate |",
+            "|---|---|---|---|",
+            *(
+                f"| {label} | {sep[k]} | {joint[k]} | {results['joint_vs_separate'][k]} |"
+                for label, k in (("records", "mean_records_s"), ("steps", "mean_steps_s"))
+            ),
+        ]
     results["table"] = "\n".join(lines)
     print(results["table"])
     write_results(args.out, results)

@@ -43,7 +43,7 @@ KL_PREFIXES = ("samples", "corpus")  # `pipeline.recipe.finetune_step_config`
 REFERENCES = ("base", "previous")  # `pipeline.finetune.finetune_stage`
 PROMPT_MODES = ("raw", "chat")  # `pipeline.evaluation.prompt_modes`
 SCHEMES = ("sequential", "parallel")  # `pipeline.flow.plan_stages`
-PLACEMENTS = ("colocated", "split", "jobs")  # `loop.placement.run_placed`
+PLACEMENTS = ("colocated", "split", "jobs", "joint")  # `pipeline.placement.run_placed`
 ROLES = ("sampler", "nado", "lm")  # `pipeline.flow.ROLE_OF`
 
 
@@ -435,7 +435,9 @@ class LoopSection(Section):
         "colocated",
         description="colocated: the roles one after another on the whole mesh; split: "
         "concurrently on disjoint sub-meshes of this host (`roles`); jobs: one program per "
-        "role (`jaxdetox run --role ...`), coordinating through the run directory",
+        "role (`jaxdetox run --role ...`), coordinating through the run directory; joint "
+        "(parallel scheme): colocated, each iteration's train_nado and finetune run as one "
+        "joint stage (`joint_step`: one program per step)",
     )
     roles: dict[Literal[ROLES], int | list[int]] = Field(
         default_factory=dict,
@@ -475,6 +477,10 @@ class LoopSection(Section):
                 raise ValueError(f"roles: every role needs at least one device, got {self.roles}")
         elif self.roles:
             raise ValueError(f"roles are for placement 'split' (placement is {self.placement!r})")
+        if self.placement == "joint" and self.scheme != "parallel":
+            raise ValueError(
+                "placement 'joint' fuses the parallel scheme's stages; set scheme: parallel"
+            )
         return self
 
 
@@ -517,6 +523,23 @@ class RunConfig(Section):
             raise ValueError(f"constraints: names must be unique, got {names}")
         if names and self.loop.scheme != "sequential":
             raise ValueError("constraints: several NADOs run with loop.scheme: sequential only")
+        return self
+
+    @model_validator(mode="after")
+    def _joint_batches(self) -> RunConfig:
+        # The joint stage feeds one batch of samples to both halves (`pipeline.joint.joint_stage`).
+        if self.loop.placement != "joint":
+            return self
+        nado, lm = self.train_nado, self.finetune
+        for key in ("batch_size", "micro_batches"):
+            if getattr(nado, key) != getattr(lm, key):
+                raise ValueError(
+                    f"loop.placement joint: train_nado.{key} ({getattr(nado, key)}) must equal "
+                    f"finetune.{key} ({getattr(lm, key)}): both halves of a joint step read "
+                    "the same batch"
+                )
+        if nado.early_stopping:
+            raise ValueError("loop.placement joint: train_nado.early_stopping is not supported")
         return self
 
     @field_validator("method")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tests._tiny import tiny_llama
@@ -37,3 +38,12 @@ def write_config(path: Path, config: dict) -> Path:
     """Write a config dict as YAML."""
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def final_weights(out: Path) -> dict[str, np.ndarray]:
+    """A finished run's exported LLM and NADO weights (`lm/<name>`, `nado/<name>`)."""
+    from safetensors.numpy import load_file
+
+    lm = load_file(out / "final" / "model" / "model.safetensors")
+    nado = load_file(out / "final" / "nado" / "nado.safetensors")
+    return {**{f"lm/{k}": v for k, v in lm.items()}, **{f"nado/{k}": v for k, v in nado.items()}}

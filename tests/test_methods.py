@@ -94,7 +94,10 @@ def test_an_unknown_method_fails_at_load_naming_the_choices():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("loop.placement=splitt", "loop.placement: Input should be 'colocated', 'split' or 'jobs'"),
+        (
+            "loop.placement=splitt",
+            "loop.placement: Input should be 'colocated', 'split', 'jobs' or 'joint'",
+        ),
         ("loop.scheme=paralel", "loop.scheme: Input should be 'sequential' or 'parallel'"),
         ("train_nado.consistency=kll", "train_nado.consistency: Input should be 'kl', "),
         ("finetune.optimizer.schedule=cosin", "Input should be 'constant', 'cosine' or 'linear'"),

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from jaxdetox.config import config_from_dict
 from jaxdetox.pipeline.flow import VersionError, plan_stages
 from jaxdetox.pipeline.placement import role_devices, run_role
 from jaxdetox.pipeline.rundir import RunDir, read_manifest
 from tests._run_cli import finish, start_run
-from tests._tiny_run import save_tiny_model, tiny_config, write_config
+from tests._tiny_run import final_weights, save_tiny_model, tiny_config, write_config
 
 ITERATIONS = 3
 
@@ -44,14 +43,8 @@ def _config(model_dir: Path, **loop) -> dict:
     )
 
 
-def _weights(out: Path) -> dict[str, np.ndarray]:
-    lm = load_file(out / "final" / "model" / "model.safetensors")
-    nado = load_file(out / "final" / "nado" / "nado.safetensors")
-    return {**{f"lm/{k}": v for k, v in lm.items()}, **{f"nado/{k}": v for k, v in nado.items()}}
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)

@@ -57,6 +57,33 @@ def test_joint_step_halves_equal_lm_step_and_nado_step(tr, run):
     assert float(jm["lm/samples/kl"]) > 0 and float(jm["nado/consistency"]) > 0
 
 
+@pytest.mark.slow
+def test_joint_step_with_a_frozen_teacher_nado_equals_its_halves(tr, mesh):
+    # The pipeline's joint stage: LLM_i learns from NADO_{i-1} (frozen) while NADO_i trains,
+    # and the NADO decomposes another model than the teacher's reference (the shared
+    # reference with a frozen teacher: tests/test_joint.py, iteration 2).
+    teacher = jax.tree.map(lambda x: 0.9 * x, tr.state.nado.params)
+    nado_ref = jax.tree.map(lambda x: 1.1 * x, tr.state.ref_params)
+    state = tr.state.replace(teacher_nado_params=teacher, nado_ref_params=nado_ref)
+    shardings = tr.shardings.replace(
+        teacher_nado_params=tr.shardings.nado.params, nado_ref_params=tr.shardings.ref_params
+    )
+    joined = dataclasses.replace(tr, state=state, shardings=shardings)
+    b = batch(3)
+    joint, _ = runner(joint_step, joined, mesh)(state, b)
+    lm_alone, _ = runner(lm_step, joined, mesh)(state, b)
+    nado_alone, _ = runner(nado_step, joined, mesh)(state, {"samples": b["samples"]})
+    # The separate stages: the LLM's with NADO_{i-1} as its NADO, the NADO's with its reference.
+    lm, _ = runner(lm_step, tr, mesh)(
+        tr.state.replace(nado=tr.state.nado.replace(params=teacher)), b
+    )
+    nado_state = tr.state.replace(ref_params=nado_ref)
+    nado, _ = runner(nado_step, tr, mesh)(nado_state, {"samples": b["samples"]})
+    assert max_diff(joint.lm, lm.lm) < 1e-7 and max_diff(lm_alone.lm, lm.lm) < 1e-7
+    assert max_diff(joint.nado, nado.nado) < 1e-7 and max_diff(nado_alone.nado, nado.nado) < 1e-7
+    assert max_diff(joint.teacher_nado_params, teacher) == 0.0  # the teacher stays NADO_{i-1}
+
+
 def test_micro_batches_equal_one_big_batch(run):
     # The joint step covers both halves (LLM and NADO losses, both denominators).
     b = batch(1)

@@ -54,11 +54,7 @@ def finetune_stage(
     cfg, conf = exp.config.finetune, exp.config
     num_rows = exp.store.read(samples, exp.constraints.label_name).num_rows
     total = stage_steps(num_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    if exp.context.lora is not None:  # adapters train; the base is the student's and the reference
-        lm_module, reference = exp.artefacts.lora_module(lm_version), None
-    else:
-        lm_module = exp.context.lm_module(exp.artefacts.lm_params(lm_version))
-        reference = exp.artefacts.lm_params(0 if cfg.reference == "base" else lm_version)
+    lm_module, reference = student_and_reference(exp, lm_version)
     training = make_training(
         lm_module,
         exp.context.nado_module(exp.artefacts.nado_params(nado_version)),
@@ -91,6 +87,17 @@ def finetune_stage(
         step_config=step_config, streams=streams, total_steps=total, trained="lm",
         tokens_per_step=tokens, flops_per_step=fl.total,
     )  # fmt: skip
+
+
+def student_and_reference(exp: Experiment, lm_version: int) -> tuple[Any, Any]:
+    """The LLM module fine-tuned from LLM_{lm_version} and its teacher's reference
+    (`finetune.reference`; LoRA: None, the frozen base is the reference)."""
+    if exp.context.lora is not None:  # adapters train; the base is the student's and the reference
+        return exp.artefacts.lora_module(lm_version), None
+    reference = exp.artefacts.lm_params(
+        0 if exp.config.finetune.reference == "base" else lm_version
+    )
+    return exp.context.lm_module(exp.artefacts.lm_params(lm_version)), reference
 
 
 def finetune(

@@ -230,6 +230,8 @@ def describe_flow(config: RunConfig, stages: list[Stage] | None = None) -> str:
         "colocated": "every role on the whole mesh, one after another",
         "split": f"roles concurrently on sub-meshes of this host's devices {dict(loop.roles)}",
         "jobs": "one program per role (`jaxdetox run CONFIG --out RUN --role ROLE`)",
+        "joint": "the whole mesh, each iteration's train_nado + finetune on S_(i-2) as one "
+        "joint stage",
     }[loop.placement]
     lines = [f"data flow ({loop.scheme} scheme; placement {loop.placement}: {where}):"]
     by_iteration: dict[int, list[Stage]] = {}

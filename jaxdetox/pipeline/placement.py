@@ -9,7 +9,9 @@
                own processes and devices (multi-host within itself); the roles coordinate
                only through the run directory: a role polls the manifest until the records of
                its inputs are done (their outputs were complete before the record said so),
-               then restores them from their checkpoints and sample store.
+               then restores them from their checkpoints and sample store;
+    joint      (parallel scheme) colocated, with each iteration's train_nado and finetune on
+               the same samples run as one joint stage (`pipeline.joint`: one program per step).
 
 Every placement runs the same `Stage`s with the same inputs — the plan of the run's method
 (`jaxdetox.methods`: the method's schemes and every baseline) — so they end with the same
@@ -29,7 +31,7 @@ import jax
 
 from jaxdetox.config import ROLES, RunConfig
 from jaxdetox.methods import method_of, run_finished
-from jaxdetox.pipeline import flow
+from jaxdetox.pipeline import flow, joint
 from jaxdetox.pipeline.artefacts import Handover
 from jaxdetox.pipeline.experiment import Experiment
 from jaxdetox.pipeline.rundir import RunDir
@@ -98,11 +100,16 @@ def run_stages(exp: Experiment, role: str | None, cancelled: threading.Event | N
     method = method_of(exp.config.method)
     stages = method.plan(exp.config)
     made_by = flow.producers(stages)
-    for stage in stages:
-        if role is None or stage.role == role:
-            wait_for_inputs(exp, stage, made_by, cancelled)
-            check_sample_store(exp, stage, made_by)
-            method.run(exp, stage)
+    fused = exp.config.loop.placement == "joint"
+    for unit in joint.fused_units(stages) if fused else [(s,) for s in stages]:
+        if role is None or unit[0].role == role:
+            for stage in unit:
+                wait_for_inputs(exp, stage, made_by, cancelled)
+                check_sample_store(exp, stage, made_by)
+            if len(unit) == 1:
+                method.run(exp, unit[0])
+            else:
+                joint.run_joint(exp, *unit)
 
 
 def run_colocated(exp: Experiment) -> None:

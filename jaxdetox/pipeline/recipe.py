@@ -89,6 +89,20 @@ def finetune_step_config(config: RunConfig) -> StepConfig:
     )
 
 
+def joint_step_config(config: RunConfig) -> StepConfig:
+    """The parallel scheme's joint step (`loop.placement: joint`): the LLM step of
+    `finetune_step_config` with the NADO loss of `nado_step_config` (their micro-batch
+    counts agree, checked at config load; the chunk size is `finetune.chunk_size`)."""
+    nado = nado_step_config(config.train_nado)
+    return dataclasses.replace(
+        finetune_step_config(config),
+        consistency=nado.consistency,
+        consistency_weight=nado.consistency_weight,
+        consistency_reverse=nado.consistency_reverse,
+        importance_weights=nado.importance_weights,
+    )
+
+
 def sft_step_config(section: FinetuneSection, *, samples: bool) -> StepConfig:
     """An SFT step without teacher: NLL of the (weighted) samples when `samples` (filter_sft),
     plus the corpus NLL (sft_only: that alone)."""

@@ -52,23 +52,11 @@ def train_nado_stage(
     held-out BCE is evaluated after every epoch (and stops the stage with `early_stopping`),
     and its quality figures (`evaluate.nado_quality`) are the result's `quality`.
     """
-    from jaxdetox.evaluate.nado_quality import heldout_split
-
     cfg, conf = exp.config.train_nado, exp.config
     constraint = constraint or exp.constraints[0]
     first = constraint.name == exp.constraints[0].name
-    arrays = exp.store.arrays(
-        samples, oracle=constraint.label_name, prompt_len=exp.prompts.prompt_len,
-        completion_len=exp.prompts.completion_len,
-    )  # fmt: skip
-    train_rows, heldout_rows = heldout_split(
-        arrays.prompt_ids, cfg.heldout_fraction, seed=conf.seed + iteration
-    )
-    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
-    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
-    label_mean = float(
-        np.sum((labels_b * tokens_b)[train_rows]) / max(np.sum(tokens_b[train_rows]), 1.0)
-    )
+    arrays, train_rows, heldout_rows = nado_rows(exp, iteration, samples, constraint)
+    label_mean = training_label_mean(exp, arrays, constraint, train_rows)
     epoch_steps = stage_steps(len(train_rows), cfg.batch_size, 1, None)
     total = stage_steps(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
     start_params = exp.artefacts.nado_params(nado_version, constraint.name)
@@ -104,9 +92,9 @@ def train_nado_stage(
         seq_len=seq,
         consistency=cfg.consistency is not None,
     )
-    heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
-    validation = None
-    if len(heldout_rows):
+    validation, heldout = None, None
+    if len(heldout_rows):  # (`heldout_fraction: 0` holds none out)
+        heldout = HeldOut(exp, training, arrays, heldout_rows, cfg.batch_size, constraint)
         validation = Validation(
             every=epoch_steps, evaluate=heldout.bce, metric="nado/heldout_bce",
             patience=cfg.patience if cfg.early_stopping else None,
@@ -122,15 +110,35 @@ def train_nado_stage(
     )  # fmt: skip
     if len(heldout_rows):
         trained_state = result.state.replace(nado=result.state.nado.replace(params=result.params))
-        result.quality = heldout.quality(trained_state, initial_probe, label_mean)
-        if not result.quality["beats_constant"]:
-            logger.warning(
-                "iteration %d: NADO (%s) held-out BCE %.4f does not beat the constant predictor's "
-                "%.4f: its guidance is no better than none (more samples, epochs or another "
-                "nado.head may help)", iteration, constraint.name,
-                result.quality["heldout_bce"], result.quality["constant_bce"],
-            )  # fmt: skip
+        result.quality = heldout.checked_quality(
+            trained_state, initial_probe, label_mean, f"iteration {iteration}: NADO "
+            f"({constraint.name})"
+        )  # fmt: skip
     return result
+
+
+def nado_rows(
+    exp: Experiment, iteration: int, samples: int, constraint: Any
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """`(arrays, train_rows, heldout_rows)` of S_{samples} for a NADO stage of `iteration`:
+    its `SampleArrays` with `constraint`'s labels and the rows `train_nado.heldout_fraction`
+    of the prompts (all their samples) hold out."""
+    from jaxdetox.evaluate.nado_quality import heldout_split
+
+    arrays = exp.store.arrays(
+        samples, oracle=constraint.label_name, prompt_len=exp.prompts.prompt_len,
+        completion_len=exp.prompts.completion_len,
+    )  # fmt: skip
+    fraction = exp.config.train_nado.heldout_fraction
+    return arrays, *heldout_split(arrays.prompt_ids, fraction, seed=exp.config.seed + iteration)
+
+
+def training_label_mean(exp: Experiment, arrays: Any, constraint: Any, rows: np.ndarray) -> float:
+    """The token-weighted mean NADO label over `rows` of an iteration's samples (the
+    constant predictor's rate, and the initial NADO's bias with `bias_init: label_mean`)."""
+    labels_b, label_mask_b = _all_labels(exp, arrays, constraint)
+    tokens_b = arrays.completion_lengths * label_mask_b  # the BCE's positions per row
+    return float(np.sum((labels_b * tokens_b)[rows]) / max(np.sum(tokens_b[rows]), 1.0))
 
 
 def _with_bias(params: Any, rate: float) -> Any:
@@ -210,6 +218,20 @@ class HeldOut:
     def probe_logits(self, state: Any) -> np.ndarray:
         """Full-vocabulary NADO logits at each held-out row's last completion position."""
         return np.concatenate([o["probe_logits_bv"] for o in self._outputs(state)])
+
+    def checked_quality(
+        self, state: Any, initial_probe: np.ndarray, label_mean: float, name: str
+    ) -> dict[str, Any]:
+        """`quality`, with a warning naming `name` when the NADO does not beat the constant
+        predictor."""
+        quality = self.quality(state, initial_probe, label_mean)
+        if not quality["beats_constant"]:
+            logger.warning(
+                "%s held-out BCE %.4f does not beat the constant predictor's %.4f: its "
+                "guidance is no better than none (more samples, epochs or another nado.head "
+                "may help)", name, quality["heldout_bce"], quality["constant_bce"],
+            )  # fmt: skip
+        return quality
 
     def quality(self, state: Any, initial_probe: np.ndarray, label_mean: float) -> dict[str, Any]:
         """`evaluate.nado_quality` figures of the NADO in `state` (JSON-able)."""

@@ -68,6 +68,34 @@ def _record_validation(progress: dict[str, Any], value: float, step: int) -> boo
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps up to `until` (exclusive) of a training stage, run by one step function (a
+    joint stage: the shared steps, then the longer schedule's own)."""
+
+    until: int
+    step_fn: Callable
+    step_config: StepConfig
+    tokens_per_step: int
+    flops_per_step: float
+
+
+Trained = str | tuple[str, ...]
+"""The part(s) of the train state a stage trains and checkpoints (`"lm"`, `("lm", "nado")`)."""
+
+
+def trained_part(state: Any, trained: Trained) -> Any:
+    """`state.<trained>`; several parts: a dict of them by name."""
+    if isinstance(trained, str):
+        return getattr(state, trained)
+    return {name: getattr(state, name) for name in trained}
+
+
+def trained_params(part: Any) -> Any:
+    """The parameters of `trained_part`'s result (a dict by name for several parts)."""
+    return part.params if not isinstance(part, dict) else {k: v.params for k, v in part.items()}
+
+
 class StreamEnded(RuntimeError):
     """A training stage's data stream ran out before its planned steps."""
 
@@ -118,29 +146,23 @@ def fit(
     step_config: StepConfig,
     streams: Streams,
     total_steps: int,
-    trained: str,
+    trained: Trained,
     tokens_per_step: int,
     flops_per_step: float,
     checkpoint: str = CHECKPOINTS,
     validation: Validation | None = None,
+    phases: tuple[Phase, ...] | None = None,
 ) -> StageResult:
     """Run `total_steps` steps of `step_fn`, checkpointing `state.<trained>` + data position
     (into the stage directory's `checkpoint` folder); `validation` evaluates (and may stop)
-    the stage at every epoch's end."""
+    the stage at every epoch's end. `phases` (in place of `step_fn`, `step_config` and the
+    per-step figures): consecutive step ranges, each run by its own step function."""
     run, loop = exp.run, exp.config.loop
     state = training.state
-    # One runner per stage kind and shape of work: later iterations reuse its executables
-    # (their models and optimizers are built from the same config, so the programs match).
-    key = (stage, step_config, total_steps)
-    runner = exp.context.programs.get_or_make(
-        key,
-        lambda: StepRunner(
-            functools.partial(step_fn, models=training.models, config=step_config),
-            exp.context.mesh,
-            training.shardings,
-            name=stage,
-        ),
-    )
+    if phases is None:
+        phases = (Phase(total_steps, step_fn, step_config, tokens_per_step, flops_per_step),)
+    runners = [_runner(exp, stage, training, p, total_steps) for p in phases]
+    runner_of = [next(k for k, p in enumerate(phases) if t < p.until) for t in range(total_steps)]
     ckpt = Checkpointer(
         run.stage_dir(iteration, stage) / checkpoint,
         keep=loop.keep_checkpoints,
@@ -154,9 +176,11 @@ def fit(
     progress: dict[str, Any] = {"best": None, "best_step": None, "bad": 0, "stopped": False}
     start = 0
     if ckpt.latest_step() is not None:
-        target = abstract_like(getattr(state, trained), getattr(training.shardings, trained))
+        target = abstract_like(
+            trained_part(state, trained), trained_part(training.shardings, trained)
+        )
         part, data_state, meta = ckpt.restore(target)
-        state = state.replace(**{trained: part})
+        state = state.replace(**(part if isinstance(trained, tuple) else {trained: part}))
         streams.set_state(data_state)
         start = int(meta["step"])
         progress = meta.get("validation", progress)
@@ -175,14 +199,16 @@ def fit(
             if progress["stopped"]:
                 break
             batch = streams.next_step(f"iteration {iteration} {stage}", step, total_steps)
+            runner, phase = runners[runner_of[step]], phases[runner_of[step]]
             t0, compile_before = time.perf_counter(), runner.compile_seconds
             state, metrics = runner(state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - t0 - (runner.compile_seconds - compile_before)
+            tokens_per_step = phase.tokens_per_step
             metrics |= {
                 "step_seconds": seconds,
                 "tokens_per_second": tokens_per_step / seconds,
-                "mfu": flops_per_step / seconds / peak,
+                "mfu": phase.flops_per_step / seconds / peak,
             }
             done = step + 1
             evaluated = validation is not None and (
@@ -192,11 +218,11 @@ def fit(
                 value = float(validation.evaluate(state))
                 metrics[validation.metric] = value
                 if _record_validation(progress, value, done) and best is not None:
-                    best.save(done, getattr(state, trained).params)
+                    best.save(done, trained_params(trained_part(state, trained)))
                 if early_stopping and progress["bad"] >= validation.patience:
                     progress["stopped"] = True
             run.log(iteration, stage, done, metrics)
-            last = metrics
+            last = {**last, **metrics}  # each metric's latest value (phases log their own)
             bar.update(1)
             bar.set_postfix(tok_s=f"{tokens_per_step / seconds:.0f}", **_headline(metrics))
             # Early stopping checkpoints every evaluation: a resume must know the best so far.
@@ -207,22 +233,41 @@ def fit(
             ):
                 ckpt.save(
                     done,
-                    getattr(state, trained),
+                    trained_part(state, trained),
                     data_state=streams.get_state(),
                     meta={"step": done, "iteration": iteration, "stage": stage,
                           "validation": progress},
                 )  # fmt: skip
     ckpt.close()
-    params = getattr(state, trained).params
+    params = trained_params(trained_part(state, trained))
     if best is not None and progress["best_step"] not in (None, done):
-        shardings = getattr(training.shardings, trained).params
+        shardings = trained_params(trained_part(training.shardings, trained))
         params = best.restore(abstract_like(params, shardings))[0]
     if best is not None:
         best.close()
     return StageResult(
-        params, done, last, start, runner.compile_count,
+        params, done, last, start, sum(r.compile_count for r in runners),
         validation=None if validation is None else dict(progress), state=state,
     )  # fmt: skip
+
+
+def _runner(
+    exp: Experiment, stage: str, training: Training, phase: Phase, total_steps: int
+) -> StepRunner:
+    # One runner per stage kind and shape of work: later iterations reuse its executables
+    # (their models and optimizers are built from the same config, so the programs match;
+    # a joint stage's state may hold a NADO reference of its own: another program).
+    structure = jax.tree.structure(training.state)
+    key = (stage, phase.step_fn, phase.step_config, total_steps, phase.until, structure)
+    return exp.context.programs.get_or_make(
+        key,
+        lambda: StepRunner(
+            functools.partial(phase.step_fn, models=training.models, config=phase.step_config),
+            exp.context.mesh,
+            training.shardings,
+            name=stage,
+        ),
+    )
 
 
 def _headline(metrics: dict[str, float]) -> dict[str, str]:

@@ -26,7 +26,7 @@ def nado_outputs(
     lm_features = None
     if nado.config.variant == "shared":  # the head reads the LM's final hidden states
         ref_graph = models.lm if models.ref is None else models.ref
-        lm_features, _ = lm_hidden(ref_graph, state.ref_params, stream)
+        lm_features, _ = lm_hidden(ref_graph, state.nado_reference, stream)
     f_btd, _ = nado.hidden_states(
         stream["tokens_bt"],
         positions_bt=stream["positions_bt"],

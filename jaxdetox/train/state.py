@@ -42,12 +42,31 @@ class TrainState:
 
     `lm` / `nado` may be None for stages that train only one of them; `ref_params` is the
     reference LLM the guided teacher is built from (None when no step needs a teacher).
+    The parallel scheme's joint stage trains NADO_i and LLM_i together, each as its own
+    stage would: `nado_ref_params` is the model the NADO decomposes when it is another than
+    the teacher's reference (the LLM that drew the samples), `teacher_nado_params` the
+    teacher's NADO when it is not `nado`'s current parameters (NADO_{i−1}, frozen while
+    NADO_i trains). None: `ref_params` and `nado.params` serve both.
     """
 
     lm: ModelState | None
     nado: ModelState | None
     ref_params: Params | None
     rng: jax.Array  # uint32 key data [2]
+    nado_ref_params: Params | None = None
+    teacher_nado_params: Params | None = None
+
+    @property
+    def nado_reference(self) -> Params | None:
+        """The reference LLM of the NADO's loss (its R decomposes this model)."""
+        return self.ref_params if self.nado_ref_params is None else self.nado_ref_params
+
+    @property
+    def teacher_nado(self) -> Params | None:
+        """The NADO of the LLM's teacher (None without one)."""
+        if self.teacher_nado_params is not None:
+            return self.teacher_nado_params
+        return None if self.nado is None else self.nado.params
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

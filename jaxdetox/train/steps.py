@@ -114,13 +114,21 @@ def lm_hidden(
 
 
 def teacher_features(
-    models: Models, ref_params: Params, nado_params: Params, stream: dict[str, jax.Array]
+    models: Models,
+    ref_params: Params,
+    nado_params: Params,
+    stream: dict[str, jax.Array],
+    reference: tuple[jax.Array, Any] | None = None,
 ) -> Teacher:
     """The guided teacher's inputs on a stream: reference hidden states (frozen) and NADO
-    hidden states (differentiable in φ), with their heads."""
-    ref_graph = models.lm if models.ref is None else models.ref  # LoRA: the base's graph
-    h_ref, ref_head = lm_hidden(ref_graph, jax.lax.stop_gradient(ref_params), stream)
-    h_ref = jax.lax.stop_gradient(h_ref)
+    hidden states (differentiable in φ), with their heads; `reference`: the reference's
+    `(h_ref, ref_head)` on this stream, computed already (shared by two losses)."""
+    if reference is None:
+        ref_graph = models.lm if models.ref is None else models.ref  # LoRA: the base's graph
+        h_ref, ref_head = lm_hidden(ref_graph, jax.lax.stop_gradient(ref_params), stream)
+        h_ref = jax.lax.stop_gradient(h_ref)
+    else:
+        h_ref, ref_head = reference
 
     def nado_features(params: Params) -> tuple[jax.Array, Any]:
         nado = bind(models.nado, params)
@@ -365,7 +373,8 @@ def lm_step(
 ) -> tuple[TrainState, Metrics]:
     """One LLM update: NLL on its streams + λ·KL to the guided teacher (NADO frozen)."""
     denominators = lm_denominators(batch, config)
-    nado_params = None if state.nado is None else jax.lax.stop_gradient(state.nado.params)
+    teacher_nado = state.teacher_nado
+    nado_params = None if teacher_nado is None else jax.lax.stop_gradient(teacher_nado)
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
         return lm_loss(
@@ -416,7 +425,7 @@ def nado_step(
 
     def loss_fn(params: Params, mb: Batch) -> tuple[jax.Array, Metrics]:
         loss, (sums, _) = nado_loss(
-            params, mb, models=models, ref_params=state.ref_params, config=config,
+            params, mb, models=models, ref_params=state.nado_reference, config=config,
             denominator=denominator,
         )  # fmt: skip
         return loss, sums
@@ -458,22 +467,36 @@ def joint_step(
 
     The LLM's teacher uses the NADO *before* this update (stop-gradient), and on the samples
     stream the reference and NADO forwards are shared by both losses: the LLM half equals
-    `lm_step` and the NADO half equals `nado_step` on the same batch.
+    `lm_step` and the NADO half equals `nado_step` on the same batch. A teacher NADO of its
+    own (`state.teacher_nado_params`: the pipeline's NADO_{i−1} while NADO_i trains) runs
+    its own forward, sharing the reference's; a NADO reference of its own
+    (`state.nado_ref_params`) leaves the LLM half's teacher entirely its own.
     """
     batch = _with_nado_weights(batch, config)
     lm_denoms = lm_denominators(batch, config)
     nado_denom = nado_denominator(batch["samples"])
-    frozen_nado = jax.lax.stop_gradient(state.nado.params)
+    frozen_nado = jax.lax.stop_gradient(state.teacher_nado)
+    same_ref, same_nado = state.nado_ref_params is None, state.teacher_nado_params is None
+
+    def lm_teachers(teacher: Teacher, mb: Batch) -> dict[str, Teacher] | None:
+        if same_ref and same_nado:  # one teacher for both losses
+            return {"samples": teacher}
+        if same_ref:  # the reference's forward is shared, the teacher NADO's is its own
+            reference = (teacher.h_ref, teacher.ref_head)
+            return {
+                "samples": teacher_features(models, None, frozen_nado, mb["samples"], reference)
+            }
+        return None
 
     def loss_fn(params: tuple[Params, Params], mb: Batch) -> tuple[jax.Array, Metrics]:
         lm_params, nado_params = params
         n_loss, (n_sums, teacher) = nado_loss(
-            nado_params, mb, models=models, ref_params=state.ref_params, config=config,
+            nado_params, mb, models=models, ref_params=state.nado_reference, config=config,
             denominator=nado_denom,
         )  # fmt: skip
         l_loss, l_sums = lm_loss(
             models.student_params(lm_params, state.ref_params), mb, models=models, ref_params=state.ref_params, nado_params=frozen_nado,
-            config=config, denominators=lm_denoms, teachers={"samples": teacher},
+            config=config, denominators=lm_denoms, teachers=lm_teachers(teacher, mb),
         )  # fmt: skip
         return l_loss + n_loss, {**l_sums, **n_sums, "lm_loss": l_loss, "nado_loss": n_loss}
 
