@@ -18,7 +18,7 @@ On one GPU (meant to finish in under 8 minutes, compiles included) it measures:
    (`flops.device_peak_flops`, a datasheet table; on CPU the measured fp32 matmul peak);
 4. `memory`: every stage's compiled memory (`.compile().memory_analysis()`: arguments +
    outputs − donated aliases + temporaries) against the memory planner
-   (`jaxdetox.loop.memory.Planner`) for the ~1B Llama trained in full and for Llama-2-7B with
+   (`jaxdetox.planning.memory.Planner`) for the ~1B Llama trained in full and for Llama-2-7B with
    LoRA (`experiments/llama2-7b/pr_lora_1gpu.yaml`). Compile only: every state is abstract
    (`jax.eval_shape`), nothing is allocated.
 
@@ -406,10 +406,10 @@ def _abstract_training(planner: Any, stage: str, mesh: Any) -> Any:
     """The stage's `Training` with an abstract state (`jax.eval_shape`: nothing allocated)."""
     from flax import nnx
 
-    from jaxdetox.loop.training import nado_optimizer_config, optimizer_config
     from jaxdetox.models import lora
     from jaxdetox.models.nado import NadoModel
     from jaxdetox.models.registry import family_module
+    from jaxdetox.pipeline.recipe import nado_optimizer_config, optimizer_config
     from jaxdetox.train import make_training
 
     config, cls = planner.config, family_module(planner.lm_config).MODEL_CLASS
@@ -457,7 +457,7 @@ def _compile_train_stage(planner: Any, stage: str, mesh: Any) -> Any:
     """The stage's train step compiled for the abstract state and batch."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jaxdetox.loop.memory import _stream
+    from jaxdetox.planning.memory import abstract_stream
     from jaxdetox.train import StepRunner, lm_step, nado_step
 
     tr = _abstract_training(planner, stage, mesh)
@@ -467,7 +467,7 @@ def _compile_train_stage(planner: Any, stage: str, mesh: Any) -> Any:
         streams, step = {"samples": planner.nado_stream()}, nado_step
     batch = {}
     for name, (b, t) in streams.items():
-        shapes = _stream(b, t, labels=name == "samples")
+        shapes = abstract_stream(b, t, labels=name == "samples")
         shapes.pop("nado_weight_b", None)  # made inside the step
         batch[name] = {
             k: jax.ShapeDtypeStruct(
@@ -507,9 +507,9 @@ def _compile_sample_stage(planner: Any, rows: int, num_samples: int, new_tokens:
 def memory_case(name: str, shapes: Shapes, budget: Budget) -> dict:
     """Every stage's compiled memory against the planner for one model and run config."""
     from jaxdetox.config import load_config
-    from jaxdetox.loop.memory import Planner
     from jaxdetox.models import ModelConfig
     from jaxdetox.models.hf import read_config
+    from jaxdetox.planning.memory import Planner
 
     if name == "llama_1b_full":
         run_config = load_config(

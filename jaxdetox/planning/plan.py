@@ -9,6 +9,7 @@ suggests mesh shapes for a device kind.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -23,12 +24,13 @@ from jaxdetox.models.config import ModelConfig
 
 def model_config_of(path: str) -> ModelConfig:
     """The `ModelConfig` of a model path (HF dir, .gguf, 'default') without loading weights."""
-    from jaxdetox.models.gguf import default_model_path, is_gguf_source, open_gguf
+    from jaxdetox.models.gguf import default_model_path, is_gguf_source
     from jaxdetox.models.hf import read_config, resolve_checkpoint
 
     if is_gguf_source(path):
         gguf_path = default_model_path() if path == "default" else Path(path)
-        return ModelConfig.from_hf(open_gguf(gguf_path).config)
+        stat = gguf_path.stat()
+        return gguf_model_config(str(gguf_path), stat.st_size, stat.st_mtime_ns)
     local = Path(path).expanduser().exists()
     bundled = None if local else bundled_architecture(str(path))
     if bundled is not None:  # a shipped experiment's hub model: no network needed
@@ -43,6 +45,15 @@ def model_config_of(path: str) -> ModelConfig:
             raise ConfigError(f"model.path {path!r}: cannot fetch its config.json ({e})") from e
         return ModelConfig.from_hf(read_config(config_dir))
     return ModelConfig.from_hf(read_config(resolve_checkpoint(path)))
+
+
+@functools.lru_cache(maxsize=16)
+def gguf_model_config(path: str, size: int, mtime_ns: int) -> ModelConfig:
+    """A GGUF file's `ModelConfig`, parsed once per file version (size and mtime key it):
+    every dry-run of a folder of configs plans the same file."""
+    from jaxdetox.models.gguf import open_gguf
+
+    return ModelConfig.from_hf(open_gguf(path).config)
 
 
 def bundled_architecture(hub_id: str) -> dict[str, Any] | None:
