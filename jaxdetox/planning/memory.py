@@ -266,7 +266,9 @@ class Planner:
 
         self.config = config
         m = config.model
-        self.lm_config = lm_config.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        # The named policy when one is set, else the on/off switch (`remat: true` = full).
+        remat = m.remat_policy if m.remat_policy not in (None, "none") else m.remat
+        self.lm_config = lm_config.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=remat)
         cls = family_module(self.lm_config).MODEL_CLASS
         self.lm_graph, self.lm_state, self.lm_params = _abstract_params(
             self.lm_config, lambda: cls(self.lm_config, rngs=nnx.Rngs(0))
@@ -330,14 +332,14 @@ class Planner:
             return recipe.nado_step_config(self.config.train_nado)
         return recipe.finetune_step_config(self.config)
 
-    def residuals(self, stage: str, remat: bool) -> list[jax.ShapeDtypeStruct]:
+    def residuals(self, stage: str, remat: bool | str) -> list[jax.ShapeDtypeStruct]:
         """Global shapes of the activations one micro-batch of `stage` keeps for backward."""
         key = (stage, remat)
         if key not in self._residuals:
             self._residuals[key] = self._trace(stage, remat)
         return self._residuals[key]
 
-    def _trace(self, stage: str, remat: bool) -> list[jax.ShapeDtypeStruct]:
+    def _trace(self, stage: str, remat: bool | str) -> list[jax.ShapeDtypeStruct]:
         from jaxdetox.models.nado import NadoModel
         from jaxdetox.models.registry import family_module
         from jaxdetox.train import steps
@@ -457,7 +459,7 @@ class Planner:
             ),  # fmt: skip
             *frozen,
             Row("batch", batch),
-            Row(f"activations (remat {'on' if c.remat else 'off'})", saved),
+            Row(f"activations (remat {'off' if c.remat == 'none' else 'on'})", saved),
         ]
         if layers:
             # Backward of one layer: with remat its intermediates are recomputed (and freed as
@@ -465,7 +467,7 @@ class Planner:
             # other layers' saved activations are still held.
             full = self._activations(self.residuals(stage, False), sizes, rows_set)
             kept = self._activations(self.residuals(stage, True), sizes, rows_set)
-            name = "one layer recomputed (remat)" if c.remat else "one layer's backward"
+            name = "one layer's backward" if c.remat == "none" else "one layer recomputed (remat)"
             rows.append(Row(name, max(full - kept, 0.0) / layers))
         # The teacher's hidden states (reference, + NADO in the finetune step) per KL stream.
         n_teacher = 2 if stage == "finetune" else 1
