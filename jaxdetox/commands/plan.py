@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     variants = [planner(config)]
     labels = [f"remat {'on' if config.model.remat else 'off'} (as configured)"]
     if not config.model.remat:
-        remat = config.model.model_copy(update={"remat": True})
+        remat = config.model.model_copy(update={"remat": True, "remat_policy": "full"})
         variants.append(planner(config.model_copy(update={"model": remat})))
         labels.append("remat on")
     rows = memory.suggest(variants, n, kind, top=args.top)

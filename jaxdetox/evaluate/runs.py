@@ -184,11 +184,7 @@ def nado_quality_markdown(summaries: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     flagged = False
-    methods = [s["method"] for s in summaries]
-    for s in summaries:
-        name = s["method"]
-        if methods.count(name) > 1:  # several runs of one method: tell them apart
-            name += f" [{PurePosixPath(str(s.get('run', ''))).name}]"
+    for s, name in zip(summaries, row_names(summaries)):  # runs named as in the table
         for q in s.get("nado_quality", []):
 
             def f(key: str, digits: int = 3, q: dict = q) -> str:

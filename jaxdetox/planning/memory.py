@@ -266,9 +266,9 @@ class Planner:
 
         self.config = config
         m = config.model
-        # The named policy when one is set, else the on/off switch (`remat: true` = full).
-        remat = m.remat_policy if m.remat_policy not in (None, "none") else m.remat
-        self.lm_config = lm_config.replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=remat)
+        self.lm_config = lm_config.replace(
+            param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat_policy
+        )
         cls = family_module(self.lm_config).MODEL_CLASS
         self.lm_graph, self.lm_state, self.lm_params = _abstract_params(
             self.lm_config, lambda: cls(self.lm_config, rngs=nnx.Rngs(0))
